@@ -1,0 +1,248 @@
+"""One interface over text-to-image diffusion models.
+
+A :class:`DiffusionBackbone` wraps a diffusers ``UNet2DConditionModel``, a transformers text encoder
+and tokenizer, a DDIM scheduler and, for latent models such as Stable Diffusion, a VAE. The embedded
+tiny model is pixel-space (no VAE); Stable Diffusion 1.x/2.x folders are latent-space. Both are read
+from a local diffusers folder by :func:`load_backbone`; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
+
+from cad_lightning.backbones.tokenizer import check_prompts
+from cad_lightning.errors import UserInputError
+
+REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+SAMPLER_DEFAULTS_FILE = "sampler_defaults.json"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+Seeds = int | Sequence[int]
+
+
+@dataclass
+class Trajectory:
+    """Every state of one sampling run: ``latents[i]`` is x_t at ``timesteps[i]``, shape (T, B, C, h, w).
+
+    ``final`` is the denoised sample x_0 (B, C, h, w) in the model's space (pixels in [-1, 1] or latents).
+    """
+
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    final: torch.Tensor
+
+
+def _seed_list(seed: Seeds, n: int) -> list[int]:
+    if isinstance(seed, int):
+        return [seed + i for i in range(n)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise UserInputError(f"Got {len(seeds)} seeds for {n} prompts; give one seed per prompt or a single int.")
+    return seeds
+
+
+class DiffusionBackbone(torch.nn.Module):
+    """A text-to-image diffusion model with the operations attribution needs.
+
+    Each sample's initial noise comes from its own seed, so a result does not depend on how prompts are batched.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        text_encoder: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        scheduler: DDIMScheduler,
+        vae: AutoencoderKL | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        name: str = "model",
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.name = name
+
+    # --- shapes -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, *size)
+
+    @property
+    def image_size(self) -> int:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        return self.latent_shape[1] * factor
+
+    # --- text ---------------------------------------------------------------------------------
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        check_prompts(self.tokenizer, prompts)
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings (B, L, D) of the prompts, padded to the tokenizer's full length as in Stable Diffusion."""
+        self.check_prompts(prompts)
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    # --- denoising ----------------------------------------------------------------------------
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor | int, text: torch.Tensor) -> torch.Tensor:
+        """ε(x_t, c, t) for a batch: x_t (B, C, h, w), t scalar or (B,), text (B, L, D)."""
+        return self.unet(x_t, t, encoder_hidden_states=text).sample
+
+    def guided_noise(
+        self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
+        """Classifier-free guided ε, both branches in one UNet call."""
+        if guidance_scale == 1.0:
+            return self.predict_noise(x_t, t, cond)
+        eps_u, eps_c = self.predict_noise(torch.cat([x_t, x_t]), t, torch.cat([uncond, cond])).chunk(2)
+        return eps_u + guidance_scale * (eps_c - eps_u)
+
+    def initial_noise(self, n: int, seed: Seeds) -> torch.Tensor:
+        noise = [
+            torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s)) for s in _seed_list(seed, n)
+        ]
+        return torch.stack(noise).to(self.device, self.dtype)
+
+    def new_scheduler(self, num_inference_steps: int) -> DDIMScheduler:
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return scheduler
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        seed: Seeds = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str = "",
+        keep_trajectory: bool = False,
+    ) -> Trajectory:
+        """Run DDIM (eta = 0) from seeded noise; with ``keep_trajectory`` every x_t is kept."""
+        steps = num_inference_steps or self.num_inference_steps
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        scheduler = self.new_scheduler(steps)
+        n = len(prompts)
+        cond = self.encode(prompts)
+        uncond = self.encode([negative_prompt] * n)
+        x = self.initial_noise(n, seed) * scheduler.init_noise_sigma
+        states, times = [], []
+        for t in scheduler.timesteps:
+            if keep_trajectory:
+                states.append(x)
+                times.append(t)
+            eps = self.guided_noise(scheduler.scale_model_input(x, t), t, cond, uncond, scale)
+            x = scheduler.step(eps, t, x).prev_sample
+        if keep_trajectory:
+            return Trajectory(torch.stack(times), torch.stack(states), x)
+        return Trajectory(scheduler.timesteps, x.new_empty((0, *x.shape)), x)
+
+    def trajectory(self, prompts: Sequence[str], seed: Seeds = 0, **kwargs) -> Trajectory:
+        """The whole denoising trajectory (every x_t with its timestep) of one sampling run."""
+        return self.sample(prompts, seed=seed, keep_trajectory=True, **kwargs)
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Float images (B, 3, H, W) in [0, 1] from the model's x_0."""
+        if self.vae is not None:
+            x0 = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((x0.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's x_0 of images (B, 3, H, W) in [0, 1] (the inverse of :meth:`decode`)."""
+        x = images.to(self.device) * 2 - 1
+        if self.vae is not None:
+            x = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean * self.vae.config.scaling_factor
+        return x.to(self.dtype)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seed: Seeds = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] for the prompts; prompt i uses seed ``seed + i`` (or ``seed[i]``)."""
+        prompts = list(prompts)
+        seeds = _seed_list(seed, len(prompts))
+        batch_size = batch_size or max(len(prompts), 1)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            run = self.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], num_inference_steps, guidance_scale)
+            out.append(self.decode(run.final))
+        return torch.cat(out) if out else torch.empty(0, 3, self.image_size, self.image_size)
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """The folder as a Path, or a ValueError naming what makes it not a model folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserInputError(f"The model path '{path}' is not a folder; give a diffusers model folder.")
+    missing = [p for p in REQUIRED_PARTS if not (folder / p).is_dir()]
+    if missing:
+        raise UserInputError(
+            f"The folder '{path}' is not a model folder: it has no {', '.join(p + '/' for p in missing)} "
+            f"(a model folder holds {', '.join(p + '/' for p in REQUIRED_PARTS)} and, for latent models, vae/)."
+        )
+    return folder
+
+
+def load_backbone(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "fp32",
+) -> DiffusionBackbone:
+    """Load a text-to-image model from a local diffusers folder (the embedded model or Stable Diffusion).
+
+    ``dtype`` is the UNet's and VAE's precision (fp32, fp16 or bf16); the text encoder stays in fp32.
+    """
+    folder = check_model_folder(path)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserInputError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")
+        dtype = DTYPES[dtype]
+    kwargs = {"local_files_only": True}
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", **kwargs)
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", **kwargs)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **kwargs) if (folder / "vae").is_dir() else None
+    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5}
+    if (folder / SAMPLER_DEFAULTS_FILE).is_file():
+        defaults.update(json.loads((folder / SAMPLER_DEFAULTS_FILE).read_text()))
+    backbone = DiffusionBackbone(unet, text_encoder, tokenizer, scheduler, vae, name=folder.name, **defaults)
+    backbone.requires_grad_(False)
+    backbone.eval()
+    if device is not None:
+        backbone.to(device)
+    return backbone

@@ -1,0 +1,68 @@
+"""Small shared helpers: image grids, TensorBoard images, atomic file writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def image_grid(images: torch.Tensor, ncol: int, pad: int = 1) -> torch.Tensor:
+    """A (3, H', W') grid of images (B, 3, H, W) in [0, 1], ``ncol`` per row, white padding."""
+    n, c, h, w = images.shape
+    nrow = -(-n // ncol)
+    grid = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i, image in enumerate(images.detach().float().cpu()):
+        r, k = divmod(i, ncol)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = image
+    return grid
+
+
+def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
+    """A PIL image of a (3, H, W) tensor in [0, 1], enlarged ``scale`` times with sharp pixels."""
+    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    pil = Image.fromarray(array)
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
+
+
+def labelled_grid(images: torch.Tensor, row_labels: list[str], ncol: int, scale: int = 4, label_width: int = 180) -> Image.Image:
+    """A picture of images (B, 3, H, W), ``ncol`` per row, each row headed by its label."""
+    grid = to_pil(image_grid(images, ncol), scale)
+    row_h = (images.shape[-2] + 1) * scale
+    canvas = Image.new("RGB", (grid.width + label_width, grid.height), "white")
+    canvas.paste(grid, (label_width, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, label in enumerate(row_labels):
+        draw.text((4, scale + r * row_h + row_h // 2 - 6), label, fill="black")
+    return canvas
+
+
+def log_image(logger, tag: str, image: torch.Tensor, step: int) -> None:
+    """Log a (3, H, W) image to TensorBoard when the logger is a TensorBoardLogger; a no-op otherwise."""
+    experiment = getattr(logger, "experiment", None)
+    if experiment is not None and hasattr(experiment, "add_image"):
+        experiment.add_image(tag, image.clamp(0, 1), step)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, so no reader sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_image(image: Image.Image, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
