@@ -1,0 +1,23 @@
+"""cad-lightning: Component Attribution for Diffusion models (CAD) on PyTorch Lightning.
+
+Python API for scripts and notebooks::
+
+    from cad_lightning import load_backbone, load_concept_classifier
+    model = load_backbone("checkpoints/tiny-shapes")
+    images = model.generate(["a red circle"], seed=0)          # (1, 3, 16, 16) in [0, 1]
+    load_concept_classifier("checkpoints/tiny-shapes")(images)  # {"shape": ["circle"], ...}
+"""
+
+from cad_lightning.backbones.backbone import DiffusionBackbone, Trajectory, load_backbone
+from cad_lightning.errors import UserInputError
+from cad_lightning.evaluation.classifier import ConceptDetector, load_concept_classifier
+
+__all__ = [
+    "DiffusionBackbone",
+    "Trajectory",
+    "load_backbone",
+    "load_concept_classifier",
+    "ConceptDetector",
+    "UserInputError",
+]
+__version__ = "0.1.0"
