@@ -2,13 +2,15 @@
 
 Python API for scripts and notebooks::
 
-    from cad_lightning import load_backbone, load_concept_classifier
+    from cad_lightning import apply_edit, load_backbone, load_concept_classifier
     model = load_backbone("checkpoints/tiny-shapes")
     images = model.generate(["a red circle"], seed=0)          # (1, 3, 16, 16) in [0, 1]
     load_concept_classifier("checkpoints/tiny-shapes")(images)  # {"shape": ["circle"], ...}
+    apply_edit(model.unet, "run/edits/erase-0.01.safetensors")  # zero the ablated weights in place
 """
 
 from cad_lightning.backbones.backbone import DiffusionBackbone, Trajectory, load_backbone
+from cad_lightning.editing.artifacts import apply_edit
 from cad_lightning.errors import UserInputError
 from cad_lightning.evaluation.classifier import ConceptDetector, load_concept_classifier
 
@@ -19,5 +21,6 @@ __all__ = [
     "load_concept_classifier",
     "ConceptDetector",
     "UserInputError",
+    "apply_edit",
 ]
 __version__ = "0.1.0"

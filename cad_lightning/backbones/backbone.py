@@ -232,11 +232,12 @@ def load_backbone(
             raise UserInputError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")
         dtype = DTYPES[dtype]
     kwargs = {"local_files_only": True}
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **kwargs)
+    model_kwargs = {**kwargs, "low_cpu_mem_usage": False}
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **model_kwargs)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", **kwargs)
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", **kwargs)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **kwargs) if (folder / "vae").is_dir() else None
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **model_kwargs) if (folder / "vae").is_dir() else None
     defaults = {"num_inference_steps": 50, "guidance_scale": 7.5}
     if (folder / SAMPLER_DEFAULTS_FILE).is_file():
         defaults.update(json.loads((folder / SAMPLER_DEFAULTS_FILE).read_text()))

@@ -95,4 +95,4 @@ def load_concept_classifier(path: str | os.PathLike) -> ConceptDetector:
         raise UserInputError(
             f"'{path}' holds no concept classifier: expected config.json and its weights in it or in its classifier/."
         )
-    return ConceptDetector(ConceptClassifier.from_pretrained(folder, local_files_only=True))
+    return ConceptDetector(ConceptClassifier.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False))

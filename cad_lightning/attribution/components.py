@@ -1,0 +1,68 @@
+"""ComponentSpace: which UNet parameters are components, selected by name patterns.
+
+The default is the paper's: the 2-D feed-forward weights of the transformer blocks. Named presets cover
+the other usual sets; any other string is a regular expression matched (``re.search``) against the
+parameter names of the UNet.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from cad_lightning.errors import UserInputError
+
+PRESETS: dict[str, str] = {
+    # feed-forward weights of transformer blocks (GEGLU projection in, projection out)
+    "ff": r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)\.weight$",
+    # key/value projections of the text cross-attention
+    "cross_attn_kv": r"transformer_blocks\.\d+\.attn2\.to_[kv]\.weight$",
+    # every linear weight inside transformer blocks
+    "transformer_linear": r"transformer_blocks\.\d+\..*\.weight$",
+    # convolution kernels of the ResNet blocks
+    "conv": r"resnets\.\d+\.conv[12]\.weight$",
+}
+MIN_NDIM = {"ff": 2, "cross_attn_kv": 2, "transformer_linear": 2, "conv": 4}
+
+
+class ComponentSpace:
+    """The selected parameters of a UNet, by name.
+
+    Args:
+        patterns: preset names (``ff``, ``cross_attn_kv``, ``transformer_linear``, ``conv``) or regular
+            expressions over parameter names; a parameter is selected when any pattern matches.
+    """
+
+    def __init__(self, patterns: Sequence[str] = ("ff",)) -> None:
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        if not patterns:
+            raise UserInputError("model.components is empty; give at least one preset or parameter-name pattern.")
+        self.patterns = list(patterns)
+        self._compiled = []
+        for p in self.patterns:
+            try:
+                self._compiled.append((re.compile(PRESETS.get(p, p)), MIN_NDIM.get(p, 1)))
+            except re.error as error:
+                raise UserInputError(f"model.components pattern '{p}' is not a valid regular expression: {error}.") from None
+
+    def names(self, module: torch.nn.Module) -> list[str]:
+        """Selected parameter names in the module's order; a UserInputError when nothing matches."""
+        selected = [
+            name
+            for name, param in module.named_parameters()
+            if any(rx.search(name) and param.ndim >= ndim for rx, ndim in self._compiled)
+        ]
+        if not selected:
+            raise UserInputError(
+                f"model.components {self.patterns} selects no parameter of the UNet; use a preset "
+                f"({', '.join(PRESETS)}) or a regular expression over names such as "
+                f"'{next(iter(dict(module.named_parameters())), '')}'."
+            )
+        return selected
+
+    def select(self, module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        params = dict(module.named_parameters())
+        return {name: params[name] for name in self.names(module)}

@@ -1,0 +1,164 @@
+"""CADModule: the LightningModule of the attribution ``fit``.
+
+It trains nothing. Each training step takes a batch of items (prompt, seed, concept), samples their
+trajectories once, evaluates the concept objective J on every state and accumulates the first-order
+attribution α = w·∂J/∂w of the selected components in fp32 buffers, one set per concept (the target and,
+for retain-aware selection, the retained concepts). The buffers are registered, so they travel in Lightning
+checkpoints; ranks reduce them once, when an epoch ends (never per step), see :meth:`reduced_scores`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from cad_lightning.attribution.components import ComponentSpace
+from cad_lightning.attribution.objectives import OBJECTIVES, ConceptObjective
+from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
+from cad_lightning.errors import UserInputError
+from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
+
+
+class CADModule(pl.LightningModule):
+    """First-order component attribution (the paper's CAD).
+
+    Args:
+        model_path: a local diffusers model folder, or the name of a shipped model (``tiny-shapes``).
+        objective: ``erase`` (gap to the base prompt's prediction) or ``amplify`` (negative denoising loss).
+        components: presets or parameter-name patterns of the components (see ComponentSpace).
+        guidance_scale / num_inference_steps: the sampler of the trajectories (the model's defaults if not given).
+        dtype: precision of the UNet (fp32, fp16, bf16); scores are always accumulated in fp32.
+        chunk_size: states per forward/backward pass (lower it to save memory).
+        edit: a mask file (``edits/<mode>-<ratio>.safetensors``) applied to the UNet before attribution,
+            e.g. to amplify a concept back on an erased model.
+    """
+
+    def __init__(
+        self,
+        model_path: str = DEFAULT_MODEL,
+        objective: str = "erase",
+        components: list[str] = ("ff",),
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        dtype: str = "fp32",
+        chunk_size: int = 128,
+        edit: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if objective not in OBJECTIVES:
+            raise UserInputError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got '{objective}'.")
+        if chunk_size < 1:
+            raise UserInputError(f"model.chunk_size must be at least 1, got {chunk_size}.")
+        self.automatic_optimization = False
+        self.model_folder = resolve_model_path(model_path)
+        self.backbone: DiffusionBackbone = load_backbone(self.model_folder, dtype=dtype)
+        self.space = ComponentSpace(components)
+        self.component_names = self.space.names(self.backbone.unet)
+        if edit:
+            from cad_lightning.editing import apply_edit
+
+            apply_edit(self.backbone.unet, edit)
+        self.concepts: list[str] = []
+        self.objective: ConceptObjective | None = None
+
+    # --- set-up -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if datamodule is None:
+            raise UserInputError("CADModule needs an AttributionDataModule (the data: section of the config).")
+        self.configure_concepts(datamodule.concepts, datamodule.base_prompt)
+        self.backbone.check_prompts(datamodule.all_prompts())  # fail before any work is done
+
+    def configure_concepts(self, concepts: list[str], base_prompt: str) -> None:
+        """Create one fp32 score buffer per (concept, component) and the objective."""
+        self.concepts = list(concepts)
+        self.objective = OBJECTIVES[self.hparams.objective](
+            base_prompt=base_prompt,
+            guidance_scale=self.hparams.guidance_scale,
+            num_inference_steps=self.hparams.num_inference_steps,
+        )
+        params = dict(self.backbone.unet.named_parameters())
+        for c in range(len(self.concepts)):
+            for p, name in enumerate(self.component_names):
+                key = self._buffer_name(c, p)
+                if not hasattr(self, key):
+                    self.register_buffer(key, torch.zeros(params[name].shape, dtype=torch.float32, device=self.device))
+            if not hasattr(self, f"count_{c}"):
+                self.register_buffer(f"count_{c}", torch.zeros((), dtype=torch.float64, device=self.device))
+                self.register_buffer(f"objective_sum_{c}", torch.zeros((), dtype=torch.float64, device=self.device))
+        self.backbone.requires_grad_(False)
+        for name in self.component_names:
+            params[name].requires_grad_(True)
+
+    @staticmethod
+    def _buffer_name(concept: int, param: int) -> str:
+        return f"alpha_{concept}_{param}"
+
+    def configure_optimizers(self):
+        return None
+
+    # --- accumulation -------------------------------------------------------------------------
+    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        for c, concept in enumerate(self.concepts):
+            items = [item for item in batch if item["concept"] == concept]
+            if items:
+                self.accumulate(c, [i["prompt"] for i in items], [int(i["seed"]) for i in items])
+        self.log("attribution/items", float(len(batch)), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+
+    def accumulate(self, concept_index: int, prompts: list[str], seeds: list[int]) -> None:
+        """Add Σ over the items' states of w·∂J/∂w to the concept's buffers."""
+        unet = self.backbone.unet
+        params = dict(unet.named_parameters())
+        selected = [params[n] for n in self.component_names]
+        inputs = self.objective.inputs(self.backbone, prompts, seeds)
+        n = inputs.x_t.shape[0]
+        total_j = 0.0
+        with torch.enable_grad():
+            for start in range(0, n, self.hparams.chunk_size):
+                part = slice(start, start + self.hparams.chunk_size)
+                chunk = type(inputs)(**{k: (v[part] if v is not None else None) for k, v in vars(inputs).items()})
+                j = self.objective.value(self.backbone, chunk)
+                grads = torch.autograd.grad(j.sum(), selected)
+                with torch.no_grad():
+                    for p, (param, grad) in enumerate(zip(selected, grads)):
+                        getattr(self, self._buffer_name(concept_index, p)).add_(param.float() * grad.float())
+                total_j += float(j.detach().sum())
+        getattr(self, f"count_{concept_index}").add_(n)
+        getattr(self, f"objective_sum_{concept_index}").add_(total_j)
+        if concept_index == 0:
+            self.log("attribution/J", total_j / n, prog_bar=True, batch_size=n)
+
+    # --- results ------------------------------------------------------------------------------
+    def reset_scores(self) -> None:
+        for name, buffer in self.named_buffers():
+            if name.startswith(("alpha_", "count_", "objective_sum_")):
+                buffer.zero_()
+
+    def reduced_scores(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Mean α per concept over all states of all ranks: ``{concept: {parameter name: (shape) fp32}}``.
+
+        The only cross-rank communication of an epoch: one sum-reduction of the buffers.
+        """
+        out = {}
+        for c, concept in enumerate(self.concepts):
+            count = self.trainer.strategy.reduce(getattr(self, f"count_{c}").clone(), reduce_op="sum")
+            if float(count) == 0:
+                raise RuntimeError(f"No item of concept '{concept}' was attributed; the data module gave none.")
+            scores = {}
+            for p, name in enumerate(self.component_names):
+                total = self.trainer.strategy.reduce(getattr(self, self._buffer_name(c, p)).clone(), reduce_op="sum")
+                scores[name] = (total / count).float().cpu()
+            out[concept] = scores
+        return out
+
+    def mean_objective(self, concept_index: int = 0) -> float:
+        count = self.trainer.strategy.reduce(getattr(self, f"count_{concept_index}").clone(), reduce_op="sum")
+        total = self.trainer.strategy.reduce(getattr(self, f"objective_sum_{concept_index}").clone(), reduce_op="sum")
+        return float(total / count)
+
+    @property
+    def model_id(self) -> str:
+        return str(Path(self.model_folder).resolve())

@@ -1,0 +1,96 @@
+"""Concept objectives J(c, w): how strongly the model with weights w expresses concept c.
+
+Both objectives start from one guided sampling run per item (prompt, seed) and reuse every state of it:
+the trajectory is sampled **once**, not from scratch for every timestep as in the official code, so an item
+costs T guided sampling steps plus one batched forward/backward over its T states.
+
+- :class:`EraseObjective`: J = mean over (t, x_t) of ‖ε(x_t, c_base, t).detach() − ε(x_t, c, t)‖²
+  (mean squared error per element). High J: the concept pulls the prediction away from the base prompt's.
+- :class:`AmplifyObjective`: J = −(denoising loss of the concept prompt on images of the concept), the images
+  being the final samples of the same runs. High J: the model predicts the concept's images well.
+
+Erasing zeroes components with high positive α = w·∂J/∂w; amplifying zeroes the most negative ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cad_lightning.backbones.backbone import DiffusionBackbone
+
+
+@dataclass
+class ObjectiveInputs:
+    """The states an objective is evaluated on, flattened over (timestep, item): x_t (N, C, h, w), t (N,),
+    the concept's text embeddings (N, L, D) and, for amplify, the noise ε that made x_t from x_0."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    text: torch.Tensor
+    noise: torch.Tensor | None = None
+
+
+class ConceptObjective:
+    name = "objective"
+
+    def __init__(self, base_prompt: str = "", guidance_scale: float | None = None, num_inference_steps: int | None = None):
+        self.base_prompt = base_prompt
+        self.guidance_scale = guidance_scale
+        self.num_inference_steps = num_inference_steps
+
+    def inputs(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int]) -> ObjectiveInputs:
+        raise NotImplementedError
+
+    def value(self, backbone: DiffusionBackbone, inputs: ObjectiveInputs) -> torch.Tensor:
+        """J per state, shape (N,); differentiable in the UNet's weights."""
+        raise NotImplementedError
+
+    def _run(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int]):
+        run = backbone.trajectory(
+            prompts, seed=seeds, guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps
+        )
+        steps, n = run.latents.shape[:2]
+        text = backbone.encode(prompts).repeat(steps, 1, 1)
+        return run, steps, n, text
+
+
+class EraseObjective(ConceptObjective):
+    name = "erase"
+
+    def inputs(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int]) -> ObjectiveInputs:
+        run, steps, n, text = self._run(backbone, prompts, seeds)
+        x_t = run.latents.reshape(steps * n, *run.latents.shape[2:])
+        return ObjectiveInputs(x_t=x_t, t=run.timesteps.repeat_interleave(n), text=text)
+
+    def value(self, backbone: DiffusionBackbone, inputs: ObjectiveInputs) -> torch.Tensor:
+        with torch.no_grad():
+            base_text = backbone.encode([self.base_prompt]).expand_as(inputs.text)
+            eps_base = backbone.predict_noise(inputs.x_t, inputs.t, base_text)
+        eps = backbone.predict_noise(inputs.x_t, inputs.t, inputs.text)
+        return (eps_base.float() - eps.float()).pow(2).flatten(1).mean(1)
+
+
+class AmplifyObjective(ConceptObjective):
+    name = "amplify"
+
+    def inputs(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int]) -> ObjectiveInputs:
+        run, steps, n, text = self._run(backbone, prompts, seeds)
+        x0 = run.final.repeat(steps, 1, 1, 1)
+        # the noise of each state is seeded by its item's seed, so an item's J does not depend on batching
+        noise = torch.stack([
+            torch.randn(run.final.shape[1:], generator=torch.Generator().manual_seed(10_007 * s + k))
+            for k in range(steps) for s in seeds
+        ]).to(x0)
+        t = run.timesteps.repeat_interleave(n)
+        x_t = backbone.scheduler.add_noise(x0, noise, t.to(x0.device))
+        return ObjectiveInputs(x_t=x_t, t=t, text=text, noise=noise)
+
+    def value(self, backbone: DiffusionBackbone, inputs: ObjectiveInputs) -> torch.Tensor:
+        eps = backbone.predict_noise(inputs.x_t, inputs.t, inputs.text)
+        return -F.mse_loss(eps.float(), inputs.noise.float(), reduction="none").flatten(1).mean(1)
+
+
+OBJECTIVES = {"erase": EraseObjective, "amplify": AmplifyObjective}

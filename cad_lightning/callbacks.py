@@ -1,0 +1,403 @@
+"""AttributionWriter: turns the accumulated scores into attribution and editing artifacts at the end of ``fit``.
+
+Run directory (``trainer.log_dir``, under ``trainer.default_root_dir``), formats as in DESIGN.md:
+``config.yaml`` (written by LightningCLI), ``attribution/scores.safetensors`` and ``meta.json``,
+``edits/<selection>-<mode>-<ratio>.safetensors`` (ablation masks) with ``edits/<...>/unet/`` (the edited UNet),
+``report.json``, ``report.md``, ``samples/*.png``, ``tradeoff.png`` and TensorBoard events. Every file is
+written atomically.
+
+Selections (``selections``):
+- ``cad``: the paper's, one scoring of the unedited model, top components at each ratio;
+- ``retain``: retain-aware, scores adjusted to protect components that matter for retained concepts
+  (needs ``data.retain_samples > 0``);
+- ``iterative``: ablate ``iterative_step`` of the components, re-sample trajectories and re-score on the
+  edited model, repeat up to the largest ratio (one training epoch per round);
+- ``random``: the control, the same number of ablated weights per row as ``cad``, at random positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import save_file
+
+from cad_lightning.editing import (
+    SCOPES,
+    combine_masks,
+    count_ablated,
+    random_like,
+    retain_adjusted_scores,
+    save_edited_unet,
+    save_masks,
+    select_components,
+)
+from cad_lightning.errors import UserInputError
+from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_image, save_image
+
+SELECTIONS = ("cad", "retain", "iterative", "random")
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def ratio_tag(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class AttributionWriter(Callback):
+    """Writes scores, edits, evaluation and report at the end of an attribution ``fit``.
+
+    Args:
+        ratios: fractions of the components to ablate, each in (0, 1).
+        scope: where the top components are taken: ``row`` (the paper's), ``matrix`` or ``global``.
+        selections: any of ``cad``, ``retain``, ``iterative``, ``random`` (see the module docstring).
+        retain_weight: strength of the protection of retained concepts in the ``retain`` selection.
+        iterative_step: fraction of components ablated per round of the ``iterative`` selection.
+        save_unet: also write each edited UNet as a diffusers folder.
+        evaluate: measure accuracy before and after every edit with the model's concept classifier.
+        eval_target_images / eval_retain_images: images of prompts naming the target / retained concepts.
+        floor_images: images of the base prompt used to measure the floor.
+        eval_batch_size: images per sampling batch during evaluation.
+    """
+
+    def __init__(
+        self,
+        ratios: list[float] = (0.01, 0.02, 0.03),
+        scope: str = "global",
+        selections: list[str] = ("cad",),
+        retain_weight: float = 1.0,
+        iterative_step: float = 0.005,
+        save_unet: bool = True,
+        evaluate: bool = True,
+        eval_target_images: int = 32,
+        eval_retain_images: int = 64,
+        floor_images: int = 64,
+        eval_batch_size: int = 96,
+    ) -> None:
+        super().__init__()
+        ratios = list(ratios)
+        if not ratios:
+            raise UserInputError("AttributionWriter ratios is empty; give at least one ratio in (0, 1).")
+        for r in ratios:
+            if not isinstance(r, (int, float)) or not 0 < r < 1:
+                raise UserInputError(f"AttributionWriter ratios: {r!r} is not a number in (0, 1).")
+        if scope not in SCOPES:
+            raise UserInputError(f"AttributionWriter scope must be one of {', '.join(SCOPES)}, got '{scope}'.")
+        for s in selections:
+            if s not in SELECTIONS:
+                raise UserInputError(f"AttributionWriter selections: '{s}' is not one of {', '.join(SELECTIONS)}.")
+        if not 0 < iterative_step < 1:
+            raise UserInputError(f"AttributionWriter iterative_step must be in (0, 1), got {iterative_step}.")
+        self.ratios = sorted(set(float(r) for r in ratios))
+        self.scope, self.selections = scope, list(dict.fromkeys(selections))
+        self.retain_weight, self.iterative_step = retain_weight, iterative_step
+        self.save_unet, self.evaluate = save_unet, evaluate
+        self.eval_target_images, self.eval_retain_images = eval_target_images, eval_retain_images
+        self.floor_images, self.eval_batch_size = floor_images, eval_batch_size
+        self.scores: dict[str, dict[str, torch.Tensor]] | None = None
+        self.iterative_masks: dict[float, dict[str, torch.Tensor]] = {}
+        self._cumulative: dict[str, torch.Tensor] | None = None
+        self._original: dict[str, torch.Tensor] = {}
+        self._start = 0.0
+
+    # --- set-up -------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        if "retain" in self.selections and not (datamodule.retain_samples > 0 and datamodule.retain_concepts):
+            raise UserInputError(
+                "The 'retain' selection needs scores of retained concepts: set data.retain_samples > 0 "
+                "and give data.retain_concepts (or use the shapes world's default)."
+            )
+        if "iterative" in self.selections:
+            rounds = self._iterative_schedule()
+            trainer.fit_loop.max_epochs = len(rounds)
+        self.mode = "erase" if pl_module.hparams.objective == "erase" else "amplify"
+        self._start = time.perf_counter()
+
+    def _iterative_schedule(self) -> list[float]:
+        """Cumulative ratios after each round: steps of ``iterative_step`` that also land on every ratio."""
+        marks, current = [], 0.0
+        for target in self.ratios:
+            while current < target - 1e-12:
+                current = min(current + self.iterative_step, target)
+                marks.append(current)
+        return marks
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        params = dict(pl_module.backbone.unet.named_parameters())
+        self._original = {n: params[n].detach().clone() for n in pl_module.component_names}
+
+    # --- per round ----------------------------------------------------------------------------
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        scores = pl_module.reduced_scores()
+        for concept, per_param in scores.items():
+            for name, tensor in per_param.items():
+                if not torch.isfinite(tensor).all():
+                    raise UserInputError(
+                        f"The scores of '{concept}' for {name} hold {int((~torch.isfinite(tensor)).sum())} non-finite "
+                        "values; lower model.dtype precision issues (use fp32) or check the model's weights."
+                    )
+        epoch = trainer.current_epoch
+        if epoch == 0:
+            self.scores = scores
+            self._log_objective(trainer, pl_module, epoch)
+        if "iterative" in self.selections:
+            schedule = self._iterative_schedule()
+            target = schedule[epoch]
+            step_masks = self._select_increment(scores[pl_module.concepts[0]], target)
+            self._cumulative = step_masks if self._cumulative is None else combine_masks(self._cumulative, step_masks)
+            if any(math.isclose(target, r) for r in self.ratios):
+                self.iterative_masks[target] = {k: v.clone() for k, v in self._cumulative.items()}
+            self._apply(pl_module, self._cumulative)  # the next round scores the edited model
+            if epoch > 0:
+                self._log_objective(trainer, pl_module, epoch)
+        pl_module.reset_scores()
+
+    def _log_objective(self, trainer, pl_module, epoch: int) -> None:
+        value = pl_module.mean_objective(0)
+        if trainer.is_global_zero and trainer.logger is not None:
+            trainer.logger.log_metrics({"attribution/mean_J": value}, step=epoch)
+
+    def _total_weights(self) -> int:
+        return sum(t.numel() for t in self._original.values())
+
+    def _ablated(self) -> dict[str, torch.Tensor] | None:
+        if self._cumulative is None:
+            return None
+        return {k: ~v for k, v in self._cumulative.items()}
+
+    def _select_increment(self, scores: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
+        """Masks ablating (target − already ablated) of all weights among those not yet ablated."""
+        already = 0 if self._cumulative is None else count_ablated(self._cumulative)
+        missing = round(target * self._total_weights()) - already
+        if missing <= 0:
+            return {k: torch.ones_like(v, dtype=torch.bool) for k, v in scores.items()}
+        return select_components(scores, missing / self._total_weights(), mode=self.mode, scope=self.scope, exclude=self._ablated())
+
+    def _apply(self, pl_module, masks: dict[str, torch.Tensor] | None) -> None:
+        """Set the component weights to the originals with ``masks`` applied (None: the unedited model)."""
+        params = dict(pl_module.backbone.unet.named_parameters())
+        with torch.no_grad():
+            for name, original in self._original.items():
+                value = original if masks is None or name not in masks else original * masks[name].to(original.device)
+                params[name].copy_(value)
+
+    # --- end of fit ---------------------------------------------------------------------------
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._apply(pl_module, None)
+        if not trainer.is_global_zero:
+            return
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        target = pl_module.concepts[0]
+        scores = self.scores[target]
+        self._write_scores(run_dir, trainer, pl_module, scores)
+        edits = self._build_edits(pl_module)
+        written = self._write_edits(run_dir, pl_module, edits)
+        report = {
+            "concept": target, "objective": pl_module.hparams.objective, "mode": self.mode, "scope": self.scope,
+            "base_prompt": trainer.datamodule.base_prompt, "ratios": self.ratios, "edits": written,
+        }
+        if self.evaluate:
+            report.update(self._evaluate(run_dir, trainer, pl_module, edits))
+        report["wall_time_s"] = time.perf_counter() - self._start
+        write_json(run_dir / "report.json", report)
+        write_text(run_dir / "report.md", markdown_report(report))
+        print(f"Attribution of '{target}' written to {run_dir}")
+
+    def _write_scores(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:
+        attribution = run_dir / "attribution"
+        with atomic_path(attribution / "scores.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"concept": pl_module.concepts[0]})
+        if len(pl_module.concepts) > 1:
+            with atomic_path(attribution / "retain_scores.safetensors") as tmp:
+                flat = {f"{c}::{k}": v.contiguous() for c in pl_module.concepts[1:] for k, v in self.scores[c].items()}
+                save_file(flat, str(tmp))
+        datamodule = trainer.datamodule
+        weights = pl_module.model_folder / "unet" / "diffusion_pytorch_model.safetensors"
+        meta = {
+            "model": pl_module.model_id,
+            "model_sha256": file_sha256(weights) if weights.is_file() else None,
+            "concept": pl_module.concepts[0],
+            "retained_concepts_scored": pl_module.concepts[1:],
+            "base_prompt": datamodule.base_prompt,
+            "estimator": "first_order",
+            "objective": pl_module.hparams.objective,
+            "score": "alpha = w * dJ/dw, mean over the states of all sampling runs (fp32)",
+            "components": {"patterns": pl_module.space.patterns, "parameters": pl_module.component_names,
+                           "weights": self._total_weights()},
+            "granularity": "weight",
+            "items": len(datamodule.items()),
+            "seeds": [i["seed"] for i in datamodule.items()],
+            "sampler": {"num_inference_steps": pl_module.hparams.num_inference_steps or pl_module.backbone.num_inference_steps,
+                        "guidance_scale": pl_module.backbone.guidance_scale if pl_module.hparams.guidance_scale is None
+                        else pl_module.hparams.guidance_scale},
+            "edit_applied_before": pl_module.hparams.edit,
+            "world_size": trainer.world_size,
+            "versions": {p: metadata.version(p) for p in ("torch", "lightning", "diffusers", "transformers", "cad-lightning")},
+            "python": platform.python_version(),
+            "wall_time_s": time.perf_counter() - self._start,
+        }
+        write_json(attribution / "meta.json", meta)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_histogram"):
+            for name, tensor in scores.items():
+                experiment.add_histogram(f"scores/{name}", tensor.flatten(), 0)
+
+    def _build_edits(self, pl_module) -> dict[str, dict[float, dict[str, torch.Tensor]]]:
+        target = pl_module.concepts[0]
+        scores = self.scores[target]
+        edits: dict[str, dict[float, dict[str, torch.Tensor]]] = {}
+        for selection in self.selections:
+            if selection == "iterative":
+                edits["iterative"] = self.iterative_masks
+                continue
+            if selection == "random":
+                continue
+            source = scores
+            if selection == "retain":
+                source = retain_adjusted_scores(scores, [self.scores[c] for c in pl_module.concepts[1:]],
+                                                weight=self.retain_weight, mode=self.mode)
+            edits[selection] = {r: select_components(source, r, mode=self.mode, scope=self.scope) for r in self.ratios}
+        if "random" in self.selections:
+            reference = edits.get("cad") or {r: select_components(scores, r, mode=self.mode, scope=self.scope) for r in self.ratios}
+            generator = torch.Generator().manual_seed(0)
+            edits["random"] = {r: random_like(m, generator) for r, m in reference.items()}
+        return edits
+
+    def _write_edits(self, run_dir: Path, pl_module, edits) -> list[dict]:
+        written = []
+        for selection, per_ratio in edits.items():
+            for ratio, masks in per_ratio.items():
+                stem = f"{selection}-{self.mode}-{ratio_tag(ratio)}"
+                path = run_dir / "edits" / f"{stem}.safetensors"
+                save_masks(path, masks, metadata={"selection": selection, "mode": self.mode, "ratio": str(ratio),
+                                                  "scope": self.scope, "concept": pl_module.concepts[0]})
+                entry = {"selection": selection, "ratio": ratio, "ablated": count_ablated(masks),
+                         "masks": str(path.relative_to(run_dir))}
+                if self.save_unet:
+                    folder = run_dir / "edits" / stem / "unet"
+                    save_edited_unet(pl_module.backbone.unet, masks, folder)
+                    entry["unet"] = str(folder.relative_to(run_dir))
+                written.append(entry)
+        return written
+
+    def _evaluate(self, run_dir: Path, trainer, pl_module, edits) -> dict:
+        from cad_lightning.evaluation.classifier import load_concept_classifier
+        from cad_lightning.evaluation.concepts import concept_accuracy, empty_prompt_rates, evaluation_items
+
+        datamodule = trainer.datamodule
+        if datamodule.prompt_templates is not None:
+            return {"evaluation": "skipped: the concept classifier reads only shapes-world concepts"}
+        detector = load_concept_classifier(pl_module.model_folder).to(pl_module.device)
+        backbone = pl_module.backbone
+        concept, retained = pl_module.concepts[0], datamodule.retain_concepts
+        items = evaluation_items(concept, retained, self.eval_target_images, self.eval_retain_images)
+        floor = empty_prompt_rates(backbone, detector, datamodule.base_prompt, self.floor_images)
+        before, before_images = concept_accuracy(backbone, detector, items, self.eval_batch_size)
+        results, grids = [], {}
+        show = [0, 1, 2, 3, 4, 5] + [len(items) - 1 - i for i in range(6)]
+        for selection, per_ratio in edits.items():
+            rows, labels = [before_images[show]], ["unedited"]
+            for ratio, masks in sorted(per_ratio.items()):
+                self._apply(pl_module, masks)
+                accuracy, images = concept_accuracy(backbone, detector, items, self.eval_batch_size)
+                self._apply(pl_module, None)
+                retained_acc = {c: accuracy[c] for c in retained if c in accuracy}
+                relative = {c: accuracy[c] / before[c] for c in retained_acc if before.get(c, 0) > 0}
+                results.append({
+                    "selection": selection, "ratio": ratio, "ablated": count_ablated(masks), "target": accuracy[concept],
+                    "retained": retained_acc, "retained_mean": sum(retained_acc.values()) / max(1, len(retained_acc)),
+                    "retained_min_relative": min(relative.values()) if relative else None,
+                })
+                rows.append(images[show])
+                labels.append(f"{selection} {ratio:g}")
+            grid = labelled_grid(torch.cat(rows), labels, ncol=len(show))
+            save_image(grid, run_dir / "samples" / f"{selection}-{self.mode}.png")
+            grids[selection] = image_grid(torch.cat(rows), ncol=len(show))
+        for selection, grid in grids.items():
+            log_image(trainer.logger, f"samples/{selection}", grid, 0)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_scalar"):
+            for r in results:
+                step = round(r["ratio"] * 10_000)  # basis points of ablated components
+                experiment.add_scalar(f"edit/{r['selection']}/target_accuracy", r["target"], step)
+                experiment.add_scalar(f"edit/{r['selection']}/retained_mean_accuracy", r["retained_mean"], step)
+        plot_tradeoff(run_dir / "tradeoff.png", concept, before, floor.get(concept), results, retained)
+        return {"floor": floor, "before": before, "results": results,
+                "eval": {"target_images": self.eval_target_images, "retain_images": self.eval_retain_images}}
+
+
+def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, results: list[dict], retained: list[str]) -> None:
+    """Ablated fraction → target accuracy and mean retained accuracy, one line per selection."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    retained_before = sum(before[c] for c in retained if c in before) / max(1, sum(c in before for c in retained))
+    for selection in dict.fromkeys(r["selection"] for r in results):
+        rows = sorted((r for r in results if r["selection"] == selection), key=lambda r: r["ratio"])
+        x = [0.0] + [r["ratio"] for r in rows]
+        axes[0].plot(x, [before[concept]] + [r["target"] for r in rows], marker="o", label=selection)
+        axes[1].plot(x, [retained_before] + [r["retained_mean"] for r in rows], marker="o", label=selection)
+    if floor is not None:
+        axes[0].axhline(floor, color="grey", linestyle="--", label="floor (base prompt)")
+    axes[0].set_title(f"target: {concept}")
+    axes[1].set_title("retained concepts (mean)")
+    for ax in axes:
+        ax.set_xlabel("ablated fraction of components")
+        ax.set_ylabel("classifier accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def markdown_report(report: dict) -> str:
+    lines = [f"# CAD {report['mode']} of '{report['concept']}'", "",
+             f"objective: {report['objective']}, scope: {report['scope']}, base prompt: '{report['base_prompt']}'", ""]
+    if "results" in report:
+        concept = report["concept"]
+        lines += [f"unedited accuracy on '{concept}': {report['before'][concept]:.3f}; "
+                  f"floor (base prompt drawn as '{concept}'): {report['floor'].get(concept, float('nan')):.3f}", "",
+                  "| selection | ratio | ablated weights | target accuracy | retained mean | worst retained / unedited |",
+                  "|---|---|---|---|---|---|"]
+        for r in report["results"]:
+            worst = "n/a" if r["retained_min_relative"] is None else f"{r['retained_min_relative']:.3f}"
+            lines.append(f"| {r['selection']} | {r['ratio']:g} | {r['ablated']} | {r['target']:.3f} | "
+                         f"{r['retained_mean']:.3f} | {worst} |")
+        lines += ["", "![trade-off](tradeoff.png)", ""]
+    else:
+        lines += [str(report.get("evaluation", "not evaluated")), ""]
+    lines += ["## Edits", ""] + [f"- `{e['masks']}` ({e['ablated']} weights)" for e in report["edits"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,109 @@
+"""AttributionDataModule: the (ablation-mask, prompt) items of an attribution run.
+
+An item is ``{"item_id", "concept", "prompt", "seed", "mask"}``: one sampling run of one prompt, and the
+ablation mask the model is evaluated under (``None``: the model as loaded, possibly with ``model.edit``
+applied; mask ids are used by the regression estimator). Items are a plain map-style dataset, so Lightning's
+DistributedSampler shards them across processes and nodes.
+
+For the embedded model a concept is a word of the shapes world and its prompts come from the world's
+templates (the other kinds named or not at random); for other models a concept is free text put into
+``prompt_templates``.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from cad_lightning.data.world import CONCEPT_KINDS, VOCABULARY, concept_kind, prompts_naming
+from cad_lightning.errors import UserInputError
+
+
+def _collate(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+class AttributionDataModule(pl.LightningDataModule):
+    """Items for first-order attribution.
+
+    Args:
+        concept: the concept to attribute (a shapes-world word, or free text with ``prompt_templates``).
+        base_prompt: the prompt the erase objective pulls the concept towards (default: empty).
+        retain_concepts: concepts to keep; ``None`` means every other word of the shapes world (none for
+            free-text concepts). Their scores are computed when ``retain_samples > 0``.
+        samples: sampling runs (trajectories) of the concept.
+        retain_samples: sampling runs per retained concept (0: retained concepts are only evaluated).
+        prompt_templates: templates with ``{concept}`` for free-text concepts, e.g. "a photo of a {concept}".
+        seed: seed of the prompts and of the runs (item i uses seed ``seed + i``).
+        batch_size: items per training step.
+    """
+
+    def __init__(
+        self,
+        concept: str = "circle",
+        base_prompt: str = "",
+        retain_concepts: list[str] | None = None,
+        samples: int = 8,
+        retain_samples: int = 0,
+        prompt_templates: list[str] | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+    ) -> None:
+        super().__init__()
+        if not isinstance(concept, str) or not concept.strip():
+            raise UserInputError("data.concept is empty; give the concept to attribute.")
+        if samples < 1:
+            raise UserInputError(f"data.samples must be at least 1, got {samples}.")
+        if retain_samples < 0:
+            raise UserInputError(f"data.retain_samples must be 0 or more, got {retain_samples}.")
+        if batch_size < 1:
+            raise UserInputError(f"data.batch_size must be at least 1, got {batch_size}.")
+        self.concept = concept.strip()
+        self.base_prompt = base_prompt
+        self.prompt_templates = list(prompt_templates) if prompt_templates else None
+        if self.prompt_templates is None:
+            try:
+                concept_kind(self.concept)
+            except UserInputError as error:
+                raise UserInputError(f"data.concept: {error} For free text, give data.prompt_templates.") from None
+            if retain_concepts is None:
+                retain_concepts = [w for words in CONCEPT_KINDS.values() for w in words if w != self.concept]
+            for word in retain_concepts:
+                if word not in VOCABULARY or word in ("a", "shape"):
+                    raise UserInputError(f"data.retain_concepts: '{word}' is not a concept of the shapes world.")
+        else:
+            if any("{concept}" not in t for t in self.prompt_templates):
+                raise UserInputError("data.prompt_templates: every template must contain '{concept}'.")
+            retain_concepts = retain_concepts or []
+        if self.concept in retain_concepts:
+            raise UserInputError(f"data.retain_concepts contains the target concept '{self.concept}'.")
+        self.retain_concepts = list(retain_concepts)
+        self.samples, self.retain_samples = samples, retain_samples
+        self.seed, self.batch_size = seed, batch_size
+
+    @property
+    def concepts(self) -> list[str]:
+        """The attributed concepts: the target first, then the retained ones whose scores are computed."""
+        return [self.concept] + (self.retain_concepts if self.retain_samples > 0 else [])
+
+    def prompts_for(self, concept: str, n: int, seed: int) -> list[str]:
+        if self.prompt_templates is None:
+            return prompts_naming(concept, n, torch.Generator().manual_seed(seed))
+        return [self.prompt_templates[i % len(self.prompt_templates)].format(concept=concept) for i in range(n)]
+
+    def items(self) -> list[dict]:
+        out = []
+        for c, concept in enumerate(self.concepts):
+            n = self.samples if c == 0 else self.retain_samples
+            for prompt in self.prompts_for(concept, n, self.seed + 7919 * c):
+                out.append({"item_id": len(out), "concept": concept, "prompt": prompt, "seed": None, "mask": None})
+        for item in out:
+            item["seed"] = self.seed + item["item_id"]
+        return out
+
+    def all_prompts(self) -> list[str]:
+        return [i["prompt"] for i in self.items()] + [self.base_prompt]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.items(), batch_size=self.batch_size, shuffle=False, collate_fn=_collate)

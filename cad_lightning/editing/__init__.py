@@ -1,0 +1,37 @@
+"""Editing: select the components to ablate (erase / amplify), apply masks, read and write edit artifacts."""
+
+from cad_lightning.editing.artifacts import (
+    apply_edit,
+    apply_masks,
+    combine_masks,
+    load_masks,
+    read_mask_metadata,
+    save_edited_unet,
+    save_masks,
+)
+from cad_lightning.editing.select import (
+    MODES,
+    SCOPES,
+    count_ablated,
+    random_like,
+    retain_adjusted_scores,
+    select_components,
+    target_count,
+)
+
+__all__ = [
+    "MODES",
+    "SCOPES",
+    "apply_edit",
+    "apply_masks",
+    "combine_masks",
+    "count_ablated",
+    "load_masks",
+    "random_like",
+    "read_mask_metadata",
+    "retain_adjusted_scores",
+    "save_edited_unet",
+    "save_masks",
+    "select_components",
+    "target_count",
+]

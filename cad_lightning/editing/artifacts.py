@@ -1,0 +1,163 @@
+"""Read, write, combine and apply ablation masks; write an edited UNet as a plain diffusers folder.
+
+Mask files are safetensors (never pickle): one uint8 0/1 tensor per parameter name (1 = keep, 0 = ablate)
+plus str→str metadata, with the key ``cad_lightning_format`` = ``ablation-masks/1`` marking the format.
+Every file and folder is written atomically (temp path beside it, then rename).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cad_lightning.errors import UserInputError
+from cad_lightning.utils import atomic_path
+
+FORMAT_KEY = "cad_lightning_format"
+FORMAT_VALUE = "ablation-masks/1"
+
+
+def _check_masks(masks, field: str = "masks") -> None:
+    if not isinstance(masks, Mapping):
+        raise UserInputError(f"{field} must be a dict of parameter name -> bool tensor, got {type(masks).__name__}.")
+    for name, mask in masks.items():
+        if not isinstance(name, str):
+            raise UserInputError(f"{field} keys must be parameter names (str), got {name!r}.")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise UserInputError(f"{field}[{name!r}] must be a bool tensor (True = keep, False = ablate), got "
+                                 f"{getattr(mask, 'dtype', type(mask).__name__)}.")
+
+
+def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write ``masks`` (bool, True = keep) to a safetensors file as uint8 0/1, atomically; returns the path."""
+    _check_masks(masks)
+    metadata = dict(metadata or {})
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise UserInputError(f"metadata must map str to str (safetensors metadata), got {key!r}: {value!r}.")
+    metadata[FORMAT_KEY] = FORMAT_VALUE
+    tensors = {name: mask.detach().to("cpu", torch.uint8).contiguous() for name, mask in masks.items()}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def _open(path: str | os.PathLike):
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"mask file {str(path)!r} does not exist (expected a .safetensors file written by save_masks).")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as error:  # safetensors raises its own error types for malformed headers
+        raise UserInputError(
+            f"mask file {str(path)!r} is not a safetensors file ({type(error).__name__}: {error}).") from None
+
+
+def read_mask_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The str→str metadata stored in a mask file (including the format marker)."""
+    with _open(path) as f:
+        return dict(f.metadata() or {})
+
+
+def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Bool masks (True = keep) from a safetensors mask file; UserInputError if missing or not a mask file."""
+    masks = {}
+    with _open(path) as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if t.dtype != torch.uint8 or bool((t > 1).any()):
+                raise UserInputError(
+                    f"{str(path)!r} is not a mask file: tensor {name!r} has dtype {t.dtype}"
+                    f"{' with values other than 0/1' if t.dtype == torch.uint8 else ''}; mask files hold uint8 0/1 tensors.")
+            masks[name] = t.bool()
+    return masks
+
+
+def apply_masks(unet: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> int:
+    """Zero the ablated (False) weights of ``unet`` in place; returns how many entries were zeroed.
+
+    Every key and shape is checked before anything changes, so a bad mask leaves the module untouched.
+    This is the project's single helper for applying masks.
+    """
+    _check_masks(masks)
+    params = dict(unet.named_parameters())
+    for name, mask in masks.items():
+        if name not in params:
+            raise UserInputError(
+                f"mask key {name!r} is not a parameter of the {type(unet).__name__} ({len(params)} parameters, "
+                f"e.g. {next(iter(params), '<none>')!r}); masks must come from the same model architecture.")
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise UserInputError(
+                f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has shape {tuple(params[name].shape)}.")
+    zeroed = 0
+    with torch.no_grad():
+        for name, mask in masks.items():
+            param = params[name]
+            ablate = ~mask.to(param.device)
+            zeroed += int(ablate.sum())
+            param.masked_fill_(ablate, 0)
+    return zeroed
+
+
+def apply_edit(unet: torch.nn.Module, path: str | os.PathLike) -> int:
+    """Apply the edit saved at ``path`` (a mask file) to ``unet`` in place; returns the number of zeroed weights."""
+    return apply_masks(unet, load_masks(path))
+
+
+def combine_masks(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Logical AND of two mask dicts over the union of keys: a weight ablated in either is ablated."""
+    _check_masks(a, "a")
+    _check_masks(b, "b")
+    out = {}
+    for name in list(a) + [n for n in b if n not in a]:
+        if name in a and name in b:
+            if a[name].shape != b[name].shape:
+                raise UserInputError(
+                    f"masks for {name!r} differ in shape: {tuple(a[name].shape)} vs {tuple(b[name].shape)}.")
+            out[name] = a[name] & b[name].to(a[name].device)
+        else:
+            out[name] = (a[name] if name in a else b[name]).clone()
+    return out
+
+
+def save_edited_unet(unet: torch.nn.Module, masks: Mapping[str, torch.Tensor], folder: str | os.PathLike) -> Path:
+    """Write a deep copy of ``unet`` with ``masks`` applied to ``folder`` via ``save_pretrained``.
+
+    The result opens with plain ``UNet2DConditionModel.from_pretrained(folder)``; ``unet`` itself is not
+    changed. The folder is written as a temp sibling and renamed into place (an existing folder is replaced).
+    """
+    if not hasattr(unet, "save_pretrained"):
+        raise UserInputError(
+            f"unet must be a diffusers model with save_pretrained (e.g. UNet2DConditionModel), got {type(unet).__name__}.")
+    folder = Path(folder)
+    edited = copy.deepcopy(unet)
+    apply_masks(edited, masks)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    old = None
+    try:
+        edited.save_pretrained(tmp)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
+            os.replace(folder, old / folder.name)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if old is not None and not folder.exists():
+                os.replace(old / folder.name, folder)  # put the previous folder back
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder

@@ -1,0 +1,97 @@
+"""Erasure and retention on the shapes world: accuracy of the concept classifier on generated images.
+
+An evaluation set is a fixed list of (prompt, seed, named concepts) items, so the model is evaluated on the
+same prompts and initial noise before and after an edit. The target concept is measured on prompts naming
+it; the retained concepts on fully specified prompts ("a red striped square") that do not name the target,
+each image counting for the shape, the colour and the texture its prompt names. The accuracy of concept X
+is the per-class accuracy (recall) of torchmetrics over the images whose prompt names X.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+from cad_lightning.backbones.backbone import DiffusionBackbone
+from cad_lightning.data.world import CONCEPT_KINDS, concept_kind, make_prompt, prompts_naming
+from cad_lightning.evaluation.classifier import ConceptDetector
+
+
+@dataclass
+class EvalItem:
+    prompt: str
+    seed: int
+    named: dict[str, str]  # kind → the concept word the prompt names
+    group: str  # "target" or "retain"
+
+
+def _named(prompt: str) -> dict[str, str]:
+    out = {}
+    for word in prompt.split():
+        for kind, words in CONCEPT_KINDS.items():
+            if word in words:
+                out[kind] = word
+    return out
+
+
+def evaluation_items(concept: str, retain_concepts: list[str], n_target: int, n_retain: int, seed: int = 1_000_000) -> list[EvalItem]:
+    """Items for the target (``n_target`` prompts naming it) and the retained concepts (``n_retain`` prompts)."""
+    generator = torch.Generator().manual_seed(seed)
+    items = [EvalItem(p, seed + i, _named(p), "target") for i, p in enumerate(prompts_naming(concept, n_target, generator))]
+    kind = concept_kind(concept)
+    choices = {k: [w for w in words if not (k == kind and w == concept)] for k, words in CONCEPT_KINDS.items()}
+    for i in range(n_retain):
+        # walk the full factorial of the kinds, so every retained concept gets its share of images
+        parts, rest = {}, i
+        for k, words in choices.items():
+            rest, index = divmod(rest, len(words))
+            parts[k] = words[index]
+        prompt = make_prompt(**parts)
+        items.append(EvalItem(prompt, seed + n_target + i, _named(prompt), "retain"))
+    wanted = set(retain_concepts)
+    for item in items:
+        if item.group == "retain":
+            item.named = {k: w for k, w in item.named.items() if w in wanted}
+    return items
+
+
+@torch.no_grad()
+def concept_accuracy(
+    backbone: DiffusionBackbone,
+    detector: ConceptDetector,
+    items: list[EvalItem],
+    batch_size: int = 64,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """``{concept: accuracy}`` for the target (first) and every retained concept, and the images (N, 3, H, W)."""
+    images = backbone.generate(
+        [i.prompt for i in items], seed=[i.seed for i in items], batch_size=batch_size,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+    ).cpu()
+    predicted = detector(images)
+    result: dict[str, float] = {}
+    for group in ("target", "retain"):
+        for kind, words in CONCEPT_KINDS.items():
+            rows = [(n, i.named[kind]) for n, i in enumerate(items) if i.group == group and kind in i.named]
+            if not rows:
+                continue
+            metric = MulticlassAccuracy(num_classes=len(words), average=None)
+            per_class = metric(
+                torch.tensor([words.index(predicted[kind][n]) for n, _ in rows]),
+                torch.tensor([words.index(w) for _, w in rows]),
+            )
+            for word in sorted({w for _, w in rows}, key=words.index):
+                result.setdefault(word, float(per_class[words.index(word)]))
+    return result, images
+
+
+@torch.no_grad()
+def empty_prompt_rates(
+    backbone: DiffusionBackbone, detector: ConceptDetector, base_prompt: str, n: int, seed: int = 2_000_000, **sampler
+) -> dict[str, float]:
+    """The floor: for every concept, the fraction of images of the base prompt classified as it."""
+    predicted = detector(backbone.generate([base_prompt] * n, seed=seed, batch_size=64, **sampler).cpu())
+    return {w: sum(p == w for p in predicted[k]) / n for k, words in CONCEPT_KINDS.items() for w in words}
