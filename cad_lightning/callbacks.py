@@ -161,7 +161,8 @@ class AttributionWriter(Callback):
                 if not torch.isfinite(tensor).all():
                     raise UserInputError(
                         f"The scores of '{concept}' for {name} hold {int((~torch.isfinite(tensor)).sum())} non-finite "
-                        "values; lower model.dtype precision issues (use fp32) or check the model's weights."
+                        "values (NaN or inf): the model's outputs overflowed or its weights are not finite; "
+                        "use model.dtype fp32 and check the weights."
                     )
         epoch = trainer.current_epoch
         if epoch == 0:

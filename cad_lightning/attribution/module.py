@@ -21,6 +21,35 @@ from cad_lightning.errors import UserInputError
 from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
 
 
+def accumulate_first_order(
+    backbone: DiffusionBackbone,
+    objective: ConceptObjective,
+    names: list[str],
+    prompts: list[str],
+    seeds: list[int],
+    buffers: list[torch.Tensor],
+    chunk_size: int = 128,
+) -> tuple[float, int]:
+    """Sample each item's trajectory once, then add Σ over its states of w·∂J/∂w (fp32) to ``buffers``
+    (one per parameter in ``names``). Returns (Σ J, number of states)."""
+    params = dict(backbone.unet.named_parameters())
+    selected = [params[n] for n in names]
+    inputs = objective.inputs(backbone, prompts, seeds)
+    n = inputs.x_t.shape[0]
+    total_j = 0.0
+    with torch.enable_grad():
+        for start in range(0, n, chunk_size):
+            part = slice(start, start + chunk_size)
+            chunk = type(inputs)(**{k: (v[part] if v is not None else None) for k, v in vars(inputs).items()})
+            j = objective.value(backbone, chunk)
+            grads = torch.autograd.grad(j.sum(), selected)
+            with torch.no_grad():
+                for buffer, param, grad in zip(buffers, selected, grads):
+                    buffer.add_(param.float() * grad.float())
+            total_j += float(j.detach().sum())
+    return total_j, n
+
+
 class CADModule(pl.LightningModule):
     """First-order component attribution (the paper's CAD).
 
@@ -110,22 +139,10 @@ class CADModule(pl.LightningModule):
 
     def accumulate(self, concept_index: int, prompts: list[str], seeds: list[int]) -> None:
         """Add Σ over the items' states of w·∂J/∂w to the concept's buffers."""
-        unet = self.backbone.unet
-        params = dict(unet.named_parameters())
-        selected = [params[n] for n in self.component_names]
-        inputs = self.objective.inputs(self.backbone, prompts, seeds)
-        n = inputs.x_t.shape[0]
-        total_j = 0.0
-        with torch.enable_grad():
-            for start in range(0, n, self.hparams.chunk_size):
-                part = slice(start, start + self.hparams.chunk_size)
-                chunk = type(inputs)(**{k: (v[part] if v is not None else None) for k, v in vars(inputs).items()})
-                j = self.objective.value(self.backbone, chunk)
-                grads = torch.autograd.grad(j.sum(), selected)
-                with torch.no_grad():
-                    for p, (param, grad) in enumerate(zip(selected, grads)):
-                        getattr(self, self._buffer_name(concept_index, p)).add_(param.float() * grad.float())
-                total_j += float(j.detach().sum())
+        buffers = [getattr(self, self._buffer_name(concept_index, p)) for p in range(len(self.component_names))]
+        total_j, n = accumulate_first_order(
+            self.backbone, self.objective, self.component_names, prompts, seeds, buffers, self.hparams.chunk_size
+        )
         getattr(self, f"count_{concept_index}").add_(n)
         getattr(self, f"objective_sum_{concept_index}").add_(total_j)
         if concept_index == 0:

@@ -25,12 +25,14 @@ from cad_lightning.backbones.backbone import DiffusionBackbone
 @dataclass
 class ObjectiveInputs:
     """The states an objective is evaluated on, flattened over (timestep, item): x_t (N, C, h, w), t (N,),
-    the concept's text embeddings (N, L, D) and, for amplify, the noise ε that made x_t from x_0."""
+    the concept's text embeddings (N, L, D); for amplify, the noise ε that made x_t from x_0; for erase, the
+    base prompt's prediction ε(x_t, c_base, t) when the sampler already computed it."""
 
     x_t: torch.Tensor
     t: torch.Tensor
     text: torch.Tensor
     noise: torch.Tensor | None = None
+    base_noise: torch.Tensor | None = None
 
 
 class ConceptObjective:
@@ -63,12 +65,18 @@ class EraseObjective(ConceptObjective):
     def inputs(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int]) -> ObjectiveInputs:
         run, steps, n, text = self._run(backbone, prompts, seeds)
         x_t = run.latents.reshape(steps * n, *run.latents.shape[2:])
-        return ObjectiveInputs(x_t=x_t, t=run.timesteps.repeat_interleave(n), text=text)
+        base_noise = None
+        if run.uncond_noise is not None and run.negative_prompt == self.base_prompt:
+            # the guided sampler's unconditional branch is exactly ε(x_t, c_base, t): reuse it
+            base_noise = run.uncond_noise.reshape(steps * n, *run.uncond_noise.shape[2:])
+        return ObjectiveInputs(x_t=x_t, t=run.timesteps.repeat_interleave(n), text=text, base_noise=base_noise)
 
     def value(self, backbone: DiffusionBackbone, inputs: ObjectiveInputs) -> torch.Tensor:
-        with torch.no_grad():
-            base_text = backbone.encode([self.base_prompt]).expand_as(inputs.text)
-            eps_base = backbone.predict_noise(inputs.x_t, inputs.t, base_text)
+        eps_base = inputs.base_noise
+        if eps_base is None:
+            with torch.no_grad():
+                base_text = backbone.encode([self.base_prompt]).expand_as(inputs.text)
+                eps_base = backbone.predict_noise(inputs.x_t, inputs.t, base_text)
         eps = backbone.predict_noise(inputs.x_t, inputs.t, inputs.text)
         return (eps_base.float() - eps.float()).pow(2).flatten(1).mean(1)
 

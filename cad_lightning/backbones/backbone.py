@@ -32,11 +32,15 @@ class Trajectory:
     """Every state of one sampling run: ``latents[i]`` is x_t at ``timesteps[i]``, shape (T, B, C, h, w).
 
     ``final`` is the denoised sample x_0 (B, C, h, w) in the model's space (pixels in [-1, 1] or latents).
+    ``uncond_noise[i]`` is the unconditional (negative-prompt) prediction ε(x_t, c_neg, t) the guided sampler
+    computed at ``latents[i]`` (None without guidance), kept so objectives can reuse it instead of recomputing.
     """
 
     timesteps: torch.Tensor
     latents: torch.Tensor
     final: torch.Tensor
+    uncond_noise: torch.Tensor | None = None
+    negative_prompt: str = ""
 
 
 def _seed_list(seed: Seeds, n: int) -> list[int]:
@@ -120,10 +124,13 @@ class DiffusionBackbone(torch.nn.Module):
         self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float
     ) -> torch.Tensor:
         """Classifier-free guided ε, both branches in one UNet call."""
+        return self._guided(x_t, t, cond, uncond, guidance_scale)[0]
+
+    def _guided(self, x_t, t, cond, uncond, guidance_scale) -> tuple[torch.Tensor, torch.Tensor | None]:
         if guidance_scale == 1.0:
-            return self.predict_noise(x_t, t, cond)
+            return self.predict_noise(x_t, t, cond), None
         eps_u, eps_c = self.predict_noise(torch.cat([x_t, x_t]), t, torch.cat([uncond, cond])).chunk(2)
-        return eps_u + guidance_scale * (eps_c - eps_u)
+        return eps_u + guidance_scale * (eps_c - eps_u), eps_u
 
     def initial_noise(self, n: int, seed: Seeds) -> torch.Tensor:
         noise = [
@@ -154,16 +161,18 @@ class DiffusionBackbone(torch.nn.Module):
         cond = self.encode(prompts)
         uncond = self.encode([negative_prompt] * n)
         x = self.initial_noise(n, seed) * scheduler.init_noise_sigma
-        states, times = [], []
+        states, times, uncond_eps = [], [], []
         for t in scheduler.timesteps:
+            eps, eps_u = self._guided(scheduler.scale_model_input(x, t), t, cond, uncond, scale)
             if keep_trajectory:
                 states.append(x)
                 times.append(t)
-            eps = self.guided_noise(scheduler.scale_model_input(x, t), t, cond, uncond, scale)
+                uncond_eps.append(eps_u)
             x = scheduler.step(eps, t, x).prev_sample
         if keep_trajectory:
-            return Trajectory(torch.stack(times), torch.stack(states), x)
-        return Trajectory(scheduler.timesteps, x.new_empty((0, *x.shape)), x)
+            kept_uncond = torch.stack(uncond_eps) if scale != 1.0 else None
+            return Trajectory(torch.stack(times), torch.stack(states), x, kept_uncond, negative_prompt)
+        return Trajectory(scheduler.timesteps, x.new_empty((0, *x.shape)), x, None, negative_prompt)
 
     def trajectory(self, prompts: Sequence[str], seed: Seeds = 0, **kwargs) -> Trajectory:
         """The whole denoising trajectory (every x_t with its timestep) of one sampling run."""

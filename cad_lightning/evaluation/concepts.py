@@ -71,7 +71,11 @@ def concept_accuracy(
         [i.prompt for i in items], seed=[i.seed for i in items], batch_size=batch_size,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
     ).cpu()
-    predicted = detector(images)
+    return accuracy_from_predictions(items, detector(images)), images
+
+
+def accuracy_from_predictions(items: list[EvalItem], predicted: dict[str, list[str]]) -> dict[str, float]:
+    """``{concept: accuracy}``: per-class accuracy over the items whose prompt names the concept."""
     result: dict[str, float] = {}
     for group in ("target", "retain"):
         for kind, words in CONCEPT_KINDS.items():
@@ -85,7 +89,7 @@ def concept_accuracy(
             )
             for word in sorted({w for _, w in rows}, key=words.index):
                 result.setdefault(word, float(per_class[words.index(word)]))
-    return result, images
+    return result
 
 
 @torch.no_grad()

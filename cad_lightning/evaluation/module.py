@@ -1,0 +1,94 @@
+"""Evaluation of a model or an edit on its own: ``cad test --config configs/evaluate.yaml --model.edit <masks>``.
+
+The same evaluation set as the end of an attribution fit (same prompts and seeds), so numbers compare.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from cad_lightning.backbones.backbone import load_backbone
+from cad_lightning.data.world import CONCEPT_KINDS, concept_kind
+from cad_lightning.editing import apply_edit
+from cad_lightning.errors import UserInputError
+from cad_lightning.evaluation.classifier import load_concept_classifier
+from cad_lightning.evaluation.concepts import EvalItem, accuracy_from_predictions, evaluation_items
+from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
+from cad_lightning.utils import atomic_path
+
+
+class EvaluationDataModule(pl.LightningDataModule):
+    """Prompts naming the target concept and fully specified prompts of the retained concepts.
+
+    Args:
+        concept: the (erased or amplified) target concept, a shapes-world word.
+        retain_concepts: concepts whose accuracy must be kept; None: every other word of the world.
+        target_images / retain_images: numbers of images.
+        batch_size: images per sampling batch.
+    """
+
+    def __init__(self, concept: str = "circle", retain_concepts: list[str] | None = None, target_images: int = 32,
+                 retain_images: int = 64, batch_size: int = 96) -> None:
+        super().__init__()
+        try:
+            concept_kind(concept)
+        except UserInputError as error:
+            raise UserInputError(f"data.concept: {error}") from None
+        if retain_concepts is None:
+            retain_concepts = [w for words in CONCEPT_KINDS.values() for w in words if w != concept]
+        self.concept, self.retain_concepts = concept, list(retain_concepts)
+        self.items = evaluation_items(concept, self.retain_concepts, target_images, retain_images)
+        self.batch_size = batch_size
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(list(range(len(self.items))), batch_size=self.batch_size, shuffle=False)
+
+
+class EvaluationModule(pl.LightningModule):
+    """Generates the evaluation images with the model (and an optional edit) and scores them with its classifier.
+
+    Args:
+        model_path: a model folder with a ``classifier/`` (the shipped ``tiny-shapes`` by default).
+        edit: a mask file written by an attribution run (``edits/<...>.safetensors``); None: the unedited model.
+        num_inference_steps / guidance_scale: sampler settings (the model's defaults when not given).
+    """
+
+    def __init__(self, model_path: str = DEFAULT_MODEL, edit: str | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        folder = resolve_model_path(model_path)
+        self.backbone = load_backbone(folder)
+        if edit:
+            if not Path(edit).is_file():
+                raise UserInputError(f"model.edit '{edit}' is not a file; give an edits/<...>.safetensors mask file.")
+            apply_edit(self.backbone.unet, edit)
+        self.detector = load_concept_classifier(folder)
+        self._predicted: dict[int, dict[str, str]] = {}
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        items: list[EvalItem] = [self.trainer.datamodule.items[i] for i in batch.tolist()]
+        images = self.backbone.generate([i.prompt for i in items], seed=[i.seed for i in items],
+                                        num_inference_steps=self.hparams.num_inference_steps,
+                                        guidance_scale=self.hparams.guidance_scale)
+        predicted = self.detector(images)
+        for n, index in enumerate(batch.tolist()):
+            self._predicted[index] = {kind: words[n] for kind, words in predicted.items()}
+
+    def on_test_epoch_end(self) -> None:
+        datamodule = self.trainer.datamodule
+        order = sorted(self._predicted)
+        items = [datamodule.items[i] for i in order]
+        predicted = {kind: [self._predicted[i][kind] for i in order] for kind in CONCEPT_KINDS}
+        accuracy = accuracy_from_predictions(items, predicted)
+        for concept, value in accuracy.items():
+            self.log(f"test/accuracy_{concept}", value)
+        if self.trainer.is_global_zero:
+            out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "evaluation.json"
+            with atomic_path(out) as tmp:
+                tmp.write_text(json.dumps({"concept": datamodule.concept, "edit": self.hparams.edit,
+                                           "accuracy": accuracy}, indent=2) + "\n")

@@ -1,0 +1,155 @@
+"""The main job: first-order CAD attribution, editing artifacts, evaluation and its bad inputs."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHIPPED_MODEL, run_cli
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+from cad_lightning import apply_edit, load_backbone
+from cad_lightning.attribution.components import ComponentSpace
+from cad_lightning.attribution.module import accumulate_first_order
+from cad_lightning.attribution.objectives import EraseObjective
+from cad_lightning.editing import load_masks, select_components
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+FAST = ["--model.num_inference_steps", "4", "--data.samples", "2", "--data.batch_size", "2"]
+
+
+def attribute(tmp_path, *extra: str) -> tuple[int, Path]:
+    code = run_cli(["fit", "--config", str(CONFIGS / "attribute.yaml"), "--trainer.default_root_dir", str(tmp_path),
+                    *FAST, *extra])
+    runs = sorted((tmp_path / "lightning_logs").glob("version_*"))
+    return code, (runs[-1] if runs else tmp_path)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """One small attribution run with evaluation, shared by the artifact tests."""
+    tmp = tmp_path_factory.mktemp("attribute")
+    code, run = attribute(tmp, "--data.concept", "square", "--trainer.callbacks.init_args.ratios", "[0.01, 0.03]",
+                          "--trainer.callbacks.init_args.selections", "[cad, random]",
+                          "--trainer.callbacks.init_args.eval_target_images", "8",
+                          "--trainer.callbacks.init_args.eval_retain_images", "8",
+                          "--trainer.callbacks.init_args.floor_images", "8")
+    assert code == 0
+    return run
+
+
+def test_artifacts(small_run):
+    for name in ("config.yaml", "attribution/scores.safetensors", "attribution/meta.json", "report.json", "report.md",
+                 "tradeoff.png", "samples/cad-erase.png", "samples/random-erase.png"):
+        assert (small_run / name).is_file(), name
+    unet = load_backbone(SHIPPED_MODEL).unet
+    params = dict(unet.named_parameters())
+    scores = load_file(small_run / "attribution/scores.safetensors")
+    assert set(scores) == set(ComponentSpace(["ff"]).names(unet))
+    for name, tensor in scores.items():
+        assert tensor.shape == params[name].shape and tensor.dtype == torch.float32
+    meta = json.loads((small_run / "attribution/meta.json").read_text())
+    assert meta["concept"] == "square" and meta["estimator"] == "first_order" and meta["items"] == 2
+    report = json.loads((small_run / "report.json").read_text())
+    total = sum(t.numel() for t in scores.values())
+    for edit in report["edits"]:
+        assert edit["ablated"] == round(edit["ratio"] * total)
+        assert (small_run / edit["masks"]).is_file()
+    assert {r["selection"] for r in report["results"]} == {"cad", "random"}
+    assert 0 <= report["before"]["square"] <= 1 and "circle" in report["before"]
+
+
+def test_edited_unet_opens_in_plain_diffusers(small_run):
+    masks = load_masks(small_run / "edits/cad-erase-0.03.safetensors")
+    edited = UNet2DConditionModel.from_pretrained(small_run / "edits/cad-erase-0.03/unet")
+    original = load_backbone(SHIPPED_MODEL).unet
+    edited_params, original_params = dict(edited.named_parameters()), dict(original.named_parameters())
+    for name, keep in masks.items():
+        assert (edited_params[name][~keep] == 0).all()
+        assert torch.equal(edited_params[name][keep], original_params[name][keep])
+    apply_edit(original.requires_grad_(False), small_run / "edits/cad-erase-0.03.safetensors")
+    for name in masks:
+        assert torch.equal(dict(original.named_parameters())[name], edited_params[name])
+
+
+def test_positive_components_carry_the_concept(tiny_backbone):
+    """Zeroing the top positive components lowers J much more than zeroing as many random ones."""
+    backbone = load_backbone(SHIPPED_MODEL)
+    names = ComponentSpace(["ff"]).names(backbone.unet)
+    params = dict(backbone.unet.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
+    objective = EraseObjective(num_inference_steps=6)
+    buffers = [torch.zeros_like(params[n]) for n in names]
+    accumulate_first_order(backbone, objective, names, ["a circle"] * 3, [0, 1, 2], buffers)
+    scores = dict(zip(names, buffers))
+    inputs = objective.inputs(backbone, ["a circle"] * 3, [0, 1, 2])
+
+    def j_with(masks):
+        saved = {n: params[n].detach().clone() for n in names}
+        with torch.no_grad():
+            for n in names:
+                params[n].mul_(masks[n])
+            value = float(objective.value(backbone, inputs).mean())
+            for n in names:
+                params[n].copy_(saved[n])
+        return value
+
+    keep_all = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
+    top = select_components(scores, 0.01, mode="erase", scope="global")
+    generator = torch.Generator().manual_seed(0)
+    random = {n: torch.rand(params[n].shape, generator=generator) > 0.01 for n in names}
+    base, after_top, after_random = j_with(keep_all), j_with(top), j_with(random)
+    assert after_top < base
+    assert base - after_top > 3 * abs(base - after_random)
+
+
+def test_same_config_twice_gives_identical_scores(tmp_path):
+    args = ["--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false"]
+    code_a, run_a = attribute(tmp_path / "a", *args)
+    code_b, run_b = attribute(tmp_path / "b", *args)
+    assert code_a == code_b == 0
+    a, b = load_file(run_a / "attribution/scores.safetensors"), load_file(run_b / "attribution/scores.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a)
+
+
+def test_evaluate_an_edit(small_run, tmp_path):
+    edit = small_run / "edits/cad-erase-0.03.safetensors"
+    code = run_cli(["test", "--config", str(CONFIGS / "evaluate.yaml"), "--trainer.default_root_dir", str(tmp_path),
+                    "--data.concept", "square", "--data.target_images", "8", "--data.retain_images", "8",
+                    "--model.num_inference_steps", "4", "--model.edit", str(edit)])
+    assert code == 0
+    out = json.loads(next(tmp_path.rglob("evaluation.json")).read_text())
+    assert out["edit"] == str(edit) and 0 <= out["accuracy"]["square"] <= 1 and "circle" in out["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--data.concept", "dog"], "data.concept"),
+        (["--trainer.callbacks.init_args.ratios", "[0.5, 1.5]"], "ratios"),
+        (["--trainer.callbacks.init_args.ratios", "[0]"], "ratios"),
+        (["--model.components", "[no_such_layer]"], "model.components"),
+    ],
+)
+def test_bad_input(tmp_path, capsys, args, field):
+    code, _ = attribute(tmp_path, *args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cad: error:" in err and field in err
+
+
+def test_non_finite_scores_are_refused(tmp_path, capsys):
+    broken = tmp_path / "model"
+    shutil.copytree(SHIPPED_MODEL, broken)
+    unet = UNet2DConditionModel.from_pretrained(broken / "unet")
+    name = ComponentSpace(["ff"]).names(unet)[0]
+    with torch.no_grad():
+        dict(unet.named_parameters())[name][0, 0] = float("nan")
+    unet.save_pretrained(broken / "unet")
+    code, _ = attribute(tmp_path, "--model.model_path", str(broken))
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite" in err
