@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from cad_lightning.editing import (
     SCOPES,
@@ -323,9 +324,13 @@ class AttributionWriter(Callback):
         before, before_images = concept_accuracy(backbone, detector, items, self.eval_batch_size)
         results, grids = [], {}
         show = [0, 1, 2, 3, 4, 5] + [len(items) - 1 - i for i in range(6)]
+        progress = tqdm(total=sum(len(v) for v in edits.values()), desc="Evaluating edits", unit="edit",
+                        disable=not trainer.progress_bar_callback)
         for selection, per_ratio in edits.items():
             rows, labels = [before_images[show]], ["unedited"]
             for ratio, masks in sorted(per_ratio.items()):
+                progress.set_postfix_str(f"{selection} {ratio:g}")
+                progress.update()
                 self._apply(pl_module, masks)
                 accuracy, images = concept_accuracy(backbone, detector, items, self.eval_batch_size)
                 self._apply(pl_module, None)
@@ -341,6 +346,7 @@ class AttributionWriter(Callback):
             grid = labelled_grid(torch.cat(rows), labels, ncol=len(show))
             save_image(grid, run_dir / "samples" / f"{selection}-{self.mode}.png")
             grids[selection] = image_grid(torch.cat(rows), ncol=len(show))
+        progress.close()
         for selection, grid in grids.items():
             log_image(trainer.logger, f"samples/{selection}", grid, 0)
         experiment = getattr(trainer.logger, "experiment", None)
