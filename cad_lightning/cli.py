@@ -23,11 +23,26 @@ class CADCLI(LightningCLI):
         super().__init__(pl.LightningModule, pl.LightningDataModule, *args, **kwargs)
 
 
+def user_error_in(error: BaseException) -> UserInputError | None:
+    """The UserInputError behind an exception (jsonargparse and Lightning wrap errors raised while building
+    or running the objects), or None for a genuine failure, which keeps its traceback."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserInputError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     try:
         CADCLI(args=args)
-    except UserInputError as error:
-        print(f"cad: error: {error}", file=sys.stderr)
+    except Exception as error:
+        user_error = user_error_in(error)
+        if user_error is None:
+            raise
+        print(f"cad: error: {user_error}", file=sys.stderr)
         sys.exit(2)
 
 
