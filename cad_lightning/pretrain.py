@@ -216,7 +216,9 @@ class ClassifierPretrain(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.classifier = ConceptClassifier(resolution=resolution, width=width)
+        self.classifier = ConceptClassifier(
+            concepts={k: list(v) for k, v in CONCEPT_KINDS.items()}, resolution=resolution, width=width
+        )
         self.accuracy = torch.nn.ModuleDict(
             {kind: MulticlassAccuracy(num_classes=len(words), average="micro") for kind, words in CONCEPT_KINDS.items()}
         )
