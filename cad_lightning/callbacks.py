@@ -35,6 +35,7 @@ from cad_lightning.editing import (
     SCOPES,
     combine_masks,
     count_ablated,
+    load_masks,
     random_like,
     retain_adjusted_scores,
     save_edited_unet,
@@ -298,10 +299,14 @@ class AttributionWriter(Callback):
             for ratio, masks in per_ratio.items():
                 stem = f"{selection}-{self.mode}-{ratio_tag(ratio)}"
                 path = run_dir / "edits" / f"{stem}.safetensors"
-                save_masks(path, masks, metadata={"selection": selection, "mode": self.mode, "ratio": str(ratio),
-                                                  "scope": self.scope, "concept": pl_module.concepts[0]})
                 entry = {"selection": selection, "ratio": ratio, "ablated": count_ablated(masks),
                          "masks": str(path.relative_to(run_dir))}
+                if pl_module.hparams.edit:
+                    # the file holds the whole edit from the original model: the edit attributed on, then this one
+                    masks = combine_masks(load_masks(pl_module.hparams.edit), masks)
+                    entry["ablated_with_previous_edit"] = count_ablated(masks)
+                save_masks(path, masks, metadata={"selection": selection, "mode": self.mode, "ratio": str(ratio),
+                                                  "scope": self.scope, "concept": pl_module.concepts[0]})
                 if self.save_unet:
                     folder = run_dir / "edits" / stem / "unet"
                     save_edited_unet(pl_module.backbone.unet, masks, folder)

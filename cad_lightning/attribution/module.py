@@ -62,6 +62,8 @@ class CADModule(pl.LightningModule):
         chunk_size: states per forward/backward pass (lower it to save memory).
         edit: a mask file (``edits/<mode>-<ratio>.safetensors``) applied to the UNet before attribution,
             e.g. to amplify a concept back on an erased model.
+        image_source: images of the amplify objective: ``model`` (its own samples), ``world`` (shapes-world
+            renders, embedded model only) or a folder of images.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class CADModule(pl.LightningModule):
         dtype: str = "fp32",
         chunk_size: int = 128,
         edit: str | None = None,
+        image_source: str = "model",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -104,10 +107,12 @@ class CADModule(pl.LightningModule):
     def configure_concepts(self, concepts: list[str], base_prompt: str) -> None:
         """Create one fp32 score buffer per (concept, component) and the objective."""
         self.concepts = list(concepts)
+        kwargs = {"image_source": self.hparams.image_source} if self.hparams.objective == "amplify" else {}
         self.objective = OBJECTIVES[self.hparams.objective](
             base_prompt=base_prompt,
             guidance_scale=self.hparams.guidance_scale,
             num_inference_steps=self.hparams.num_inference_steps,
+            **kwargs,
         )
         params = dict(self.backbone.unet.named_parameters())
         for c in range(len(self.concepts)):
@@ -132,6 +137,8 @@ class CADModule(pl.LightningModule):
     # --- accumulation -------------------------------------------------------------------------
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         for c, concept in enumerate(self.concepts):
+            if c > 0 and self.current_epoch > 0:
+                continue  # retained concepts are scored once, on the unedited model (first epoch)
             items = [item for item in batch if item["concept"] == concept]
             if items:
                 self.accumulate(c, [i["prompt"] for i in items], [int(i["seed"]) for i in items])
@@ -155,7 +162,8 @@ class CADModule(pl.LightningModule):
                 buffer.zero_()
 
     def reduced_scores(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Mean α per concept over all states of all ranks: ``{concept: {parameter name: (shape) fp32}}``.
+        """Mean α per concept over all states of all ranks: ``{concept: {parameter name: (shape) fp32}}``
+        (concepts without items this epoch are left out).
 
         The only cross-rank communication of an epoch: one sum-reduction of the buffers.
         """
@@ -163,7 +171,9 @@ class CADModule(pl.LightningModule):
         for c, concept in enumerate(self.concepts):
             count = self.trainer.strategy.reduce(getattr(self, f"count_{c}").clone(), reduce_op="sum")
             if float(count) == 0:
-                raise RuntimeError(f"No item of concept '{concept}' was attributed; the data module gave none.")
+                if c == 0:
+                    raise RuntimeError(f"No item of concept '{concept}' was attributed; the data module gave none.")
+                continue  # a retained concept not scored this epoch
             scores = {}
             for p, name in enumerate(self.component_names):
                 total = self.trainer.strategy.reduce(getattr(self, self._buffer_name(c, p)).clone(), reduce_op="sum")

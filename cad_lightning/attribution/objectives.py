@@ -6,8 +6,9 @@ costs T guided sampling steps plus one batched forward/backward over its T state
 
 - :class:`EraseObjective`: J = mean over (t, x_t) of ‖ε(x_t, c_base, t).detach() − ε(x_t, c, t)‖²
   (mean squared error per element). High J: the concept pulls the prediction away from the base prompt's.
-- :class:`AmplifyObjective`: J = −(denoising loss of the concept prompt on images of the concept), the images
-  being the final samples of the same runs. High J: the model predicts the concept's images well.
+- :class:`AmplifyObjective`: J = −(denoising loss of the concept prompt on images of the concept): the final
+  samples of the same runs, shapes-world renders, or a folder of the user's images. High J: the model
+  predicts the concept's images well.
 
 Erasing zeroes components with high positive α = w·∂J/∂w; amplifying zeroes the most negative ones.
 """
@@ -15,11 +16,16 @@ Erasing zeroes components with high positive α = w·∂J/∂w; amplifying zeroe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from cad_lightning.backbones.backbone import DiffusionBackbone
+from cad_lightning.data.world import CONCEPT_KINDS, ShapesWorld
+from cad_lightning.errors import UserInputError
 
 
 @dataclass
@@ -82,23 +88,75 @@ class EraseObjective(ConceptObjective):
 
 
 class AmplifyObjective(ConceptObjective):
+    """J = −denoising loss of the concept prompt on images of the concept.
+
+    Args:
+        image_source: where the images come from: ``model`` (the final samples of the model's own runs of the
+            prompts), ``world`` (shapes-world renders of what each prompt names: ground truth, embedded model
+            only), or a folder of the user's images (PNG/JPEG, resized to the model's resolution, cycled).
+    """
+
     name = "amplify"
 
+    def __init__(self, base_prompt: str = "", guidance_scale: float | None = None,
+                 num_inference_steps: int | None = None, image_source: str = "model") -> None:
+        super().__init__(base_prompt, guidance_scale, num_inference_steps)
+        self.image_source = image_source
+        if image_source not in ("model", "world"):
+            folder = Path(image_source)
+            files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if folder.is_dir() else []
+            if not files:
+                raise UserInputError(
+                    f"model.image_source '{image_source}' is neither 'model', 'world' nor a folder holding PNG or JPEG images."
+                )
+            self.files = files
+
+    def _images(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        size = backbone.image_size
+        if self.image_source == "world":
+            return torch.cat([render_prompt(p, s, size) for p, s in zip(prompts, seeds)])
+        images = []
+        for s in seeds:
+            with Image.open(self.files[s % len(self.files)]) as im:
+                im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+                images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255)
+        return torch.stack(images)
+
     def inputs(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int]) -> ObjectiveInputs:
-        run, steps, n, text = self._run(backbone, prompts, seeds)
-        x0 = run.final.repeat(steps, 1, 1, 1)
+        if self.image_source == "model":
+            run, steps, n, text = self._run(backbone, prompts, seeds)
+            x0_items, timesteps = run.final, run.timesteps
+        else:
+            x0_items = backbone.encode_images(self._images(backbone, prompts, seeds))
+            timesteps = backbone.new_scheduler(self.num_inference_steps or backbone.num_inference_steps).timesteps
+            steps, n = len(timesteps), len(prompts)
+            text = backbone.encode(prompts).repeat(steps, 1, 1)
+        x0 = x0_items.repeat(steps, 1, 1, 1)
         # the noise of each state is seeded by its item's seed, so an item's J does not depend on batching
         noise = torch.stack([
-            torch.randn(run.final.shape[1:], generator=torch.Generator().manual_seed(10_007 * s + k))
+            torch.randn(x0_items.shape[1:], generator=torch.Generator().manual_seed(10_007 * s + k))
             for k in range(steps) for s in seeds
         ]).to(x0)
-        t = run.timesteps.repeat_interleave(n)
+        t = timesteps.repeat_interleave(n)
         x_t = backbone.scheduler.add_noise(x0, noise, t.to(x0.device))
         return ObjectiveInputs(x_t=x_t, t=t, text=text, noise=noise)
 
     def value(self, backbone: DiffusionBackbone, inputs: ObjectiveInputs) -> torch.Tensor:
         eps = backbone.predict_noise(inputs.x_t, inputs.t, inputs.text)
         return -F.mse_loss(eps.float(), inputs.noise.float(), reduction="none").flatten(1).mean(1)
+
+
+def render_prompt(prompt: str, seed: int, resolution: int) -> torch.Tensor:
+    """A shapes-world render (1, 3, H, W) of what the prompt names; unnamed kinds drawn from the seed."""
+    generator = torch.Generator().manual_seed(seed)
+    world = ShapesWorld(resolution)
+    labels = world.sample_labels(1, generator)
+    words = prompt.lower().split()
+    for kind, vocab in CONCEPT_KINDS.items():
+        for w in words:
+            if w in vocab:
+                setattr(labels, kind, torch.tensor([vocab.index(w)]))
+    return world.render(labels, generator)
 
 
 OBJECTIVES = {"erase": EraseObjective, "amplify": AmplifyObjective}
