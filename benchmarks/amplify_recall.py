@@ -1,0 +1,68 @@
+"""Amplify as recall: erase a concept partially with CAD-Erase, then compute CAD-Amplify on the erased model
+and measure how much of the concept comes back, and what happens to the retained concepts.
+
+Picks the erase edit whose target accuracy lies between the floor and 0.7 (the partial erasure), then runs
+configs/amplify.yaml with --model.edit on it. Target: the amplified model's target accuracy is >= 30 points
+above the erased model's, or within 5 points of the unedited one, with retained concepts moved by <= 5 points.
+
+    python benchmarks/amplify_recall.py [--concept circle] [--out runs/amplify_recall]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cad(*args: str) -> Path:
+    out = Path(args[args.index("--trainer.default_root_dir") + 1])
+    subprocess.run([sys.executable, "-m", "cad_lightning.cli", "fit", *args, "--trainer.enable_progress_bar", "false"],
+                   check=True, capture_output=True)
+    return sorted((out / "lightning_logs").glob("version_*"))[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concept", default="circle")
+    parser.add_argument("--erase-ratios", default="[0.002, 0.004, 0.006, 0.01, 0.02]")
+    parser.add_argument("--amplify-ratios", default="[0.001, 0.002, 0.005, 0.01]")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "amplify_recall"))
+    args = parser.parse_args()
+    out = Path(args.out)
+
+    erase_run = cad("--config", str(ROOT / "configs" / "attribute.yaml"), "--data.concept", args.concept,
+                    "--trainer.callbacks.init_args.ratios", args.erase_ratios,
+                    "--trainer.default_root_dir", str(out / "erase"))
+    erase = json.loads((erase_run / "report.json").read_text())
+    floor, unedited = erase["floor"][args.concept], erase["before"][args.concept]
+    partial = [r for r in erase["results"] if floor < r["target"] <= 0.7]
+    print(f"erase '{args.concept}': floor {floor:.3f}, unedited {unedited:.3f}; "
+          + ", ".join(f"ratio {r['ratio']:g} → {r['target']:.3f}" for r in erase["results"]))
+    if not partial:
+        print("no erase ratio gave a partial erasure (target between the floor and 0.7); try other --erase-ratios")
+        return
+    chosen = max(partial, key=lambda r: r["ratio"])
+    edit = erase_run / "edits" / f"cad-erase-{chosen['ratio']:g}.safetensors"
+    amplify_run = cad("--config", str(ROOT / "configs" / "amplify.yaml"), "--data.concept", args.concept,
+                      "--model.edit", str(edit), "--trainer.callbacks.init_args.ratios", args.amplify_ratios,
+                      "--trainer.default_root_dir", str(out / "amplify"))
+    amplify = json.loads((amplify_run / "report.json").read_text())
+    erased = amplify["before"]
+    print(f"partially erased model (erase ratio {chosen['ratio']:g}): target {erased[args.concept]:.3f}")
+    print(f"{'amplify ratio':>13} {'target':>7} {'gain (points)':>14} {'max retained move (points)':>27} {'goal':>5}")
+    for r in amplify["results"]:
+        gain = 100 * (r["target"] - erased[args.concept])
+        moves = {c: 100 * abs(r["retained"][c] - erased[c]) for c in r["retained"] if c in erased}
+        worst = max(moves, key=moves.get)
+        goal = (gain >= 30 or abs(r["target"] - unedited) <= 0.05) and moves[worst] <= 5
+        print(f"{r['ratio']:>13g} {r['target']:>7.3f} {gain:>14.1f} {moves[worst]:>19.1f} ({worst:>7}) {'yes' if goal else 'no':>5}")
+    print(f"runs: {erase_run}  {amplify_run}")
+
+
+if __name__ == "__main__":
+    main()
