@@ -74,18 +74,20 @@ def test_edited_unet_opens_in_plain_diffusers(small_run):
         assert torch.equal(dict(original.named_parameters())[name], edited_params[name])
 
 
-def test_positive_components_carry_the_concept(tiny_backbone):
-    """Zeroing the top positive components lowers J much more than zeroing as many random ones."""
+def test_scores_predict_the_effect_of_ablation():
+    """In the first-order regime (a few hundred weights), zeroing the top positive components lowers J,
+    zeroing the most negative ones raises it, and zeroing as many random ones barely moves it."""
     backbone = load_backbone(SHIPPED_MODEL)
     names = ComponentSpace(["ff"]).names(backbone.unet)
     params = dict(backbone.unet.named_parameters())
     for name in names:
         params[name].requires_grad_(True)
     objective = EraseObjective(num_inference_steps=6)
+    prompts, seeds = ["a circle", "a red circle", "a striped circle", "a circle"], [0, 1, 2, 3]
     buffers = [torch.zeros_like(params[n]) for n in names]
-    accumulate_first_order(backbone, objective, names, ["a circle"] * 3, [0, 1, 2], buffers)
+    accumulate_first_order(backbone, objective, names, prompts, seeds, buffers)
     scores = dict(zip(names, buffers))
-    inputs = objective.inputs(backbone, ["a circle"] * 3, [0, 1, 2])
+    inputs = objective.inputs(backbone, prompts, seeds)  # J as the scores see it: the base branch held fixed
 
     def j_with(masks):
         saved = {n: params[n].detach().clone() for n in names}
@@ -97,12 +99,15 @@ def test_positive_components_carry_the_concept(tiny_backbone):
                 params[n].copy_(saved[n])
         return value
 
+    ratio = 0.002
     keep_all = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
-    top = select_components(scores, 0.01, mode="erase", scope="global")
+    top = select_components(scores, ratio, mode="erase", scope="global")
+    bottom = select_components(scores, ratio, mode="amplify", scope="global")
     generator = torch.Generator().manual_seed(0)
-    random = {n: torch.rand(params[n].shape, generator=generator) > 0.01 for n in names}
-    base, after_top, after_random = j_with(keep_all), j_with(top), j_with(random)
-    assert after_top < base
+    random = {n: torch.rand(params[n].shape, generator=generator) > ratio for n in names}
+    base = j_with(keep_all)
+    after_top, after_bottom, after_random = j_with(top), j_with(bottom), j_with(random)
+    assert after_top < base < after_bottom
     assert base - after_top > 3 * abs(base - after_random)
 
 
@@ -153,3 +158,23 @@ def test_non_finite_scores_are_refused(tmp_path, capsys):
     code, _ = attribute(tmp_path, "--model.model_path", str(broken))
     err = capsys.readouterr().err
     assert code == 2 and "non-finite" in err
+
+
+def test_stable_diffusion_folder_end_to_end(tiny_sd_folder, tmp_path):
+    """A free-text concept on a (tiny, random) Stable Diffusion folder: scores, an edit, and the edited UNet
+    running inside a plain StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    code = run_cli(["fit", "--config", str(CONFIGS / "sd" / "erase_object.yaml"), "--model.model_path", str(tiny_sd_folder),
+                    "--model.dtype", "fp32", "--model.num_inference_steps", "3", "--data.concept", "cat",
+                    "--data.samples", "2", "--data.batch_size", "2", "--trainer.default_root_dir", str(tmp_path),
+                    "--trainer.callbacks.init_args.ratios", "[0.05]"])
+    assert code == 0
+    run = sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
+    report = json.loads((run / "report.json").read_text())
+    assert report["concept"] == "cat" and report["edits"][0]["ablated"] > 0
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder, safety_checker=None, local_files_only=True)
+    pipe.unet = UNet2DConditionModel.from_pretrained(run / report["edits"][0]["unet"])
+    image = pipe("a photo of a cat", num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape[0] == 1 and torch.isfinite(image).all()
