@@ -12,6 +12,8 @@ templates (the other kinds named or not at random); for other models a concept i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
@@ -35,6 +37,8 @@ class AttributionDataModule(pl.LightningDataModule):
         samples: sampling runs (trajectories) of the concept.
         retain_samples: sampling runs per retained concept (0: retained concepts are only evaluated).
         prompt_templates: templates with ``{concept}`` for free-text concepts, e.g. "a photo of a {concept}".
+        prompts_file: a text file of the concept's prompts, one per line (blank lines and lines starting
+            with '#' are skipped), e.g. for an unsafe concept; used instead of templates, cycled.
         seed: seed of the prompts and of the runs (item i uses seed ``seed + i``).
         batch_size: items per training step.
     """
@@ -47,6 +51,7 @@ class AttributionDataModule(pl.LightningDataModule):
         samples: int = 8,
         retain_samples: int = 0,
         prompt_templates: list[str] | None = None,
+        prompts_file: str | None = None,
         seed: int = 0,
         batch_size: int = 8,
     ) -> None:
@@ -62,6 +67,16 @@ class AttributionDataModule(pl.LightningDataModule):
         self.concept = concept.strip()
         self.base_prompt = base_prompt
         self.prompt_templates = list(prompt_templates) if prompt_templates else None
+        if prompts_file is not None:
+            path = Path(prompts_file)
+            if not path.is_file():
+                raise UserInputError(f"data.prompts_file '{prompts_file}' is not a file.")
+            lines = [line.strip() for line in path.read_text().splitlines()]
+            prompts = [line for line in lines if line and not line.startswith("#")]
+            if not prompts:
+                raise UserInputError(f"data.prompts_file '{prompts_file}' holds no prompt.")
+            # a prompt file is a list of templates without a placeholder
+            self.prompt_templates = [p.replace("{", "{{").replace("}", "}}") for p in prompts]
         if self.prompt_templates is None:
             try:
                 concept_kind(self.concept)
@@ -73,7 +88,7 @@ class AttributionDataModule(pl.LightningDataModule):
                 if word not in VOCABULARY or word in ("a", "shape"):
                     raise UserInputError(f"data.retain_concepts: '{word}' is not a concept of the shapes world.")
         else:
-            if any("{concept}" not in t for t in self.prompt_templates):
+            if prompts_file is None and any("{concept}" not in t for t in self.prompt_templates):
                 raise UserInputError("data.prompt_templates: every template must contain '{concept}'.")
             retain_concepts = retain_concepts or []
         if self.concept in retain_concepts:
