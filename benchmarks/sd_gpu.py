@@ -1,0 +1,123 @@
+"""First-order CAD attribution on a full-size Stable Diffusion 1.4 UNet (random weights) on a GPU.
+
+Builds the UNet and text encoder from shared/reference/sd-v1-4 (no weights are downloaded; scores of random
+weights are meaningless, the cost is real), then measures for T = 50 and 8 trajectories of one prompt:
+wall time, UNet evaluations and peak GPU memory, for each precision; and the same work the official way
+(resampling the trajectory from scratch for every timestep) on a subset of timesteps, extrapolated to T.
+
+    python benchmarks/sd_gpu.py [--reference ../shared/reference/sd-v1-4] [--dtypes fp16 bf16] [--official-steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from cad_lightning.attribution.components import ComponentSpace
+from cad_lightning.attribution.module import accumulate_first_order
+from cad_lightning.attribution.objectives import EraseObjective
+from cad_lightning.backbones.backbone import DTYPES, DiffusionBackbone
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WordTokenizer:
+    """Stands in for CLIP's tokenizer (its vocabulary is not shipped): hashes words to ids, pads to 77."""
+
+    model_max_length = 77
+    all_special_tokens: list[str] = []
+
+    def __call__(self, prompts, **kwargs):
+        ids = torch.zeros(len(prompts), 77, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            words = [49406] + [hash(w) % 49000 for w in p.split()] + [49407]
+            ids[i, : len(words)] = torch.tensor(words[:77])
+        return type("Batch", (), {"input_ids": ids})()
+
+
+def build(reference: Path, dtype: torch.dtype, device: str) -> DiffusionBackbone:
+    unet = UNet2DConditionModel.from_config(json.loads((reference / "unet_config.json").read_text()))
+    text = CLIPTextModel(CLIPTextConfig(**json.loads((reference / "text_encoder_config.json").read_text())))
+    scheduler = DDIMScheduler.from_config(json.loads((reference / "scheduler_config.json").read_text()))
+    backbone = DiffusionBackbone(unet.to(dtype), text, WordTokenizer(), scheduler, num_inference_steps=50, guidance_scale=7.5)
+    return backbone.requires_grad_(False).to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default=str(ROOT.parent / "shared" / "reference" / "sd-v1-4"))
+    parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=16, help="states per forward/backward")
+    parser.add_argument("--official-steps", type=int, default=6, help="timesteps of the official algorithm to run")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
+
+    for name in args.dtypes:
+        backbone = build(Path(args.reference), DTYPES[name], device)
+        names = ComponentSpace(["ff"]).names(backbone.unet)
+        params = dict(backbone.unet.named_parameters())
+        for n in names:
+            params[n].requires_grad_(True)
+        weights = sum(params[n].numel() for n in names)
+        evals = {"count": 0}
+        backbone.unet.register_forward_pre_hook(lambda m, a: evals.__setitem__("count", evals["count"] + a[0].shape[0]))
+        buffers = [torch.zeros_like(params[n], dtype=torch.float32) for n in names]
+        objective = EraseObjective(num_inference_steps=args.steps)
+        prompts, seeds = ["a photo of a golf ball"] * args.samples, list(range(args.samples))
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for p, s in zip(prompts, seeds):  # one trajectory at a time, as a GPU run with data.batch_size 1 does
+            accumulate_first_order(backbone, objective, names, [p], [s], buffers, chunk_size=args.chunk)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ours = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        ours_evals = evals["count"]
+
+        # official: for timestep k, k guided steps from scratch + 2 evaluations; run a few k, extrapolate
+        evals["count"] = 0
+        cond, uncond = backbone.encode(prompts[:1]), backbone.encode([""])
+        start = time.perf_counter()
+        ks = list(range(0, args.steps, max(1, args.steps // args.official_steps)))[: args.official_steps]
+        for k in ks:
+            scheduler = backbone.new_scheduler(args.steps)
+            with torch.no_grad():
+                x = backbone.initial_noise(1, [0])
+                for t in scheduler.timesteps[:k]:
+                    x = scheduler.step(backbone.guided_noise(x, t, cond, uncond, 7.5), t, x).prev_sample
+            t = scheduler.timesteps[k]
+            with torch.no_grad():
+                eps_base = backbone.predict_noise(x, t, uncond)
+            with torch.enable_grad():
+                j = (eps_base.float() - backbone.predict_noise(x, t, cond).float()).pow(2).mean()
+                torch.autograd.grad(j, [params[n] for n in names])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        sampled = time.perf_counter() - start
+        official_evals = args.samples * sum(2 * k + 2 for k in range(args.steps))
+        # time per guided step and per scored state, from the subset, scaled to every k and sample
+        per_k = sampled / len(ks)
+        official = per_k * args.steps * args.samples * (sum(2 * k + 2 for k in range(args.steps)) / args.steps) / (
+            sum(2 * k + 2 for k in ks) / len(ks))
+        print(f"{name}: {weights / 1e6:.1f} M FF weights scored; T = {args.steps}, {args.samples} trajectories")
+        print(f"  cad-lightning: {ours:.1f} s, {ours_evals} UNet evaluations, peak GPU memory {peak:.1f} GiB")
+        print(f"  official (extrapolated from {len(ks)} timesteps): {official:.1f} s, {official_evals} UNet evaluations")
+        print(f"  ratio: {official_evals / ours_evals:.1f}x fewer evaluations, {official / ours:.1f}x less wall time")
+        del backbone, buffers
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
