@@ -5,7 +5,7 @@ weights are meaningless, the cost is real), then measures for T = 50 and 8 traje
 wall time, UNet evaluations and peak GPU memory, for each precision; and the same work the official way
 (resampling the trajectory from scratch for every timestep) on a subset of timesteps, extrapolated to T.
 
-    python benchmarks/sd_gpu.py [--reference ../shared/reference/sd-v1-4] [--dtypes fp16 bf16] [--official-steps 6]
+    python benchmarks/sd_gpu.py [--reference ../shared/reference/sd-v1-4] [--variants fp16 bf16 fp16+ckpt] [--official-steps 6]
 """
 
 from __future__ import annotations
@@ -49,45 +49,51 @@ def build(reference: Path, dtype: torch.dtype, device: str) -> DiffusionBackbone
     return backbone.requires_grad_(False).to(device)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", default=str(ROOT.parent / "shared" / "reference" / "sd-v1-4"))
-    parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--chunk", type=int, default=16, help="states per forward/backward")
-    parser.add_argument("--official-steps", type=int, default=6, help="timesteps of the official algorithm to run")
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
+def measure(args, name: str, checkpointing: bool, device: str) -> dict:
+    backbone = build(Path(args.reference), DTYPES[name], device)
+    if checkpointing:
+        backbone.unet.enable_gradient_checkpointing()
+    names = ComponentSpace(["ff"]).names(backbone.unet)
+    params = dict(backbone.unet.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    weights = sum(params[n].numel() for n in names)
+    evals = {"count": 0}
+    backbone.unet.register_forward_pre_hook(lambda m, a: evals.__setitem__("count", evals["count"] + a[0].shape[0]))
+    buffers = [torch.zeros_like(params[n], dtype=torch.float32) for n in names]
+    objective = EraseObjective(num_inference_steps=args.steps)
+    prompts, seeds = ["a photo of a golf ball"] * args.samples, list(range(args.samples))
+    # warm-up (kernel selection, allocator) on one trajectory of 2 steps, not timed
+    accumulate_first_order(backbone, EraseObjective(num_inference_steps=2), names, prompts[:1], seeds[:1],
+                           [b.clone() for b in buffers], chunk_size=args.chunk)
+    evals["count"] = 0
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for p, s in zip(prompts, seeds):  # one trajectory at a time, as a GPU run with data.batch_size 1 does
+        accumulate_first_order(backbone, objective, names, [p], [s], buffers, chunk_size=args.chunk)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    ours = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    ours_evals = evals["count"]
+    result = {
+        "dtype": name, "gradient_checkpointing": checkpointing, "ff_weights": weights, "steps": args.steps,
+        "samples": args.samples, "chunk": args.chunk, "seconds": ours, "unet_evaluations": ours_evals,
+        "peak_gpu_gib": peak, "finite": all(bool(torch.isfinite(b).all()) for b in buffers),
+    }
+    label = f"{name}{' + gradient checkpointing' if checkpointing else ''}"
+    print(f"{label}: {weights / 1e6:.1f} M FF weights scored; T = {args.steps}, {args.samples} trajectories, "
+          f"chunk {args.chunk}")
+    print(f"  cad-lightning: {ours:.1f} s, {ours_evals} UNet evaluations, peak GPU memory {peak:.1f} GiB, "
+          f"scores finite: {result['finite']}")
 
-    for name in args.dtypes:
-        backbone = build(Path(args.reference), DTYPES[name], device)
-        names = ComponentSpace(["ff"]).names(backbone.unet)
-        params = dict(backbone.unet.named_parameters())
-        for n in names:
-            params[n].requires_grad_(True)
-        weights = sum(params[n].numel() for n in names)
-        evals = {"count": 0}
-        backbone.unet.register_forward_pre_hook(lambda m, a: evals.__setitem__("count", evals["count"] + a[0].shape[0]))
-        buffers = [torch.zeros_like(params[n], dtype=torch.float32) for n in names]
-        objective = EraseObjective(num_inference_steps=args.steps)
-        prompts, seeds = ["a photo of a golf ball"] * args.samples, list(range(args.samples))
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for p, s in zip(prompts, seeds):  # one trajectory at a time, as a GPU run with data.batch_size 1 does
-            accumulate_first_order(backbone, objective, names, [p], [s], buffers, chunk_size=args.chunk)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        ours = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        ours_evals = evals["count"]
-
+    if args.official_steps > 0 and not checkpointing:
         # official: for timestep k, k guided steps from scratch + 2 evaluations; run a few k, extrapolate
-        evals["count"] = 0
         cond, uncond = backbone.encode(prompts[:1]), backbone.encode([""])
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         ks = list(range(0, args.steps, max(1, args.steps // args.official_steps)))[: args.official_steps]
         for k in ks:
@@ -106,17 +112,39 @@ def main() -> None:
             torch.cuda.synchronize()
         sampled = time.perf_counter() - start
         official_evals = args.samples * sum(2 * k + 2 for k in range(args.steps))
-        # time per guided step and per scored state, from the subset, scaled to every k and sample
-        per_k = sampled / len(ks)
-        official = per_k * args.steps * args.samples * (sum(2 * k + 2 for k in range(args.steps)) / args.steps) / (
-            sum(2 * k + 2 for k in ks) / len(ks))
-        print(f"{name}: {weights / 1e6:.1f} M FF weights scored; T = {args.steps}, {args.samples} trajectories")
-        print(f"  cad-lightning: {ours:.1f} s, {ours_evals} UNet evaluations, peak GPU memory {peak:.1f} GiB")
+        # the subset's mean cost per timestep, rescaled by the evaluations of every k and every sample
+        per_eval = sampled / sum(2 * k + 2 for k in ks)
+        official = per_eval * official_evals
+        result.update(official_seconds_extrapolated=official, official_unet_evaluations=official_evals,
+                      official_timesteps_run=len(ks))
         print(f"  official (extrapolated from {len(ks)} timesteps): {official:.1f} s, {official_evals} UNet evaluations")
         print(f"  ratio: {official_evals / ours_evals:.1f}x fewer evaluations, {official / ours:.1f}x less wall time")
-        del backbone, buffers
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    del backbone, buffers
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default=str(ROOT.parent / "shared" / "reference" / "sd-v1-4"))
+    parser.add_argument("--variants", nargs="+", default=["fp16", "bf16", "fp16+ckpt"],
+                        help="precision, with +ckpt for gradient checkpointing")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=16, help="states per forward/backward")
+    parser.add_argument("--official-steps", type=int, default=6, help="timesteps of the official algorithm to run")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    results = []
+    for variant in args.variants:
+        name, _, extra = variant.partition("+")
+        results.append(measure(args, name, extra == "ckpt", device))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                                               "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -184,3 +184,38 @@ def test_stable_diffusion_folder_end_to_end(tiny_sd_folder, tmp_path):
     image = pipe("a photo of a cat", num_inference_steps=2, output_type="pt",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape[0] == 1 and torch.isfinite(image).all()
+
+
+def test_gradient_checkpointing_gives_the_same_scores():
+    """Recomputing activations in the backward pass changes memory, not the scores."""
+    backbone = load_backbone(SHIPPED_MODEL)
+    names = ComponentSpace(["ff"]).names(backbone.unet)
+    params = dict(backbone.unet.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
+    objective = EraseObjective(num_inference_steps=4)
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            backbone.unet.enable_gradient_checkpointing()
+        buffers = [torch.zeros_like(params[n]) for n in names]
+        accumulate_first_order(backbone, objective, names, ["a circle", "a red circle"], [0, 1], buffers)
+        results.append(torch.cat([b.flatten() for b in buffers]))
+    assert backbone.unet.is_gradient_checkpointing
+    assert results[0].abs().max() > 0
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-9)
+
+
+def test_fp32_on_cuda_switches_tf32_off():
+    from cad_lightning.attribution.module import use_ieee_fp32
+
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        assert not use_ieee_fp32(torch.device("cpu"))
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert use_ieee_fp32(torch.device("cuda", 0))
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved

@@ -50,6 +50,21 @@ def accumulate_first_order(
     return total_j, n
 
 
+def use_ieee_fp32(device: torch.device) -> bool:
+    """Make fp32 convolutions and matrix products on a CUDA device exact fp32 (no TF32). Returns whether the
+    process-wide settings were changed (only for CUDA devices).
+
+    The erase objective is the squared difference of two nearly equal noise predictions, so the 10-bit
+    mantissa of TF32 (PyTorch's default for cuDNN convolutions) is amplified into the scores: on an H200 the
+    default attribution run's scores correlated only 0.83 with the CPU scores under TF32, 0.99999 without.
+    """
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    return True
+
+
 class CADModule(pl.LightningModule):
     """First-order component attribution (the paper's CAD).
 
@@ -58,8 +73,12 @@ class CADModule(pl.LightningModule):
         objective: ``erase`` (gap to the base prompt's prediction) or ``amplify`` (negative denoising loss).
         components: presets or parameter-name patterns of the components (see ComponentSpace).
         guidance_scale / num_inference_steps: the sampler of the trajectories (the model's defaults if not given).
-        dtype: precision of the UNet (fp32, fp16, bf16); scores are always accumulated in fp32.
+        dtype: precision of the UNet (fp32, fp16, bf16); scores are always accumulated in fp32. With fp32 on a
+            CUDA device, TF32 is switched off for the process unless ``allow_tf32`` (see :func:`use_ieee_fp32`).
         chunk_size: states per forward/backward pass (lower it to save memory).
+        allow_tf32: keep TF32 for fp32 work on CUDA (faster, but the erase scores lose precision).
+        gradient_checkpointing: recompute the UNet's block activations in the backward pass instead of
+            keeping them (less memory for a larger ``chunk_size``, about one more forward pass of time).
         edit: a mask file (``edits/<mode>-<ratio>.safetensors``) applied to the UNet before attribution,
             e.g. to amplify a concept back on an erased model.
         image_source: images of the amplify objective: ``model`` (its own samples), ``world`` (shapes-world
@@ -77,6 +96,8 @@ class CADModule(pl.LightningModule):
         chunk_size: int = 128,
         edit: str | None = None,
         image_source: str = "model",
+        gradient_checkpointing: bool = False,
+        allow_tf32: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -87,6 +108,8 @@ class CADModule(pl.LightningModule):
         self.automatic_optimization = False
         self.model_folder = resolve_model_path(model_path)
         self.backbone: DiffusionBackbone = load_backbone(self.model_folder, dtype=dtype)
+        if gradient_checkpointing:
+            self.backbone.unet.enable_gradient_checkpointing()
         self.space = ComponentSpace(components)
         self.component_names = self.space.names(self.backbone.unet)
         if edit:
@@ -102,6 +125,8 @@ class CADModule(pl.LightningModule):
         if datamodule is None:
             raise UserInputError("CADModule needs an AttributionDataModule (the data: section of the config).")
         self.configure_concepts(datamodule.concepts, datamodule.base_prompt)
+        if self.hparams.dtype == "fp32" and not self.hparams.allow_tf32:
+            use_ieee_fp32(self.trainer.strategy.root_device)
         self.backbone.check_prompts(datamodule.all_prompts())  # fail before any work is done
 
     def configure_concepts(self, concepts: list[str], base_prompt: str) -> None:
