@@ -1,11 +1,11 @@
 """First-order CAD attribution on a full-size Stable Diffusion 1.4 UNet (random weights) on a GPU.
 
-Builds the UNet and text encoder from shared/reference/sd-v1-4 (no weights are downloaded; scores of random
-weights are meaningless, the cost is real), then measures for T = 50 and 8 trajectories of one prompt:
+Builds the UNet and text encoder from Stable Diffusion v1.4's configurations in benchmarks/reference/sd-v1-4
+(no weights are downloaded; scores of random weights are meaningless, the cost is real), then measures for T = 50 and 8 trajectories of one prompt:
 wall time, UNet evaluations and peak GPU memory, for each precision; and the same work the official way
 (resampling the trajectory from scratch for every timestep) on a subset of timesteps, extrapolated to T.
 
-    python benchmarks/sd_gpu.py [--reference ../shared/reference/sd-v1-4] [--variants fp16 bf16 fp16+ckpt] [--official-steps 6]
+    python benchmarks/sd_gpu.py [--reference benchmarks/reference/sd-v1-4] [--variants fp16 bf16 fp16+ckpt] [--official-steps 6]
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def measure(args, name: str, checkpointing: bool, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", default=str(ROOT.parent / "shared" / "reference" / "sd-v1-4"))
+    parser.add_argument("--reference", default=str(ROOT / "benchmarks" / "reference" / "sd-v1-4"))
     parser.add_argument("--variants", nargs="+", default=["fp16", "bf16", "fp16+ckpt"],
                         help="precision, with +ckpt for gradient checkpointing")
     parser.add_argument("--steps", type=int, default=50)

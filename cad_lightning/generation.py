@@ -72,6 +72,8 @@ class GenerationModule(pl.LightningModule):
         model_path: a local diffusers model folder, or the name of a shipped model (``tiny-shapes``).
         num_inference_steps / guidance_scale: sampler settings; the model's defaults when not given.
         dtype: precision of the UNet (fp32, fp16, bf16).
+        edit: a mask file (``edits/<selection>-<mode>-<ratio>.safetensors``) applied to the UNet: images of
+            the edited model, from the same seeds as the unedited one.
     """
 
     def __init__(
@@ -80,10 +82,15 @@ class GenerationModule(pl.LightningModule):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         dtype: str = "fp32",
+        edit: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.backbone: DiffusionBackbone = load_backbone(resolve_model_path(model_path), dtype=dtype)
+        if edit:
+            from cad_lightning.editing import apply_edit
+
+            apply_edit(self.backbone.unet, edit)
 
     def on_predict_start(self) -> None:
         prompts = self.trainer.datamodule.prompts if self.trainer.datamodule is not None else []

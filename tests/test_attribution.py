@@ -4,8 +4,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import SHIPPED_MODEL, run_cli
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
@@ -184,6 +186,17 @@ def test_stable_diffusion_folder_end_to_end(tiny_sd_folder, tmp_path):
     image = pipe("a photo of a cat", num_inference_steps=2, output_type="pt",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape[0] == 1 and torch.isfinite(image).all()
+
+    # cad predict with the edit: same seeds, other images than the unedited model
+    grids = {}
+    for name, extra in (("unedited", []), ("edited", ["--model.edit", str(run / report["edits"][0]["masks"])])):
+        code = run_cli(["predict", "--config", str(CONFIGS / "generate.yaml"), "--model.model_path", str(tiny_sd_folder),
+                        "--model.num_inference_steps", "2", "--data.prompts", "[a photo of a cat]",
+                        "--data.images_per_prompt", "2", "--trainer.default_root_dir", str(tmp_path / name), *extra])
+        assert code == 0
+        grids[name] = np.asarray(Image.open(tmp_path / name / "samples.png"))
+    assert grids["edited"].shape == grids["unedited"].shape
+    assert not np.array_equal(grids["edited"], grids["unedited"])
 
 
 def test_gradient_checkpointing_gives_the_same_scores():
