@@ -224,7 +224,8 @@ class AttributionWriter(Callback):
         written = self._write_edits(run_dir, pl_module, edits)
         report = {
             "concept": target, "objective": pl_module.hparams.objective, "mode": self.mode, "scope": self.scope,
-            "base_prompt": trainer.datamodule.base_prompt, "ratios": self.ratios, "edits": written,
+            "base_prompt": trainer.datamodule.base_prompt, "base_word": trainer.datamodule.base_word,
+            "ratios": self.ratios, "edits": written,
         }
         if self.evaluate:
             report.update(self._evaluate(run_dir, trainer, pl_module, edits))
@@ -249,6 +250,8 @@ class AttributionWriter(Callback):
             "concept": pl_module.concepts[0],
             "retained_concepts_scored": pl_module.concepts[1:],
             "base_prompt": datamodule.base_prompt,
+            "base_word": datamodule.base_word,
+            "base_prompts": [i["base_prompt"] for i in datamodule.items()],
             "estimator": "first_order",
             "objective": pl_module.hparams.objective,
             "score": "alpha = w * dJ/dw, mean over the states of all sampling runs (fp32)",
@@ -325,7 +328,10 @@ class AttributionWriter(Callback):
         backbone = pl_module.backbone
         concept, retained = pl_module.concepts[0], datamodule.retain_concepts
         items = evaluation_items(concept, retained, self.eval_target_images, self.eval_retain_images)
-        floor = empty_prompt_rates(backbone, detector, datamodule.base_prompt, self.floor_images)
+        base = datamodule.base_prompt
+        if datamodule.base_word is not None:  # each target prompt without the concept
+            base = [datamodule.base_for(item.prompt, concept) for item in items if item.group == "target"]
+        floor = empty_prompt_rates(backbone, detector, base, self.floor_images)
         before, before_images = concept_accuracy(backbone, detector, items, self.eval_batch_size)
         results, grids = [], {}
         show = [0, 1, 2, 3, 4, 5] + [len(items) - 1 - i for i in range(6)]
@@ -397,7 +403,9 @@ def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, r
 
 def markdown_report(report: dict) -> str:
     lines = [f"# CAD {report['mode']} of '{report['concept']}'", "",
-             f"objective: {report['objective']}, scope: {report['scope']}, base prompt: '{report['base_prompt']}'", ""]
+             f"objective: {report['objective']}, scope: {report['scope']}, " + (
+                 f"base prompt: '{report['base_prompt']}'" if report.get("base_word") is None else
+                 f"base prompts: each prompt with '{report['concept']}' replaced by '{report['base_word']}'"), ""]
     if "results" in report:
         concept = report["concept"]
         lines += [f"unedited accuracy on '{concept}': {report['before'][concept]:.3f}; "

@@ -146,6 +146,9 @@ def test_evaluate_an_edit(small_run, tmp_path):
         (["--trainer.callbacks.init_args.ratios", "[0.5, 1.5]"], "ratios"),
         (["--trainer.callbacks.init_args.ratios", "[0]"], "ratios"),
         (["--model.components", "[no_such_layer]"], "model.components"),
+        (["--data.base_word", "auto", "--data.base_prompt", "a shape"], "data.base_word"),
+        (["--data.base_word", "auto", "--data.prompt_templates", '["a photo of a {concept}"]', "--data.concept", "dog"],
+         "data.base_word"),
     ],
 )
 def test_bad_input(tmp_path, capsys, args, field):
@@ -232,3 +235,40 @@ def test_fp32_on_cuda_switches_tf32_off():
         assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def test_items_carry_their_base_prompts():
+    from cad_lightning.data.attribution_datamodule import AttributionDataModule
+
+    items = AttributionDataModule(concept="red", base_word="auto", samples=6, retain_samples=1).items()
+    for item in items:
+        assert item["concept"] in item["prompt"].split() and item["concept"] not in item["base_prompt"].split()
+    assert {i["base_prompt"] for i in items if i["concept"] == "circle"} <= {"a shape", "a red shape", "a blue shape",
+        "a green shape", "a yellow shape", "a solid shape", "a striped shape"} | {
+        f"a {c} {t} shape" for c in ("red", "green", "blue", "yellow") for t in ("solid", "striped")}
+    plain = AttributionDataModule(concept="red", samples=2).items()
+    assert {i["base_prompt"] for i in plain} == {""}
+    free = AttributionDataModule(concept="golf ball", base_word="object", prompt_templates=["a photo of a {concept}"],
+                                 samples=1).items()
+    assert free[0]["base_prompt"] == "a photo of a object"
+
+
+def test_erase_objective_uses_each_items_base_prompt():
+    """With each item's base prompt equal to its prompt the gap, and so J and every score, is zero; with the
+    concept word taken out it is not, and differs from the gap to the empty prompt."""
+    backbone = load_backbone(SHIPPED_MODEL)
+    names = ComponentSpace(["ff"]).names(backbone.unet)
+    params = dict(backbone.unet.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
+    objective = EraseObjective(num_inference_steps=3)
+    prompts, seeds = ["a red circle", "a striped circle"], [0, 1]
+    results = {}
+    for label, bases in (("same", prompts), ("without", ["a red shape", "a striped shape"]), ("empty", None)):
+        buffers = [torch.zeros_like(params[n]) for n in names]
+        total_j, _ = accumulate_first_order(backbone, objective, names, prompts, seeds, buffers, base_prompts=bases)
+        results[label] = (total_j, torch.cat([b.flatten() for b in buffers]))
+    assert results["same"][0] == 0 and results["same"][1].abs().max() == 0
+    assert results["without"][0] > 0 and results["without"][1].abs().max() > 0
+    assert results["without"][0] < results["empty"][0]
+    assert not torch.allclose(results["without"][1], results["empty"][1])

@@ -64,3 +64,15 @@ def test_prompts_and_vocabulary():
         assert all(w in (s, c, t, "a", "shape") for w in words)
     with pytest.raises(UserInputError, match="not a concept of the shapes world"):
         concept_kind("dog")
+
+
+def test_prompt_without_its_concept():
+    from cad_lightning.data.world import without_concept
+
+    assert without_concept("a red striped circle", "circle") == "a red striped shape"
+    assert without_concept("a red striped circle", "red") == "a striped circle"
+    assert without_concept("a striped shape", "striped") == "a shape"
+    assert without_concept("a circle", "circle", "square") == "a square"
+    assert without_concept("a red circle", "red", "") == "a circle"
+    with pytest.raises(UserInputError, match="not a concept"):
+        without_concept("a dog", "dog")

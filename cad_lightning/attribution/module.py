@@ -29,12 +29,14 @@ def accumulate_first_order(
     seeds: list[int],
     buffers: list[torch.Tensor],
     chunk_size: int = 128,
+    base_prompts: list[str] | None = None,
 ) -> tuple[float, int]:
     """Sample each item's trajectory once, then add Σ over its states of w·∂J/∂w (fp32) to ``buffers``
-    (one per parameter in ``names``). Returns (Σ J, number of states)."""
+    (one per parameter in ``names``). ``base_prompts``: each item's base prompt, if not the objective's.
+    Returns (Σ J, number of states)."""
     params = dict(backbone.unet.named_parameters())
     selected = [params[n] for n in names]
-    inputs = objective.inputs(backbone, prompts, seeds)
+    inputs = objective.inputs(backbone, prompts, seeds, base_prompts)
     n = inputs.x_t.shape[0]
     total_j = 0.0
     with torch.enable_grad():
@@ -166,14 +168,17 @@ class CADModule(pl.LightningModule):
                 continue  # retained concepts are scored once, on the unedited model (first epoch)
             items = [item for item in batch if item["concept"] == concept]
             if items:
-                self.accumulate(c, [i["prompt"] for i in items], [int(i["seed"]) for i in items])
+                bases = [i.get("base_prompt", self.objective.base_prompt) for i in items]
+                self.accumulate(c, [i["prompt"] for i in items], [int(i["seed"]) for i in items], bases)
         self.log("attribution/items", float(len(batch)), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
 
-    def accumulate(self, concept_index: int, prompts: list[str], seeds: list[int]) -> None:
+    def accumulate(self, concept_index: int, prompts: list[str], seeds: list[int],
+                   base_prompts: list[str] | None = None) -> None:
         """Add Σ over the items' states of w·∂J/∂w to the concept's buffers."""
         buffers = [getattr(self, self._buffer_name(concept_index, p)) for p in range(len(self.component_names))]
         total_j, n = accumulate_first_order(
-            self.backbone, self.objective, self.component_names, prompts, seeds, buffers, self.hparams.chunk_size
+            self.backbone, self.objective, self.component_names, prompts, seeds, buffers, self.hparams.chunk_size,
+            base_prompts,
         )
         getattr(self, f"count_{concept_index}").add_(n)
         getattr(self, f"objective_sum_{concept_index}").add_(total_j)

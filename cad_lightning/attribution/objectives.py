@@ -32,13 +32,15 @@ from cad_lightning.errors import UserInputError
 class ObjectiveInputs:
     """The states an objective is evaluated on, flattened over (timestep, item): x_t (N, C, h, w), t (N,),
     the concept's text embeddings (N, L, D); for amplify, the noise ε that made x_t from x_0; for erase, the
-    base prompt's prediction ε(x_t, c_base, t) when the sampler already computed it."""
+    base prompt's prediction ε(x_t, c_base, t) when the sampler already computed it, else the base prompts'
+    embeddings (N, L, D) when items have base prompts of their own."""
 
     x_t: torch.Tensor
     t: torch.Tensor
     text: torch.Tensor
     noise: torch.Tensor | None = None
     base_noise: torch.Tensor | None = None
+    base_text: torch.Tensor | None = None
 
 
 class ConceptObjective:
@@ -49,7 +51,10 @@ class ConceptObjective:
         self.guidance_scale = guidance_scale
         self.num_inference_steps = num_inference_steps
 
-    def inputs(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int]) -> ObjectiveInputs:
+    def inputs(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int],
+               base_prompts: list[str] | None = None) -> ObjectiveInputs:
+        """The states of the items' runs; ``base_prompts``: each item's base prompt (erase objective), when
+        not the objective's one ``base_prompt``."""
         raise NotImplementedError
 
     def value(self, backbone: DiffusionBackbone, inputs: ObjectiveInputs) -> torch.Tensor:
@@ -68,20 +73,27 @@ class ConceptObjective:
 class EraseObjective(ConceptObjective):
     name = "erase"
 
-    def inputs(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int]) -> ObjectiveInputs:
+    def inputs(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int],
+               base_prompts: list[str] | None = None) -> ObjectiveInputs:
         run, steps, n, text = self._run(backbone, prompts, seeds)
         x_t = run.latents.reshape(steps * n, *run.latents.shape[2:])
-        base_noise = None
-        if run.uncond_noise is not None and run.negative_prompt == self.base_prompt:
+        bases = list(base_prompts) if base_prompts is not None else [self.base_prompt] * n
+        base_noise = base_text = None
+        if run.uncond_noise is not None and all(b == run.negative_prompt for b in bases):
             # the guided sampler's unconditional branch is exactly ε(x_t, c_base, t): reuse it
             base_noise = run.uncond_noise.reshape(steps * n, *run.uncond_noise.shape[2:])
-        return ObjectiveInputs(x_t=x_t, t=run.timesteps.repeat_interleave(n), text=text, base_noise=base_noise)
+        else:
+            base_text = backbone.encode(bases).repeat(steps, 1, 1)
+        return ObjectiveInputs(x_t=x_t, t=run.timesteps.repeat_interleave(n), text=text, base_noise=base_noise,
+                               base_text=base_text)
 
     def value(self, backbone: DiffusionBackbone, inputs: ObjectiveInputs) -> torch.Tensor:
         eps_base = inputs.base_noise
         if eps_base is None:
             with torch.no_grad():
-                base_text = backbone.encode([self.base_prompt]).expand_as(inputs.text)
+                base_text = inputs.base_text
+                if base_text is None:
+                    base_text = backbone.encode([self.base_prompt]).expand_as(inputs.text)
                 eps_base = backbone.predict_noise(inputs.x_t, inputs.t, base_text)
         eps = backbone.predict_noise(inputs.x_t, inputs.t, inputs.text)
         return (eps_base.float() - eps.float()).pow(2).flatten(1).mean(1)
@@ -122,7 +134,8 @@ class AmplifyObjective(ConceptObjective):
                 images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255)
         return torch.stack(images)
 
-    def inputs(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int]) -> ObjectiveInputs:
+    def inputs(self, backbone: DiffusionBackbone, prompts: list[str], seeds: list[int],
+               base_prompts: list[str] | None = None) -> ObjectiveInputs:
         if self.image_source == "model":
             run, steps, n, text = self._run(backbone, prompts, seeds)
             x0_items, timesteps = run.final, run.timesteps

@@ -1,7 +1,7 @@
 """AttributionDataModule: the (ablation-mask, prompt) items of an attribution run.
 
-An item is ``{"item_id", "concept", "prompt", "seed", "mask"}``: one sampling run of one prompt, and the
-ablation mask the model is evaluated under (``None``: the model as loaded, possibly with ``model.edit``
+An item is ``{"item_id", "concept", "prompt", "base_prompt", "seed", "mask"}``: one sampling run of one
+prompt, the base prompt its erase objective compares it with, and the ablation mask the model is evaluated under (``None``: the model as loaded, possibly with ``model.edit``
 applied; mask ids are used by the regression estimator). Items are a plain map-style dataset, so Lightning's
 DistributedSampler shards them across processes and nodes.
 
@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from cad_lightning.data.world import CONCEPT_KINDS, VOCABULARY, concept_kind, prompts_naming
+from cad_lightning.data.world import CONCEPT_KINDS, VOCABULARY, concept_kind, prompts_naming, without_concept
 from cad_lightning.errors import UserInputError
 
 
@@ -31,7 +31,11 @@ class AttributionDataModule(pl.LightningDataModule):
 
     Args:
         concept: the concept to attribute (a shapes-world word, or free text with ``prompt_templates``).
-        base_prompt: the prompt the erase objective pulls the concept towards (default: empty).
+        base_prompt: the prompt the erase objective pulls the concept towards (default: empty, the paper's).
+        base_word: instead of one base prompt, each item's own prompt with the concept replaced by this word
+            ('' drops it; ``auto``: 'shape' for a shape of the world, nothing for a colour or texture), so the
+            objective measures the concept alone, not the other words of its prompts
+            ('a red striped circle' against 'a red striped shape').
         retain_concepts: concepts to keep; ``None`` means every other word of the shapes world (none for
             free-text concepts). Their scores are computed when ``retain_samples > 0``.
         samples: sampling runs (trajectories) of the concept.
@@ -47,6 +51,7 @@ class AttributionDataModule(pl.LightningDataModule):
         self,
         concept: str = "circle",
         base_prompt: str = "",
+        base_word: str | None = None,
         retain_concepts: list[str] | None = None,
         samples: int = 8,
         retain_samples: int = 0,
@@ -66,6 +71,9 @@ class AttributionDataModule(pl.LightningDataModule):
             raise UserInputError(f"data.batch_size must be at least 1, got {batch_size}.")
         self.concept = concept.strip()
         self.base_prompt = base_prompt
+        self.base_word = base_word
+        if base_word is not None and base_prompt:
+            raise UserInputError("data.base_prompt and data.base_word are both given; use one of them.")
         self.prompt_templates = list(prompt_templates) if prompt_templates else None
         if prompts_file is not None:
             path = Path(prompts_file)
@@ -91,6 +99,9 @@ class AttributionDataModule(pl.LightningDataModule):
             if prompts_file is None and any("{concept}" not in t for t in self.prompt_templates):
                 raise UserInputError("data.prompt_templates: every template must contain '{concept}'.")
             retain_concepts = retain_concepts or []
+        if base_word == "auto" and self.prompt_templates is not None:
+            raise UserInputError("data.base_word 'auto' needs a shapes-world concept; give the word that replaces "
+                                 f"'{self.concept}' in its prompts (e.g. 'object'), or '' to drop it.")
         if self.concept in retain_concepts:
             raise UserInputError(f"data.retain_concepts contains the target concept '{self.concept}'.")
         self.retain_concepts = list(retain_concepts)
@@ -112,13 +123,23 @@ class AttributionDataModule(pl.LightningDataModule):
         for c, concept in enumerate(self.concepts):
             n = self.samples if c == 0 else self.retain_samples
             for prompt in self.prompts_for(concept, n, self.seed + 7919 * c):
-                out.append({"item_id": len(out), "concept": concept, "prompt": prompt, "seed": None, "mask": None})
+                out.append({"item_id": len(out), "concept": concept, "prompt": prompt,
+                            "base_prompt": self.base_for(prompt, concept), "seed": None, "mask": None})
         for item in out:
             item["seed"] = self.seed + item["item_id"]
         return out
 
+    def base_for(self, prompt: str, concept: str) -> str:
+        """The erase objective's base prompt of an item."""
+        if self.base_word is None:
+            return self.base_prompt
+        if self.prompt_templates is not None:
+            return prompt.replace(concept, self.base_word).replace("  ", " ").strip()
+        return without_concept(prompt, concept, self.base_word)
+
     def all_prompts(self) -> list[str]:
-        return [i["prompt"] for i in self.items()] + [self.base_prompt]
+        items = self.items()
+        return [i["prompt"] for i in items] + [i["base_prompt"] for i in items] + [self.base_prompt]
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.items(), batch_size=self.batch_size, shuffle=False, collate_fn=_collate)

@@ -181,6 +181,16 @@ def make_prompt(shape: str | None = None, colour: str | None = None, texture: st
     return " ".join(words)
 
 
+def without_concept(prompt: str, word: str, replacement: str = "auto") -> str:
+    """The prompt with the concept ``word`` taken out: ``replacement`` stands in its place ('' drops it);
+    ``auto`` uses the neutral word of the world: 'shape' for a shape, nothing for a colour or a texture
+    ('a red striped circle' → 'a red striped shape' for circle, 'a striped circle' for red)."""
+    if replacement == "auto":
+        replacement = "shape" if concept_kind(word) == "shape" else ""
+    tokens = prompt.split(" ")
+    return " ".join(replacement if t == word else t for t in tokens if t != word or replacement)
+
+
 def prompts_naming(word: str, n: int, generator: torch.Generator) -> list[str]:
     """n prompts that name the concept ``word``, the other kinds named or not at random."""
     kind = concept_kind(word)

@@ -94,8 +94,12 @@ def accuracy_from_predictions(items: list[EvalItem], predicted: dict[str, list[s
 
 @torch.no_grad()
 def empty_prompt_rates(
-    backbone: DiffusionBackbone, detector: ConceptDetector, base_prompt: str, n: int, seed: int = 2_000_000, **sampler
+    backbone: DiffusionBackbone, detector: ConceptDetector, base_prompt: str | list[str], n: int, seed: int = 2_000_000,
+    **sampler
 ) -> dict[str, float]:
-    """The floor: for every concept, the fraction of images of the base prompt classified as it."""
-    predicted = detector(backbone.generate([base_prompt] * n, seed=seed, batch_size=64, **sampler).cpu())
+    """The floor: for every concept, the fraction of images of the base prompt (or of base prompts, cycled)
+    classified as it."""
+    prompts = [base_prompt] if isinstance(base_prompt, str) else list(base_prompt)
+    prompts = [prompts[i % len(prompts)] for i in range(n)]
+    predicted = detector(backbone.generate(prompts, seed=seed, batch_size=64, **sampler).cpu())
     return {w: sum(p == w for p in predicted[k]) / n for k, words in CONCEPT_KINDS.items() for w in words}
