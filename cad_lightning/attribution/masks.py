@@ -17,7 +17,7 @@ between processes; :func:`sample_masks` ablates exactly ``round((1 - keep_prob) 
 
 :func:`batched_masks` applies a *different* mask to every sample of a batch inside one forward pass, with
 hooks on the selected modules (never one model copy per mask): a row mask multiplies the module's output
-features and puts the bias back (``m·(xWᵀ) + b``, exactly what zeroing the rows gives), a head mask of
+features and puts the bias back (``m·(xWᵀ + b) + (1 − m)·b``, what zeroing the rows gives), a head mask of
 ``to_out.0`` multiplies its input features, and a weight mask recomputes the layer with per-sample masked
 weights by batched matmul. When the model is called on a batch that repeats the masked samples (the
 classifier-free guided sampler concatenates [unconditional, conditional]), the masks are tiled to match.
@@ -214,17 +214,23 @@ def _tile(m: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _out_hook(factor: torch.Tensor):
-    """y → m·(y − b) + b on the output features (dim −1 of a linear, dim 1 of a convolution)."""
+    """y → m·y + (1 − m)·b on the output features (dim −1 of a linear, dim 1 of a convolution): what zeroing
+    the rows gives. The factors are shaped once per batch size and reused at every call."""
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def hook(module, args, y):
-        m = _tile(factor, y.shape[0]).to(y.dtype)
-        bias = module.bias
-        if isinstance(module, nn.Conv2d):
-            m = m.reshape(*m.shape, *[1] * (y.ndim - 2))
-            bias = bias.reshape(-1, *[1] * (y.ndim - 2)) if bias is not None else None
-        else:
-            m = m.reshape(m.shape[0], *[1] * (y.ndim - 2), m.shape[-1])
-        return y * m if bias is None else (y - bias) * m + bias
+        key = (y.shape[0], y.ndim, y.dtype)
+        if key not in cache:
+            m = _tile(factor, y.shape[0]).to(y.dtype)
+            bias = module.bias
+            if isinstance(module, nn.Conv2d):
+                m = m.reshape(*m.shape, *[1] * (y.ndim - 2))
+                bias = bias.reshape(-1, *[1] * (y.ndim - 2)) if bias is not None else None
+            else:
+                m = m.reshape(m.shape[0], *[1] * (y.ndim - 2), m.shape[-1])
+            cache[key] = (m, None if bias is None else (bias.detach() * (1 - m)))
+        m, shift = cache[key]
+        return y * m if shift is None else torch.addcmul(shift, y, m)
 
     return hook
 
