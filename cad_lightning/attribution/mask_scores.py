@@ -57,7 +57,7 @@ def objective_scores(
         g = group.shape[0]
         tiled = ObjectiveInputs(**{k: (v.repeat(g, *[1] * (v.ndim - 1)) if v is not None else None)
                                    for k, v in vars(inputs).items()})
-        with batched_masks(backbone.unet, layout, group.repeat_interleave(states, dim=0)):
+        with batched_masks(backbone.unet, layout, group, repeats=states):
             j = objective.value(backbone, tiled)
         out.append(j.double().reshape(g, states).mean(1).cpu())
     return torch.cat(out)
@@ -91,7 +91,7 @@ def classifier_scores(
     (M, n_components) → (M,) float64. All M × len(prompts) images are sampled in one batched run."""
     kind, index = concept_index(detector, concept)
     m, p = masks.shape[0], len(prompts)
-    with batched_masks(backbone.unet, layout, masks.repeat_interleave(p, dim=0)):
+    with batched_masks(backbone.unet, layout, masks, repeats=p):
         run = backbone.sample(prompts * m, seeds * m, num_inference_steps, guidance_scale)
     probs = detector.probabilities(backbone.decode(run.final))[kind][:, index]
     return probs.double().reshape(m, p).mean(1).cpu()

@@ -13,7 +13,10 @@ component a flat index (both ways: index → (parameter, slice), and per-paramet
 
 A mask is a bool row over the components (True = keep, False = ablate). Mask ``i`` of a run is drawn from
 (seed, i) alone with a CPU generator, so every process regenerates the same row and nothing large is shipped
-between processes; :func:`sample_masks` ablates exactly ``round((1 - keep_prob) · n)`` components per mask.
+between processes. :func:`sample_masks` keeps each component independently with probability ``keep_prob``
+(a fixed expected density; the number ablated varies from mask to mask, which keeps the intercept of the
+linear model identifiable: with exactly k ablated in every mask, Σ mask_i would be constant and a common
+shift of all coefficients could not be told from the intercept).
 
 :func:`batched_masks` applies a *different* mask to every sample of a batch inside one forward pass, with
 hooks on the selected modules (never one model copy per mask): a row mask multiplies the module's output
@@ -194,26 +197,27 @@ def mask_generator(seed: int, mask_id: int) -> torch.Generator:
 
 
 def sample_masks(n_components: int, ids: Sequence[int], keep_prob: float, seed: int) -> torch.Tensor:
-    """Bool masks (len(ids), n_components), True = keep: mask ``i`` ablates exactly
-    ``round((1 - keep_prob) · n_components)`` components chosen from (seed, i) alone."""
+    """Bool masks (len(ids), n_components), True = keep: mask ``i`` keeps each component with probability
+    ``keep_prob``, drawn from (seed, i) alone."""
     if not 0 < keep_prob < 1:
         raise UserInputError(f"keep_prob must be in (0, 1), got {keep_prob}.")
-    ablated = max(1, round((1 - keep_prob) * n_components))
-    out = torch.ones(len(ids), n_components, dtype=torch.bool)
+    out = torch.empty(len(ids), n_components, dtype=torch.bool)
     for row, mask_id in enumerate(ids):
-        out[row, torch.randperm(n_components, generator=mask_generator(seed, mask_id))[:ablated]] = False
+        out[row] = torch.rand(n_components, generator=mask_generator(seed, mask_id)) < keep_prob
     return out
 
 
-def _tile(m: torch.Tensor, batch: int) -> torch.Tensor:
-    if batch == m.shape[0]:
-        return m
-    if batch % m.shape[0]:
-        raise RuntimeError(f"a batch of {batch} samples does not repeat the {m.shape[0]} masked samples")
-    return m.repeat(batch // m.shape[0], *[1] * (m.ndim - 1))
+def _tile(m: torch.Tensor, batch: int, repeats: int = 1) -> torch.Tensor:
+    """Per-sample factors of a batch of ``batch`` samples: each row of ``m`` serves ``repeats`` consecutive
+    samples, and a batch that repeats the masked samples (guidance) repeats the rows."""
+    units = m.shape[0] * repeats
+    if batch % units:
+        raise RuntimeError(f"a batch of {batch} samples does not repeat the {units} masked samples")
+    m = m.repeat_interleave(repeats, dim=0) if repeats > 1 else m
+    return m.repeat(batch // units, *[1] * (m.ndim - 1)) if batch != units else m
 
 
-def _out_hook(factor: torch.Tensor):
+def _out_hook(factor: torch.Tensor, repeats: int):
     """y → m·y + (1 − m)·b on the output features (dim −1 of a linear, dim 1 of a convolution): what zeroing
     the rows gives. The factors are shaped once per batch size and reused at every call."""
     cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -221,7 +225,7 @@ def _out_hook(factor: torch.Tensor):
     def hook(module, args, y):
         key = (y.shape[0], y.ndim, y.dtype)
         if key not in cache:
-            m = _tile(factor, y.shape[0]).to(y.dtype)
+            m = _tile(factor, y.shape[0], repeats).to(y.dtype)
             bias = module.bias
             if isinstance(module, nn.Conv2d):
                 m = m.reshape(*m.shape, *[1] * (y.ndim - 2))
@@ -235,25 +239,30 @@ def _out_hook(factor: torch.Tensor):
     return hook
 
 
-def _in_hook(factor: torch.Tensor):
+def _in_hook(factor: torch.Tensor, repeats: int):
     """x → m·x on the input features of a linear layer."""
+    cache: dict[tuple, torch.Tensor] = {}
 
     def hook(module, args):
         x = args[0]
-        m = _tile(factor, x.shape[0]).to(x.dtype)
-        return (x * m.reshape(m.shape[0], *[1] * (x.ndim - 2), m.shape[-1]), *args[1:])
+        key = (x.shape[0], x.ndim, x.dtype)
+        if key not in cache:
+            m = _tile(factor, x.shape[0], repeats).to(x.dtype)
+            cache[key] = m.reshape(m.shape[0], *[1] * (x.ndim - 2), m.shape[-1])
+        return (x * cache[key], *args[1:])
 
     return hook
 
 
-def _weight_hook(factor: torch.Tensor):
-    """Recompute a linear layer with per-sample masked weights: y_b = x_b (W ⊙ m_b)ᵀ + b."""
+def _weight_hook(factor: torch.Tensor, repeats: int):
+    """Recompute a linear layer with per-mask weights by batched matmul: y = x (W ⊙ m)ᵀ + b, the samples of
+    one mask (``repeats`` consecutive ones) sharing one masked weight."""
 
     def hook(module, args, y):
         x = args[0]
-        m = _tile(factor, x.shape[0]).to(x.dtype)
-        weights = module.weight.unsqueeze(0) * m  # (B, out, in)
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        masks = _tile(factor, x.shape[0] // repeats).to(x.dtype)  # (units, out, in)
+        weights = module.weight.unsqueeze(0) * masks
+        flat = x.reshape(masks.shape[0], -1, x.shape[-1])
         out = torch.bmm(flat, weights.transpose(1, 2))
         if module.bias is not None:
             out = out + module.bias
@@ -263,12 +272,13 @@ def _weight_hook(factor: torch.Tensor):
 
 
 @contextmanager
-def batched_masks(unet: nn.Module, layout: MaskLayout, masks: torch.Tensor) -> Iterator[None]:
-    """Within the block, sample ``b`` of every forward pass of ``unet`` runs under ``masks[b]``
-    (bool or float (B, n_components), 1 = keep)."""
+def batched_masks(unet: nn.Module, layout: MaskLayout, masks: torch.Tensor, repeats: int = 1) -> Iterator[None]:
+    """Within the block, every forward pass of ``unet`` runs its samples under per-sample masks: mask row ``k``
+    of ``masks`` (bool or float (M, n_components), 1 = keep) for samples ``k·repeats … (k+1)·repeats − 1``
+    (and for their copies when the batch repeats the M·repeats samples, as guidance does)."""
     masks = torch.as_tensor(masks)
     if masks.ndim != 2 or masks.shape[1] != layout.n_components:
-        raise ValueError(f"masks must have shape (B, {layout.n_components}), got {tuple(masks.shape)}")
+        raise ValueError(f"masks must have shape (M, {layout.n_components}), got {tuple(masks.shape)}")
     modules = dict(unet.named_modules())
     device = next(unet.parameters()).device
     values = masks.to(device, torch.float32)
@@ -278,14 +288,13 @@ def batched_masks(unet: nn.Module, layout: MaskLayout, masks: torch.Tensor) -> I
             part = values[:, b.offset : b.offset + b.size]
             module = modules[b.module]
             if b.axis == "weight":
-                handles.append(module.register_forward_hook(_weight_hook(part.reshape(-1, *b.shape))))
+                handles.append(module.register_forward_hook(_weight_hook(part.reshape(-1, *b.shape), repeats)))
             elif b.axis == "in":
-                handles.append(module.register_forward_pre_hook(_in_hook(part.repeat_interleave(b.group, dim=1))))
+                handles.append(module.register_forward_pre_hook(_in_hook(part.repeat_interleave(b.group, dim=1), repeats)))
             elif b.axis == "all":
-                features = b.shape[0]
-                handles.append(module.register_forward_hook(_out_hook(part.expand(-1, features))))
+                handles.append(module.register_forward_hook(_out_hook(part.expand(-1, b.shape[0]), repeats)))
             else:
-                handles.append(module.register_forward_hook(_out_hook(part.repeat_interleave(b.group, dim=1))))
+                handles.append(module.register_forward_hook(_out_hook(part.repeat_interleave(b.group, dim=1), repeats)))
         yield
     finally:
         for handle in handles:
