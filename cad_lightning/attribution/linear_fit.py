@@ -95,7 +95,7 @@ def _fit_dense(x: np.ndarray, y: np.ndarray, method: str, strengths: Sequence[fl
         details = {"cv": "leave-one-out (RidgeCV)", "strengths": list(strengths), "best_score": float(model.best_score_)}
         strength = float(model.alpha_)
     else:
-        model = LassoCV(cv=min(folds, len(y)), n_alphas=30, random_state=0, max_iter=5000).fit(x, y)
+        model = LassoCV(cv=min(folds, len(y)), alphas=30, random_state=0, max_iter=5000).fit(x, y)
         details = {"cv": f"{min(folds, len(y))}-fold (LassoCV)", "nonzero": int((model.coef_ != 0).sum())}
         strength = float(model.alpha_)
     return LinearFit(np.asarray(model.coef_, dtype=np.float64), float(model.intercept_), strength, method,
