@@ -113,3 +113,16 @@ def test_first_order_scores_predict_random_ablations():
     predicted, measured = first_order_fidelity(backbone, objective, prompts, seeds, scores, density=0.02, masks=24)
     spearman = float(np.corrcoef(np.argsort(np.argsort(predicted)), np.argsort(np.argsort(measured)))[0, 1])
     assert spearman > 0.6, (spearman, predicted[:5], measured[:5])
+
+
+def test_first_order_fidelity_callback_writes_its_artifacts(tmp_path):
+    code = run_cli(["fit", "--config", str(CONFIGS / "attribute.yaml"), "--trainer.default_root_dir", str(tmp_path),
+                    "--model.num_inference_steps", "3", "--data.samples", "2", "--data.batch_size", "2",
+                    "--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false",
+                    "--trainer.callbacks+=cad_lightning.regression_callbacks.FirstOrderFidelity",
+                    "--trainer.callbacks.masks", "6"])
+    assert code == 0
+    run = sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
+    fidelity = json.loads((run / "attribution" / "fidelity.json").read_text())
+    assert fidelity["estimator"] == "first_order" and fidelity["masks"] == 6 and fidelity["density"] == 0.02
+    assert -1 <= fidelity["spearman"] <= 1 and (run / "attribution" / "fidelity.png").is_file()
