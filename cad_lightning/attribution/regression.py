@@ -1,0 +1,164 @@
+"""RegressionCADModule: the counterfactual regression estimator (COAR-style linear attribution).
+
+Each training step takes a batch of mask ids, regenerates the masks, scores the model under each of them in
+one batched pass (see ``mask_scores``: the objective J on the unmasked model's states, or the classifier's
+probability of the concept on images generated under the mask) and records the scores in the run's
+:class:`MaskScoreStore`. Masks already in the store are not scored again, so a killed run restarted with the
+same settings only computes the missing ones. At the end of ``fit`` the :class:`RegressionWriter` callback
+gathers the scores of all ranks and fits the linear model.
+
+Why a subclass of :class:`CADModule` rather than a branch inside it: the two estimators share the backbone,
+the components and the objective (inherited here), but neither the state (fp32 gradient buffers there, a
+store of per-mask scores here) nor the step (a backward pass there, batched masked forward passes here);
+keeping the regression's work apart leaves the first-order path untouched. ``estimator`` reads
+``regression`` here and ``first_order`` there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cad_lightning.attribution.mask_scores import SCORES, classifier_scores, concept_index, freeze_base, objective_scores
+from cad_lightning.attribution.masks import GRANULARITIES, MaskLayout, sample_masks
+from cad_lightning.attribution.module import CADModule
+from cad_lightning.attribution.objectives import OBJECTIVES
+from cad_lightning.attribution.store import MaskScoreStore
+from cad_lightning.errors import UserInputError
+from cad_lightning.generation import DEFAULT_MODEL
+
+
+class RegressionCADModule(CADModule):
+    """Linear counterfactual attribution from random ablation masks.
+
+    Args (besides those of CADModule):
+        granularity: components: ``neuron`` (rows), ``head`` (attention heads) or ``layer`` (whole weights).
+        score: ``objective`` (the erase/amplify objective under the mask) or ``classifier`` (the concept
+            classifier's probability on images generated under the mask; shapes-world concepts).
+        store_dir: folder of the finished masks' scores (default ``<trainer.default_root_dir>/mask_scores``);
+            a restart with the same settings and folder computes only the missing masks.
+    """
+
+    estimator = "regression"
+
+    def __init__(
+        self,
+        model_path: str = DEFAULT_MODEL,
+        objective: str = "erase",
+        components: list[str] = ("ff",),
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        dtype: str = "fp32",
+        chunk_size: int = 256,
+        edit: str | None = None,
+        image_source: str = "model",
+        granularity: str = "neuron",
+        score: str = "objective",
+        store_dir: str | None = None,
+    ) -> None:
+        super().__init__(model_path=model_path, objective=objective, components=components, guidance_scale=guidance_scale,
+                         num_inference_steps=num_inference_steps, dtype=dtype, chunk_size=chunk_size, edit=edit,
+                         image_source=image_source)
+        self.save_hyperparameters()
+        if granularity == "weight" or granularity not in GRANULARITIES:
+            raise UserInputError(
+                f"model.granularity must be one of neuron, head, layer for the regression estimator, got '{granularity}'"
+                + (" (one component per weight is far too many rows to fit)." if granularity == "weight" else ".")
+            )
+        if score not in SCORES:
+            raise UserInputError(f"model.score must be one of {', '.join(SCORES)}, got '{score}'.")
+        self.layout = MaskLayout(self.backbone.unet, self.component_names, granularity)
+        self.detector = None
+        self.store: MaskScoreStore | None = None
+        self.done: dict[int, float] = {}
+        self.computed = 0
+        self._inputs = None
+
+    # --- set-up -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        from cad_lightning.data.mask_datamodule import MaskDataModule
+
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if not isinstance(datamodule, MaskDataModule):
+            raise UserInputError(
+                "RegressionCADModule needs a MaskDataModule (data: class_path cad_lightning.data.mask_datamodule.MaskDataModule)."
+            )
+        self.concepts = [datamodule.concept]
+        kwargs = {"image_source": self.hparams.image_source} if self.hparams.objective == "amplify" else {}
+        self.objective = OBJECTIVES[self.hparams.objective](
+            base_prompt=datamodule.base_prompt, guidance_scale=self.hparams.guidance_scale,
+            num_inference_steps=self.hparams.num_inference_steps, **kwargs,
+        )
+        self.backbone.check_prompts(datamodule.all_prompts())
+        self.backbone.requires_grad_(False)
+        if self.hparams.score == "classifier":
+            from cad_lightning.evaluation.classifier import load_concept_classifier
+
+            self.detector = load_concept_classifier(self.model_folder)
+            concept_index(self.detector, datamodule.concept)  # fail before any work is done
+        folder = Path(self.hparams.store_dir or Path(self.trainer.default_root_dir) / "mask_scores")
+        self.store = MaskScoreStore(folder, self.fingerprint(datamodule))
+        self.store.check(create=self.trainer.is_global_zero)
+        self.trainer.strategy.barrier()
+        self.done = self.store.load()
+        self.computed = 0
+
+    def fingerprint(self, datamodule) -> dict:
+        """The settings that decide a mask's score: a store made with other values is refused."""
+        h = self.hparams
+        return {
+            "model": self.model_id, "edit": h.edit, "dtype": h.dtype, "objective": h.objective,
+            "image_source": h.image_source if h.objective == "amplify" else None,
+            "components": list(self.space.patterns), "granularity": h.granularity, "score": h.score,
+            "num_inference_steps": h.num_inference_steps, "guidance_scale": h.guidance_scale,
+            "concept": datamodule.concept, "base_prompt": datamodule.base_prompt, "samples": datamodule.samples,
+            "prompt_templates": datamodule.prompt_templates, "seed": datamodule.seed,
+            "keep_prob": datamodule.keep_prob, "mask_seed": datamodule.mask_seed,
+        }
+
+    # --- scoring ------------------------------------------------------------------------------
+    def masks(self, ids) -> torch.Tensor:
+        """Bool mask rows (len(ids), n_components) of mask ids, regenerated from (mask_seed, id)."""
+        datamodule = self.trainer.datamodule
+        return sample_masks(self.layout.n_components, list(ids), datamodule.keep_prob, datamodule.mask_seed)
+
+    def evaluation_prompts(self) -> tuple[list[str], list[int]]:
+        items = self.trainer.datamodule.evaluation_items()
+        return [i["prompt"] for i in items], [int(i["seed"]) for i in items]
+
+    def score_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """Concept score (M,) float64 of the model under each mask row (M, n_components)."""
+        prompts, seeds = self.evaluation_prompts()
+        if self.hparams.score == "classifier":
+            self.detector.to(self.device)
+            return classifier_scores(self.backbone, self.detector, self.concepts[0], prompts, seeds, self.layout, masks,
+                                     self.hparams.num_inference_steps, self.hparams.guidance_scale)
+        if self._inputs is None:  # the unmasked model's states, sampled once per process
+            self._inputs = freeze_base(self.backbone, self.objective, self.objective.inputs(self.backbone, prompts, seeds))
+        return objective_scores(self.backbone, self.objective, self._inputs, self.layout, masks, self.hparams.chunk_size)
+
+    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        todo = list(dict.fromkeys(int(i["mask"]) for i in batch if int(i["mask"]) not in self.done))
+        if todo:
+            scores = self.score_masks(self.masks(todo)).tolist()
+            self.store.add(todo, scores)
+            self.done.update(zip(todo, scores))
+            self.computed += len(todo)
+            self.log("regression/score", sum(scores) / len(scores), prog_bar=True, batch_size=len(todo))
+        self.log("regression/masks_scored", float(len(todo)), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+
+    # --- results ------------------------------------------------------------------------------
+    def gathered_scores(self) -> dict[int, float]:
+        """``{mask id: score}`` of every rank (a collective: call it on all ranks)."""
+        pairs = torch.tensor(sorted(self.done.items()), dtype=torch.float64).reshape(-1, 2).to(self.device)
+        strategy = self.trainer.strategy
+        count = strategy.all_gather(torch.tensor([pairs.shape[0]], device=self.device)).reshape(-1)
+        longest = int(count.max())
+        padded = torch.full((longest, 2), -1.0, dtype=torch.float64, device=self.device)
+        padded[: pairs.shape[0]] = pairs
+        everything = strategy.all_gather(padded).reshape(-1, 2).cpu()
+        return {int(i): float(s) for i, s in everything.tolist() if i >= 0}
+
+    def reduced_scores(self):
+        raise RuntimeError("The regression estimator has no accumulated scores; RegressionWriter fits them at the end of fit.")

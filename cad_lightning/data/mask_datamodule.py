@@ -1,0 +1,73 @@
+"""MaskDataModule: the (ablation-mask, prompts) items of a regression attribution run.
+
+An item is one ablation mask, ``{"item_id", "concept", "prompt": None, "seed", "mask": mask id, "split"}``;
+the module regenerates the mask from (``mask_seed``, mask id) and scores the masked model on the evaluation
+prompts (the ``samples`` prompts of the concept with their seeds, the same for every mask). Training masks
+have ids 0, 1, …; held-out masks (fidelity) have ids from ``HELDOUT_BASE`` on, so asking for more training
+masks later never changes an existing mask. Items are a map-style dataset: Lightning's DistributedSampler
+shards the masks across processes.
+"""
+
+from __future__ import annotations
+
+from cad_lightning.data.attribution_datamodule import AttributionDataModule
+from cad_lightning.errors import UserInputError
+
+HELDOUT_BASE = 1_000_000_000
+
+
+class MaskDataModule(AttributionDataModule):
+    """Ablation masks for the regression estimator.
+
+    Args:
+        concept / base_prompt / prompt_templates / prompts_file / seed: as in AttributionDataModule.
+        samples: evaluation prompts (sampling runs) per mask.
+        masks: training masks (rows of the regression).
+        heldout_masks: held-out masks of the same density for the fidelity check (0: no check).
+        keep_prob: probability that a component is kept, independently per component (COAR uses 0.9–0.95).
+        mask_seed: seed of the masks.
+        batch_size: masks per training step (all scored in one batched pass).
+    """
+
+    def __init__(
+        self,
+        concept: str = "circle",
+        base_prompt: str = "",
+        prompt_templates: list[str] | None = None,
+        prompts_file: str | None = None,
+        samples: int = 4,
+        seed: int = 0,
+        masks: int = 400,
+        heldout_masks: int = 100,
+        keep_prob: float = 0.95,
+        mask_seed: int = 0,
+        batch_size: int = 16,
+    ) -> None:
+        super().__init__(concept=concept, base_prompt=base_prompt, samples=samples, retain_samples=0,
+                         prompt_templates=prompt_templates, prompts_file=prompts_file, seed=seed, batch_size=batch_size)
+        if masks < 2:
+            raise UserInputError(f"data.masks must be at least 2, got {masks}.")
+        if heldout_masks < 0 or heldout_masks == 1:
+            raise UserInputError(f"data.heldout_masks must be 0 or at least 2, got {heldout_masks}.")
+        if not isinstance(keep_prob, (int, float)) or not 0 < keep_prob < 1:
+            raise UserInputError(f"data.keep_prob must be a number in (0, 1), got {keep_prob!r}.")
+        self.masks, self.heldout_masks = masks, heldout_masks
+        self.keep_prob, self.mask_seed = float(keep_prob), mask_seed
+
+    def train_ids(self) -> list[int]:
+        return list(range(self.masks))
+
+    def heldout_ids(self) -> list[int]:
+        return [HELDOUT_BASE + k for k in range(self.heldout_masks)]
+
+    def evaluation_items(self) -> list[dict]:
+        """The prompts and seeds every mask is scored on."""
+        return super().items()
+
+    def items(self) -> list[dict]:
+        ids = [(i, "train") for i in self.train_ids()] + [(i, "heldout") for i in self.heldout_ids()]
+        return [{"item_id": k, "concept": self.concept, "prompt": None, "seed": self.mask_seed, "mask": i, "split": split}
+                for k, (i, split) in enumerate(ids)]
+
+    def all_prompts(self) -> list[str]:
+        return [i["prompt"] for i in self.evaluation_items()] + [self.base_prompt]

@@ -1,0 +1,178 @@
+"""Callbacks of the regression estimator and of the fidelity check of first-order scores.
+
+- :class:`RegressionWriter`: at the end of ``fit``, gathers the mask scores of all ranks, fits the linear
+  model (scikit-learn ridge or lasso with cross-validated strength; streaming normal equations when the mask
+  matrix is too big to hold), writes α in the format of the first-order scores, the meta data and the
+  fidelity on the held-out masks.
+- :class:`FirstOrderFidelity`: beside an :class:`AttributionWriter`, measures how well its first-order
+  scores predict the effect of random per-weight ablations.
+
+Artifacts (run directory ``trainer.log_dir``, every file written atomically):
+``attribution/scores.safetensors`` — per-weight α keyed by parameter name, fp32, each of its parameter's shape:
+a component's coefficient spread evenly over its weights, so Σ α over a component's weights is its coefficient
+(the effect on the score of keeping it, i.e. the drop when it is ablated: positive = the component carries the
+concept, the sign of the first-order scores); ``attribution/component_scores.safetensors`` — the coefficients
+per component (``coefficients``, (n_components,)); ``attribution/meta.json`` — estimator, intercept, strength,
+fit statistics and the component layout; ``attribution/fidelity.json`` and ``fidelity.png``.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import save_file
+
+from cad_lightning.attribution.fidelity import first_order_fidelity, write_fidelity
+from cad_lightning.attribution.linear_fit import METHODS, fit_linear
+from cad_lightning.callbacks import AttributionWriter, file_sha256, write_json
+from cad_lightning.errors import UserInputError
+from cad_lightning.utils import atomic_path
+
+
+class RegressionWriter(Callback):
+    """Fits the linear attribution model at the end of a regression ``fit`` and writes its artifacts.
+
+    Args:
+        method: ``ridge`` (RidgeCV, leave-one-out over ``strengths``) or ``lasso`` (LassoCV, k-fold).
+        strengths: regularisation strengths to cross-validate (default: 19 values from 1e-2 to 1e4).
+        folds: folds of LassoCV and of the streaming ridge solver.
+        dense_limit: the largest mask matrix (masks × components entries) fitted densely; beyond it ridge runs
+            on streaming normal equations.
+    """
+
+    def __init__(self, method: str = "ridge", strengths: list[float] | None = None, folds: int = 5,
+                 dense_limit: int = 50_000_000) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise UserInputError(f"RegressionWriter method must be one of {', '.join(METHODS)}, got '{method}'.")
+        if strengths is not None and (not strengths or any(not s > 0 for s in strengths)):
+            raise UserInputError(f"RegressionWriter strengths must be positive numbers, got {strengths}.")
+        if folds < 2:
+            raise UserInputError(f"RegressionWriter folds must be at least 2, got {folds}.")
+        self.method, self.strengths, self.folds, self.dense_limit = method, strengths, folds, dense_limit
+        self.fit = None
+        self._start = 0.0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and getattr(pl_module, "estimator", None) != "regression":
+            raise UserInputError("RegressionWriter needs model.class_path cad_lightning.attribution.regression.RegressionCADModule.")
+        self._start = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        scores = pl_module.gathered_scores()  # a collective: every rank takes part
+        if not trainer.is_global_zero:
+            return
+        datamodule = trainer.datamodule
+        train_ids, heldout_ids = datamodule.train_ids(), datamodule.heldout_ids()
+        missing = [i for i in train_ids + heldout_ids if i not in scores]
+        if missing:
+            raise RuntimeError(f"{len(missing)} masks have no score (first missing id {missing[0]}); the run did not finish.")
+        y = [scores[i] for i in train_ids]
+        fit = fit_linear(pl_module.masks, train_ids, y, self.method, self.strengths, self.folds, self.dense_limit)
+        self.fit = fit
+        layout = pl_module.layout
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        attribution = run_dir / "attribution"
+        concept = pl_module.concepts[0]
+        with atomic_path(attribution / "scores.safetensors") as tmp:
+            save_file(layout.to_parameter_scores(torch.from_numpy(fit.coef)), str(tmp), metadata={"concept": concept})
+        with atomic_path(attribution / "component_scores.safetensors") as tmp:
+            save_file({"coefficients": torch.from_numpy(fit.coef).float().contiguous()}, str(tmp),
+                      metadata={"concept": concept, "granularity": layout.granularity})
+        record = {"estimator": "regression", "score": pl_module.hparams.score, "granularity": layout.granularity,
+                  "keep_prob": datamodule.keep_prob}
+        if heldout_ids:
+            held = [scores[i] for i in heldout_ids]
+            predicted = fit.predict(pl_module.masks(heldout_ids).numpy())
+            record = write_fidelity(run_dir, record, predicted, held, trainer.logger,
+                                    xlabel="predicted score", ylabel=f"measured score ({pl_module.hparams.score})")
+        self._write_meta(attribution, trainer, pl_module, fit, y, record if heldout_ids else None)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"regression/train_r2": fit.train_r2, "regression/fit_time_s": fit.fit_time_s}, step=0)
+        print(f"Regression attribution of '{concept}' written to {run_dir} (fit {fit.fit_time_s:.2f} s"
+              + (f", held-out Spearman {record['spearman']:.3f})" if heldout_ids else ")"))
+
+    def _write_meta(self, attribution: Path, trainer, pl_module, fit, y, fidelity) -> None:
+        datamodule = trainer.datamodule
+        weights = pl_module.model_folder / "unet" / "diffusion_pytorch_model.safetensors"
+        h = pl_module.hparams
+        meta = {
+            "model": pl_module.model_id,
+            "model_sha256": file_sha256(weights) if weights.is_file() else None,
+            "concept": pl_module.concepts[0],
+            "base_prompt": datamodule.base_prompt,
+            "estimator": "regression",
+            "objective": h.objective,
+            "score_kind": h.score,
+            "score": "alpha: per-component coefficients of a linear model of the concept score on keep-masks (1 = keep), "
+                     "each spread evenly over its component's weights",
+            "components": {"patterns": pl_module.space.patterns, "parameters": pl_module.component_names,
+                           "weights": sum(int(np.prod(b.shape)) for b in pl_module.layout.blocks)},
+            "granularity": h.granularity,
+            "layout": pl_module.layout.describe(),
+            "masks": {"train": len(y), "heldout": len(datamodule.heldout_ids()), "keep_prob": datamodule.keep_prob,
+                      "mask_seed": datamodule.mask_seed, "computed_this_run": int(pl_module.computed),
+                      "store": str(pl_module.store.folder)},
+            "items": len(datamodule.evaluation_items()),
+            "seeds": [i["seed"] for i in datamodule.evaluation_items()],
+            "sampler": {"num_inference_steps": h.num_inference_steps or pl_module.backbone.num_inference_steps,
+                        "guidance_scale": pl_module.backbone.guidance_scale if h.guidance_scale is None else h.guidance_scale},
+            "fit": {"method": fit.method, "solver": fit.solver, "strength": fit.strength, "intercept": fit.intercept,
+                    "train_r2": fit.train_r2, "fit_time_s": fit.fit_time_s, "score_mean": float(np.mean(y)),
+                    "score_std": float(np.std(y)), **fit.details},
+            "fidelity": fidelity,
+            "edit_applied_before": h.edit,
+            "world_size": trainer.world_size,
+            "versions": {p: metadata.version(p) for p in ("torch", "lightning", "diffusers", "scikit-learn", "cad-lightning")},
+            "python": platform.python_version(),
+            "wall_time_s": time.perf_counter() - self._start,
+        }
+        write_json(attribution / "meta.json", meta)
+
+
+class FirstOrderFidelity(Callback):
+    """Fidelity of first-order scores: put it after an AttributionWriter in ``trainer.callbacks``.
+
+    On ``masks`` random masks that ablate each component weight with probability ``density``, the predicted
+    ΔJ (−Σ α over the ablated weights) is compared with the measured one, on the run's own items (J as the
+    scores see it: the base branch of erase held at the unmasked model).
+
+    Args:
+        density: probability that a weight is ablated (one fixed density for all masks).
+        masks: held-out masks.
+        seed: seed of the masks.
+    """
+
+    def __init__(self, density: float = 0.02, masks: int = 64, seed: int = 12_345) -> None:
+        super().__init__()
+        if not 0 < density < 1:
+            raise UserInputError(f"FirstOrderFidelity density must be in (0, 1), got {density}.")
+        if masks < 2:
+            raise UserInputError(f"FirstOrderFidelity masks must be at least 2, got {masks}.")
+        self.density, self.masks, self.seed = density, masks, seed
+        self.record: dict | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        writer = next((c for c in trainer.callbacks if isinstance(c, AttributionWriter)), None)
+        if writer is None or writer.scores is None:
+            raise UserInputError("FirstOrderFidelity needs an AttributionWriter before it in trainer.callbacks.")
+        items = [i for i in trainer.datamodule.items() if i["concept"] == pl_module.concepts[0]]
+        prompts, seeds = [i["prompt"] for i in items], [int(i["seed"]) for i in items]
+        scores = writer.scores[pl_module.concepts[0]]
+        predicted, measured = first_order_fidelity(pl_module.backbone, pl_module.objective, prompts, seeds, scores,
+                                                   self.density, self.masks, self.seed, pl_module.hparams.chunk_size)
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        record = {"estimator": "first_order", "score": f"objective ({pl_module.hparams.objective}) J, change under the mask",
+                  "granularity": "weight", "density": self.density}
+        self.record = write_fidelity(run_dir, record, predicted, measured, trainer.logger,
+                                     xlabel="predicted ΔJ (−Σ α over ablated weights)", ylabel="measured ΔJ")
+        print(f"First-order fidelity: Pearson {self.record['pearson']:.3f}, Spearman {self.record['spearman']:.3f}")

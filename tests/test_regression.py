@@ -1,0 +1,128 @@
+"""The regression estimator: the fit recovers a planted linear model, a killed run resumes to the same α,
+a changed config is refused, and fidelity of first-order scores on random ablations."""
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from conftest import SHIPPED_MODEL, run_cli
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+from sklearn.linear_model import Ridge
+
+from cad_lightning import load_backbone
+from cad_lightning.attribution.components import ComponentSpace
+from cad_lightning.attribution.fidelity import first_order_fidelity
+from cad_lightning.attribution.linear_fit import fit_linear
+from cad_lightning.attribution.masks import sample_masks
+from cad_lightning.attribution.module import accumulate_first_order
+from cad_lightning.attribution.objectives import EraseObjective
+from cad_lightning.attribution.regression import RegressionCADModule
+from cad_lightning.data.mask_datamodule import MaskDataModule
+from cad_lightning.regression_callbacks import RegressionWriter
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("dense_limit, method", [(10**9, "ridge"), (0, "ridge"), (10**9, "lasso")])
+def test_fit_recovers_a_planted_linear_model(dense_limit, method):
+    n_components, n_masks = 80, 600
+    rows = lambda ids: sample_masks(n_components, ids, keep_prob=0.9, seed=3)  # noqa: E731
+    rng = np.random.default_rng(0)
+    coef = rng.normal(size=n_components) * (rng.random(n_components) < 0.3)  # sparse effects
+    ids = list(range(n_masks))
+    y = rows(ids).numpy().astype(np.float64) @ coef + 2.0 + rng.normal(size=n_masks) * 0.05
+    fit = fit_linear(rows, ids, y, method=method, dense_limit=dense_limit)
+    assert np.abs(fit.coef - coef).max() < 0.1
+    assert fit.intercept == pytest.approx(2.0, abs=0.5)
+    assert fit.train_r2 > 0.99
+    if dense_limit == 0:  # streaming normal equations: the same estimate as scikit-learn's Ridge
+        reference = Ridge(alpha=fit.strength).fit(rows(ids).numpy().astype(np.float64), y)
+        assert np.allclose(reference.coef_, fit.coef, atol=1e-8) and reference.intercept_ == pytest.approx(fit.intercept)
+
+
+def _run(root, *callbacks, steps=3, keep_prob=0.9):
+    module = RegressionCADModule(objective="erase", num_inference_steps=steps, granularity="layer", score="objective")
+    data = MaskDataModule(concept="circle", samples=1, masks=12, heldout_masks=4, keep_prob=keep_prob, batch_size=2)
+    writer = RegressionWriter(strengths=[0.1, 1.0])
+    trainer = pl.Trainer(default_root_dir=root, max_epochs=1, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[writer, *callbacks])
+    trainer.fit(module, datamodule=data)
+    return module, Path(root)
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAtBatch(Callback):
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch:
+            raise Killed("killed")
+
+
+def test_killed_run_resumes_with_only_the_missing_masks(tmp_path):
+    with pytest.raises(Killed):
+        _run(tmp_path / "run", KillAtBatch(3))
+    assert len(list((tmp_path / "run" / "mask_scores").glob("chunk-*.json"))) == 3  # 6 of 16 masks finished
+    resumed, run = _run(tmp_path / "run")
+    assert resumed.computed == 16 - 6
+    fresh, fresh_run = _run(tmp_path / "fresh")
+    assert fresh.computed == 16
+    a = load_file(run / "attribution" / "scores.safetensors")
+    b = load_file(fresh_run / "attribution" / "scores.safetensors")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-12) for k in a)
+    assert any(float(a[k].abs().sum()) > 0 for k in a)
+    meta = json.loads((run / "attribution" / "meta.json").read_text())
+    assert meta["estimator"] == "regression" and meta["masks"]["computed_this_run"] == 10
+    fidelity = json.loads((run / "attribution" / "fidelity.json").read_text())
+    assert fidelity["masks"] == 4 and -1 <= fidelity["spearman"] <= 1 and (run / "attribution" / "fidelity.png").is_file()
+
+
+def test_restart_with_another_config_is_refused(tmp_path, capsys):
+    args = ["fit", "--config", str(CONFIGS / "attribute_regression.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            "--model.score", "objective", "--model.num_inference_steps", "2", "--model.granularity", "layer",
+            "--data.samples", "1", "--data.masks", "4", "--data.heldout_masks", "0", "--data.batch_size", "4"]
+    assert run_cli(args) == 0
+    code = run_cli(args + ["--data.keep_prob", "0.9", "--model.num_inference_steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cad: error:" in err and "keep_prob" in err and "num_inference_steps" in err and "concept" not in err
+
+
+def test_first_order_scores_predict_random_ablations():
+    """First-order α on the FF weights predicts the change of J (base branch frozen) under random 2% masks."""
+    backbone = load_backbone(SHIPPED_MODEL)
+    names = ComponentSpace(["ff"]).names(backbone.unet)
+    params = dict(backbone.unet.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
+    objective = EraseObjective(num_inference_steps=5)
+    prompts, seeds = ["a circle", "a red circle", "a striped circle"], [0, 1, 2]
+    buffers = [torch.zeros_like(params[n]) for n in names]
+    _, states = accumulate_first_order(backbone, objective, names, prompts, seeds, buffers)
+    backbone.requires_grad_(False)
+    scores = {n: b / states for n, b in zip(names, buffers)}
+    predicted, measured = first_order_fidelity(backbone, objective, prompts, seeds, scores, density=0.02, masks=24)
+    spearman = float(np.corrcoef(np.argsort(np.argsort(predicted)), np.argsort(np.argsort(measured)))[0, 1])
+    assert spearman > 0.6, (spearman, predicted[:5], measured[:5])
+
+
+def test_first_order_fidelity_callback_writes_its_artifacts(tmp_path):
+    code = run_cli(["fit", "--config", str(CONFIGS / "attribute.yaml"), "--trainer.default_root_dir", str(tmp_path),
+                    "--model.num_inference_steps", "3", "--data.samples", "2", "--data.batch_size", "2",
+                    "--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false",
+                    "--trainer.callbacks+=cad_lightning.regression_callbacks.FirstOrderFidelity",
+                    "--trainer.callbacks.masks", "6"])
+    assert code == 0
+    run = sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
+    fidelity = json.loads((run / "attribution" / "fidelity.json").read_text())
+    assert fidelity["estimator"] == "first_order" and fidelity["masks"] == 6 and fidelity["density"] == 0.02
+    assert -1 <= fidelity["spearman"] <= 1 and (run / "attribution" / "fidelity.png").is_file()
