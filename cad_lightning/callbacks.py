@@ -405,7 +405,8 @@ def markdown_report(report: dict) -> str:
     lines = [f"# CAD {report['mode']} of '{report['concept']}'", "",
              f"objective: {report['objective']}, scope: {report['scope']}, " + (
                  f"base prompt: '{report['base_prompt']}'" if report.get("base_word") is None else
-                 f"base prompts: each prompt with '{report['concept']}' replaced by '{report['base_word']}'"), ""]
+                 f"base prompts: each prompt without '{report['concept']}'"
+                 + ("" if report["base_word"] in ("auto", "") else f" ('{report['base_word']}' in its place)")), ""]
     if "results" in report:
         concept = report["concept"]
         lines += [f"unedited accuracy on '{concept}': {report['before'][concept]:.3f}; "

@@ -76,3 +76,21 @@ def test_prompt_without_its_concept():
     assert without_concept("a red circle", "red", "") == "a circle"
     with pytest.raises(UserInputError, match="not a concept"):
         without_concept("a dog", "dog")
+
+
+def test_retained_accuracy_is_measured_on_the_retained_prompts():
+    """Colours named in the target's prompts ('a red circle') do not count for the retained colour: after
+    erasing 'circle' those images may hold no shape at all."""
+    from cad_lightning.evaluation.concepts import accuracy_from_predictions, evaluation_items
+
+    items = evaluation_items("circle", ["red", "square"], n_target=8, n_retain=16)
+    predicted = {"shape": [], "colour": [], "texture": []}
+    for item in items:
+        if item.group == "target":  # the erased target: wrong everything
+            predicted["shape"].append("star"), predicted["colour"].append("blue"), predicted["texture"].append("striped")
+        else:  # retained prompts drawn exactly as named
+            words = item.prompt.split()[1:]
+            predicted["colour"].append(words[0]), predicted["texture"].append(words[1]), predicted["shape"].append(words[2])
+    accuracy = accuracy_from_predictions(items, predicted)
+    assert accuracy["circle"] == 0.0
+    assert accuracy["red"] == 1.0 and accuracy["square"] == 1.0

@@ -75,9 +75,10 @@ def concept_accuracy(
 
 
 def accuracy_from_predictions(items: list[EvalItem], predicted: dict[str, list[str]]) -> dict[str, float]:
-    """``{concept: accuracy}``: per-class accuracy over the items whose prompt names the concept."""
+    """``{concept: accuracy}``: per-class accuracy over the items whose prompt names the concept; a retained
+    concept is measured on the retained group's prompts (which never name the target), the target on its own."""
     result: dict[str, float] = {}
-    for group in ("target", "retain"):
+    for group in ("retain", "target"):
         for kind, words in CONCEPT_KINDS.items():
             rows = [(n, i.named[kind]) for n, i in enumerate(items) if i.group == group and kind in i.named]
             if not rows:
