@@ -95,6 +95,7 @@ class Preemption(Callback):
         self._previous: dict[int, object] = {}
         self._fingerprint = ""
         self._generation = 0
+        self._saved = False
 
     # --- resume -------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
@@ -133,6 +134,7 @@ class Preemption(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.signal_received != signal.SIGUSR1:
             return  # SIGTERM: Lightning stops at this boundary itself
+        self._save(trainer, pl_module)  # before the requeue, after which Slurm stops the job
         if trainer.is_global_zero and SLURMEnvironment.detect():
             requeue_slurm_job()
         raise SIGTERMException(f"Stopped by signal {signal.Signals(self.signal_received).name}; progress saved in "
@@ -141,8 +143,13 @@ class Preemption(Callback):
     # --- save ---------------------------------------------------------------------------------
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
         # SIGTERMException is raised only at batch boundaries, where the buffers hold whole batches
-        if not isinstance(exception, SIGTERMException) or not self._fingerprint:
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer: pl.Trainer, pl_module) -> None:
+        if self._saved or not self._fingerprint:
             return
+        self._saved = True
         if trainer.max_epochs != 1 or trainer.current_epoch > 0:
             rank_zero_warn("This run has several epochs (iterative selection): its progress is not saved; "
                            "a restart begins again.")
