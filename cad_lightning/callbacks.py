@@ -214,9 +214,9 @@ class AttributionWriter(Callback):
     # --- end of fit ---------------------------------------------------------------------------
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         self._apply(pl_module, None)
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast from rank 0: on every rank
         if not trainer.is_global_zero:
             return
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         target = pl_module.concepts[0]
         scores = self.scores[target]
         self._write_scores(run_dir, trainer, pl_module, scores)

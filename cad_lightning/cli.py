@@ -2,16 +2,23 @@
 
 ``cad fit --config configs/attribute.yaml`` runs attribution, ``cad fit --config configs/pretrain_tiny.yaml``
 trains the embedded model, ``cad predict --config configs/generate.yaml`` generates images.
+
+For modules that train nothing (``synchronizes_gradients = False``, e.g. CADModule) ``--trainer.strategy ddp``
+(or ``auto`` with several devices or nodes) runs as ``ddp_attribution``: Lightning's DDP without the per-step
+synchronisation of DistributedDataParallel (cad_lightning/strategy.py).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
 from cad_lightning.errors import UserInputError
+from cad_lightning.strategy import NAME as ATTRIBUTION_STRATEGY
+from cad_lightning.strategy import uses_gradient_sync
 
 
 class CADCLI(LightningCLI):
@@ -21,6 +28,19 @@ class CADCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(pl.LightningModule, pl.LightningDataModule, *args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        class_path = getattr(config.get("model"), "class_path", None)
+        if not class_path or config.trainer.strategy not in ("ddp", "auto"):
+            return
+        module_name, _, class_name = class_path.rpartition(".")
+        if uses_gradient_sync(getattr(importlib.import_module(module_name), class_name)):
+            return
+        trainer = config.trainer
+        several = trainer.devices not in (1, "1") or (trainer.num_nodes or 1) > 1
+        if trainer.strategy == "ddp" or several:
+            trainer.strategy = ATTRIBUTION_STRATEGY
 
 
 def user_error_in(error: BaseException) -> UserInputError | None:

@@ -26,7 +26,7 @@ from cad_lightning.backbones.backbone import SAMPLER_DEFAULTS_FILE, DiffusionBac
 from cad_lightning.backbones.tokenizer import build_word_tokenizer
 from cad_lightning.data.world import CONCEPT_KINDS, VOCABULARY, prompts_naming
 from cad_lightning.evaluation.classifier import ConceptClassifier, load_concept_classifier
-from cad_lightning.utils import image_grid, log_image
+from cad_lightning.utils import atomic_folder, atomic_path, image_grid, log_image
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor: float = 0.05):
@@ -188,12 +188,13 @@ class TextToImagePretrain(pl.LightningModule):
     def export(self, folder: str | Path) -> None:
         """Write the model as a diffusers folder: unet/, text_encoder/, tokenizer/, scheduler/ and sampler defaults."""
         folder = Path(folder)
-        self.unet.save_pretrained(folder / "unet")
-        self.text_encoder.save_pretrained(folder / "text_encoder")
-        self.tokenizer.save_pretrained(folder / "tokenizer")
-        self.noise_scheduler.save_pretrained(folder / "scheduler")
+        for name, part in (("unet", self.unet), ("text_encoder", self.text_encoder), ("tokenizer", self.tokenizer),
+                           ("scheduler", self.noise_scheduler)):
+            with atomic_folder(folder / name) as tmp:  # a crash never leaves half a model part
+                part.save_pretrained(tmp)
         defaults = {"num_inference_steps": self.hparams.sample_steps, "guidance_scale": self.hparams.guidance_scale}
-        (folder / SAMPLER_DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
+        with atomic_path(folder / SAMPLER_DEFAULTS_FILE) as tmp:
+            tmp.write_text(json.dumps(defaults, indent=2) + "\n")
 
 
 class ClassifierPretrain(pl.LightningModule):
@@ -253,4 +254,5 @@ class ClassifierPretrain(pl.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.classifier.save_pretrained(Path(self.hparams.export_dir) / "classifier")
+            with atomic_folder(Path(self.hparams.export_dir) / "classifier") as tmp:
+                self.classifier.save_pretrained(tmp)

@@ -1,8 +1,9 @@
-"""Small shared helpers: image grids, TensorBoard images, atomic file writes."""
+"""Small shared helpers: image grids, TensorBoard images, atomic file and folder writes."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +62,32 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike):
+    """Yield a temporary folder beside ``folder``; on success it replaces ``folder`` (the previous one is put
+    back if the rename fails), so no reader sees a half-written folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    old = None
+    try:
+        yield tmp
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
+            os.replace(folder, old / folder.name)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if old is not None and not folder.exists():
+                os.replace(old / folder.name, folder)  # put the previous folder back
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_image(image: Image.Image, path: str | os.PathLike) -> None:

@@ -5,20 +5,29 @@ trajectories once, evaluates the concept objective J on every state and accumula
 attribution α = w·∂J/∂w of the selected components in fp32 buffers, one set per concept (the target and,
 for retain-aware selection, the retained concepts). The buffers are registered, so they travel in Lightning
 checkpoints; ranks reduce them once, when an epoch ends (never per step), see :meth:`reduced_scores`.
+
+Across processes the module is not wrapped in DistributedDataParallel (see cad_lightning/strategy.py): each rank
+accumulates the items of its shard and nothing is synchronised per step. ``items_done`` marks the finished items
+of the epoch, so a run resumed after preemption (cad_lightning/preemption.py) skips them.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 from cad_lightning.attribution.components import ComponentSpace
 from cad_lightning.attribution.objectives import OBJECTIVES, ConceptObjective
 from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
 from cad_lightning.errors import UserInputError
 from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
+from cad_lightning.preemption import Preemption
+from cad_lightning.strategy import NAME as ATTRIBUTION_STRATEGY
+from cad_lightning.strategy import AttributionStrategy
 
 
 def accumulate_first_order(
@@ -87,6 +96,8 @@ class CADModule(pl.LightningModule):
             renders, embedded model only) or a folder of images.
     """
 
+    synchronizes_gradients = False  # ranks reduce the score buffers explicitly, once per epoch
+
     def __init__(
         self,
         model_path: str = DEFAULT_MODEL,
@@ -120,16 +131,29 @@ class CADModule(pl.LightningModule):
             apply_edit(self.backbone.unet, edit)
         self.concepts: list[str] = []
         self.objective: ConceptObjective | None = None
+        self.restored: dict[str, torch.Tensor] = {}  # sums saved by a preempted run, see restore_accumulated
+        self._items_start = (0.0, 0)
 
     # --- set-up -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None:
             raise UserInputError("CADModule needs an AttributionDataModule (the data: section of the config).")
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not isinstance(strategy, AttributionStrategy):
+            raise UserInputError(
+                f"trainer.strategy {type(strategy).__name__} would synchronise the score buffers at every step; use "
+                f"'{ATTRIBUTION_STRATEGY}' (the cad command line does this for 'ddp')."
+            )
         self.configure_concepts(datamodule.concepts, datamodule.base_prompt)
         if self.hparams.dtype == "fp32" and not self.hparams.allow_tf32:
             use_ieee_fp32(self.trainer.strategy.root_device)
+        if not hasattr(self, "items_done"):
+            self.register_buffer("items_done", torch.zeros(len(datamodule.items()), dtype=torch.bool, device=self.device))
         self.backbone.check_prompts(datamodule.all_prompts())  # fail before any work is done
+
+    def configure_callbacks(self):
+        return [Preemption()]
 
     def configure_concepts(self, concepts: list[str], base_prompt: str) -> None:
         """Create one fp32 score buffer per (concept, component) and the objective."""
@@ -162,7 +186,11 @@ class CADModule(pl.LightningModule):
         return None
 
     # --- accumulation -------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self._items_start = (time.perf_counter(), int(self.items_done.sum()))
+
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        batch = [item for item in batch if not self.items_done[item["item_id"]]]  # finished before a preemption
         for c, concept in enumerate(self.concepts):
             if c > 0 and self.current_epoch > 0:
                 continue  # retained concepts are scored once, on the unedited model (first epoch)
@@ -170,7 +198,23 @@ class CADModule(pl.LightningModule):
             if items:
                 bases = [i.get("base_prompt", self.objective.base_prompt) for i in items]
                 self.accumulate(c, [i["prompt"] for i in items], [int(i["seed"]) for i in items], bases)
-        self.log("attribution/items", float(len(batch)), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+        for item in batch:
+            self.items_done[item["item_id"]] = True
+        self._log_progress()
+
+    def _log_progress(self) -> None:
+        """Items done, items/s and the running mean of J, as seen on rank 0 (its shard of the items)."""
+        start, done_at_start = self._items_start
+        done = int(self.items_done.sum())
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        count = float(self.count_0) + float(self.restored.get("count_0", 0.0))
+        running_j = (float(self.objective_sum_0) + float(self.restored.get("objective_sum_0", 0.0))) / max(count, 1.0)
+        log = dict(on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+        self.log("items", float(done), prog_bar=True, logger=False, **log)
+        self.log("progress/items_done", float(done), **log)
+        self.log("progress/items_per_s", (done - done_at_start) / elapsed, **log)
+        if count:
+            self.log("progress/running_J", running_j, **log)
 
     def accumulate(self, concept_index: int, prompts: list[str], seeds: list[int],
                    base_prompts: list[str] | None = None) -> None:
@@ -188,8 +232,28 @@ class CADModule(pl.LightningModule):
     # --- results ------------------------------------------------------------------------------
     def reset_scores(self) -> None:
         for name, buffer in self.named_buffers():
-            if name.startswith(("alpha_", "count_", "objective_sum_")):
+            if name.startswith(("alpha_", "count_", "objective_sum_", "items_done")):
                 buffer.zero_()
+        self.restored = {}
+
+    def accumulated_state(self) -> dict[str, torch.Tensor]:
+        """This rank's sums of the current epoch and the items they cover (what a preempted run saves)."""
+        return {name: buffer for name, buffer in self.named_buffers()
+                if name.startswith(("alpha_", "count_", "objective_sum_", "items_done"))}
+
+    def restore_accumulated(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the saved state of a preempted run: its items are skipped, its sums added once when reducing."""
+        own = self.accumulated_state()
+        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+            raise UserInputError("The saved progress does not match this run's concepts and components; restart "
+                                 "with the same config, or remove the preemption folder to start afresh.")
+        self.items_done.copy_(state["items_done"])
+        self.restored = {k: v.to(self.device) for k, v in state.items() if k != "items_done"}
+
+    def _reduced_sum(self, name: str) -> torch.Tensor:
+        """The sum of a buffer over all ranks, plus what a preempted run saved of it."""
+        total = self.trainer.strategy.reduce(getattr(self, name).clone(), reduce_op="sum")
+        return total + self.restored[name] if name in self.restored else total
 
     def reduced_scores(self) -> dict[str, dict[str, torch.Tensor]]:
         """Mean α per concept over all states of all ranks: ``{concept: {parameter name: (shape) fp32}}``
@@ -199,21 +263,21 @@ class CADModule(pl.LightningModule):
         """
         out = {}
         for c, concept in enumerate(self.concepts):
-            count = self.trainer.strategy.reduce(getattr(self, f"count_{c}").clone(), reduce_op="sum")
+            count = self._reduced_sum(f"count_{c}")
             if float(count) == 0:
                 if c == 0:
                     raise RuntimeError(f"No item of concept '{concept}' was attributed; the data module gave none.")
                 continue  # a retained concept not scored this epoch
             scores = {}
             for p, name in enumerate(self.component_names):
-                total = self.trainer.strategy.reduce(getattr(self, self._buffer_name(c, p)).clone(), reduce_op="sum")
+                total = self._reduced_sum(self._buffer_name(c, p))
                 scores[name] = (total / count).float().cpu()
             out[concept] = scores
         return out
 
     def mean_objective(self, concept_index: int = 0) -> float:
-        count = self.trainer.strategy.reduce(getattr(self, f"count_{concept_index}").clone(), reduce_op="sum")
-        total = self.trainer.strategy.reduce(getattr(self, f"objective_sum_{concept_index}").clone(), reduce_op="sum")
+        count = self._reduced_sum(f"count_{concept_index}")
+        total = self._reduced_sum(f"objective_sum_{concept_index}")
         return float(total / count)
 
     @property

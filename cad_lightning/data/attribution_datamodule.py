@@ -1,9 +1,12 @@
 """AttributionDataModule: the (ablation-mask, prompt) items of an attribution run.
 
 An item is ``{"item_id", "concept", "prompt", "base_prompt", "seed", "mask"}``: one sampling run of one
-prompt, the base prompt its erase objective compares it with, and the ablation mask the model is evaluated under (``None``: the model as loaded, possibly with ``model.edit``
-applied; mask ids are used by the regression estimator). Items are a plain map-style dataset, so Lightning's
-DistributedSampler shards them across processes and nodes.
+prompt, the base prompt its erase objective compares it with, and the ablation mask the model is evaluated
+under (``None``: the model as loaded, possibly with ``model.edit`` applied; mask ids are used by the
+regression estimator).
+
+Across processes and nodes the items are sharded by :class:`ItemShardSampler`: every item on exactly one rank
+(Lightning's default DistributedSampler would repeat items to even out the shards, counting them twice).
 
 For the embedded model a concept is a word of the shapes world and its prompts come from the world's
 templates (the other kinds named or not at random); for other models a concept is free text put into
@@ -16,14 +19,46 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cad_lightning.data.world import CONCEPT_KINDS, VOCABULARY, concept_kind, prompts_naming, without_concept
 from cad_lightning.errors import UserInputError
 
 
-def _collate(batch: list[dict]) -> list[dict]:
-    return batch
+PADDING = -1  # the sampler's index of an empty slot
+
+
+class ItemList(Dataset):
+    """The items as a map-style dataset; the index ``PADDING`` gives no item."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict | None:
+        return None if index == PADDING else self.items[index]
+
+
+class ItemShardSampler(DistributedSampler):
+    """Rank r of W takes items r, r + W, r + 2W, ...: each item once, on one rank, in order.
+
+    Shards differ by at most one item; the shorter ones end with a ``PADDING`` slot, which yields no item, so
+    that every rank runs the same number of steps (Lightning exchanges a stop flag between ranks at every step).
+    A DistributedSampler, so Lightning keeps it instead of putting in its own.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        indices = list(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(indices + [PADDING] * (self.num_samples - len(indices)))
+
+
+def _collate(batch: list[dict | None]) -> list[dict]:
+    return [item for item in batch if item is not None]
 
 
 class AttributionDataModule(pl.LightningDataModule):
@@ -142,4 +177,7 @@ class AttributionDataModule(pl.LightningDataModule):
         return [i["prompt"] for i in items] + [i["base_prompt"] for i in items] + [self.base_prompt]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.items(), batch_size=self.batch_size, shuffle=False, collate_fn=_collate)
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        dataset = ItemList(self.items())
+        sampler = ItemShardSampler(dataset, num_replicas=world_size, rank=rank)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_collate)

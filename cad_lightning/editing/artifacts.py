@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -19,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cad_lightning.errors import UserInputError
-from cad_lightning.utils import atomic_path
+from cad_lightning.utils import atomic_folder, atomic_path
 
 FORMAT_KEY = "cad_lightning_format"
 FORMAT_VALUE = "ablation-masks/1"
@@ -141,23 +139,6 @@ def save_edited_unet(unet: torch.nn.Module, masks: Mapping[str, torch.Tensor], f
     folder = Path(folder)
     edited = copy.deepcopy(unet)
     apply_masks(edited, masks)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    old = None
-    try:
+    with atomic_folder(folder) as tmp:
         edited.save_pretrained(tmp)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
-            os.replace(folder, old / folder.name)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if old is not None and not folder.exists():
-                os.replace(old / folder.name, folder)  # put the previous folder back
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return folder

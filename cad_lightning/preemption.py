@@ -1,0 +1,184 @@
+"""Preemption without loss: the accumulated state of an attribution run survives SIGUSR1 / SIGTERM and a restart.
+
+How it works:
+- A signal only sets a flag. At the next batch boundary the run stops with Lightning's ``SIGTERMException``
+  (for SIGTERM Lightning does this itself; for SIGUSR1 :class:`Preemption` raises it and, under SLURM, first
+  requeues the job with ``scontrol requeue``, as Lightning's own SLURM handler does).
+- On that exception every rank writes its own state file (``<default_root_dir>/preemption/``, atomically):
+  its score buffers, counts and the ids of the items it finished, all summed over exactly those items. No
+  collective is needed, so a rank that is killed before writing only loses its own unsaved work: its items
+  are not marked done and are attributed again.
+- A run started with the same config and ``trainer.default_root_dir`` (a requeued SLURM job, or the same
+  command again) loads every state file: the union of the finished items is skipped, the saved sums are
+  added once in :meth:`CADModule.reduced_scores`. This works at any world size, also one different from the
+  preempted run's. A state written by a different config is refused.
+- When the artifacts are written the folder is removed.
+
+Why not a Lightning checkpoint: Lightning writes checkpoints from rank 0 only (the other ranks' partial sums
+would be lost), its SLURM handler saves inside the signal handler (possibly halfway through adding a batch to
+the buffers), and it resumes a mid-epoch loop only with a stateful data loader. Runs with several epochs
+(the ``iterative`` selection) edit the model between epochs; they save nothing and start again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from cad_lightning.errors import UserInputError
+from cad_lightning.utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+STATE_FOLDER = "preemption"
+
+
+def state_folder(trainer: pl.Trainer) -> Path:
+    return Path(trainer.default_root_dir) / STATE_FOLDER
+
+
+def run_fingerprint(pl_module, datamodule) -> str:
+    """A hash of everything that decides the scores: the module's hyperparameters and the items."""
+    items = [(i["item_id"], i["concept"], i["prompt"], i["seed"]) for i in datamodule.items()]
+    content = {"model": dict(pl_module.hparams), "components": pl_module.component_names, "items": items,
+               "base_prompt": datamodule.base_prompt}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_rank_state(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"fingerprint": fingerprint, "tensors": {k: v.detach().cpu() for k, v in tensors.items()}}, tmp)
+
+
+def load_states(paths: list[Path], fingerprint: str) -> dict[str, torch.Tensor]:
+    """The sum of the saved tensors of all files (``items_done``: their union)."""
+    total: dict[str, torch.Tensor] = {}
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != fingerprint:
+            raise UserInputError(
+                f"{path.parent} holds the saved progress of a run with a different config; restart with the same "
+                "config, or remove that folder (or use another trainer.default_root_dir) to start afresh."
+            )
+        for name, tensor in state["tensors"].items():
+            if name not in total:
+                total[name] = tensor.clone()
+            elif name == "items_done":
+                if (total[name] & tensor).any():
+                    raise RuntimeError(f"The saved states in {path.parent} mark the same item done twice.")
+                total[name] |= tensor
+            else:
+                total[name] += tensor
+    return total
+
+
+class Preemption(Callback):
+    """Saves the accumulated state on SIGUSR1 / SIGTERM, requeues under SLURM, resumes from a saved state.
+
+    Added by :class:`CADModule` itself (``configure_callbacks``), so every attribution config has it.
+    """
+
+    def __init__(self) -> None:
+        self.signal_received: int | None = None
+        self._previous: dict[int, object] = {}
+        self._fingerprint = ""
+        self._generation = 0
+        self._saved = False
+
+    # --- resume -------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._fingerprint = run_fingerprint(pl_module, trainer.datamodule)
+        folder = state_folder(trainer)
+        # rank 0 decides which files make the resumed state, so every rank loads the same ones
+        names = sorted(p.name for p in folder.glob("state-*.pt")) if trainer.is_global_zero else None
+        names = trainer.strategy.broadcast(names, src=0)
+        if names:
+            restored = load_states([folder / n for n in names], self._fingerprint)
+            pl_module.restore_accumulated(restored)
+            rank_zero_info(f"Resumed from {len(names)} saved state(s) in {folder}: "
+                           f"{int(restored['items_done'].sum())} item(s) already attributed.")
+        self._generation = 1 + max((int(n.split("-")[1][1:]) for n in names), default=-1)
+        self._install_handlers()
+
+    # --- signals ------------------------------------------------------------------------------
+    def _install_handlers(self) -> None:
+        # Lightning registered its handlers before training starts; SIGUSR1's (SLURM) would save a checkpoint
+        # inside the handler, so it is replaced; SIGTERM's is kept and called after ours
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.signal_received = signum
+        previous = self._previous.get(signum)
+        if signum == signal.SIGTERM and callable(previous):
+            previous(signum, frame)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.signal_received != signal.SIGUSR1:
+            return  # SIGTERM: Lightning stops at this boundary itself
+        self._save(trainer, pl_module)  # before the requeue, after which Slurm stops the job
+        if trainer.is_global_zero and SLURMEnvironment.detect():
+            requeue_slurm_job()
+        raise SIGTERMException(f"Stopped by signal {signal.Signals(self.signal_received).name}; progress saved in "
+                               f"{state_folder(trainer)}.")
+
+    # --- save ---------------------------------------------------------------------------------
+    def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
+        # SIGTERMException is raised only at batch boundaries, where the buffers hold whole batches
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer: pl.Trainer, pl_module) -> None:
+        if self._saved or not self._fingerprint:
+            return
+        self._saved = True
+        if trainer.max_epochs != 1 or trainer.current_epoch > 0:
+            rank_zero_warn("This run has several epochs (iterative selection): its progress is not saved; "
+                           "a restart begins again.")
+            return
+        tensors = pl_module.accumulated_state()
+        if not tensors["items_done"].any():
+            return
+        path = state_folder(trainer) / f"state-g{self._generation:04d}-rank{trainer.global_rank:05d}.pt"
+        save_rank_state(path, tensors, self._fingerprint)
+        log.warning(f"[rank {trainer.global_rank}] saved {int(tensors['items_done'].sum())} attributed item(s) "
+                    f"to {path}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        """The artifacts are written (callbacks of the trainer run before this one): the saved states are spent."""
+        self._restore_handlers()
+        if trainer.is_global_zero:
+            for path in state_folder(trainer).glob("state-*.pt"):
+                path.unlink()
+
+    def teardown(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        self._restore_handlers()
+
+
+def requeue_slurm_job() -> None:
+    """``scontrol requeue`` this job (an array task included)."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    result = subprocess.run(["scontrol", "requeue", job], check=False)
+    if result.returncode == 0:
+        log.warning(f"Requeued SLURM job {job}.")
+    else:
+        log.warning(f"Requeuing SLURM job {job} failed (scontrol exit code {result.returncode}).")

@@ -1,0 +1,122 @@
+"""Attribution across processes and nodes: equal scores at any world size, no per-step synchronisation,
+sharding without overlap or loss, preemption (SIGUSR1 / SIGTERM) and resume without loss.
+
+Runs of ``cad fit`` are subprocesses (Lightning launches the second rank of ``--trainer.devices 2`` itself; the
+two-node runs are launched here with the environment variables a cluster would set). Five items on two
+ranks: uneven shards (3 + 2).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from distributed_runs import (
+    TESTS,
+    TINY,
+    TOLERANCE,
+    cad_fit,
+    environment,
+    free_port,
+    latest_scores,
+    max_relative_difference,
+)
+
+from cad_lightning.data.attribution_datamodule import PADDING, ItemList, ItemShardSampler
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The scores of the tiny run on one process."""
+    root = tmp_path_factory.mktemp("one_process")
+    cad_fit(root)
+    return latest_scores(root)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 7])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shards_cover_every_item_once(n, world_size):
+    dataset = ItemList([{"item_id": i} for i in range(n)])
+    shards = [list(ItemShardSampler(dataset, num_replicas=world_size, rank=r)) for r in range(world_size)]
+    assert len({len(s) for s in shards}) == 1  # the same number of steps on every rank
+    items = [i for s in shards for i in s if i != PADDING]
+    assert sorted(items) == list(range(n))  # no item lost, none twice
+    assert all(dataset[PADDING] is None for s in shards for i in s if i == PADDING)
+
+
+def test_two_processes_give_the_one_process_scores(tmp_path, reference):
+    cad_fit(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert max_relative_difference(latest_scores(tmp_path), reference) <= TOLERANCE
+    meta = json.loads(next((tmp_path / "lightning_logs").glob("version_*/attribution/meta.json")).read_text())
+    assert meta["world_size"] == 2 and meta["items"] == 5
+
+
+def test_two_nodes_reduce_once_and_give_the_one_process_scores(tmp_path, reference):
+    """Two nodes of one process each, launched with the environment variables of a cluster; every collective
+    call is recorded: none inside a training step, no DistributedDataParallel wrapper or buffer broadcast, no
+    gradients, and the score buffers are all-reduced exactly once each."""
+    port = str(free_port())
+    out = tmp_path / "calls.json"
+    args = [sys.executable, str(TESTS / "ddp_probe.py"), str(out), *TINY, "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp"]
+    procs = [subprocess.Popen(args, env=environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank),
+                                                    LOCAL_RANK="0", WORLD_SIZE="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    scores = latest_scores(tmp_path)
+    assert max_relative_difference(scores, reference) <= TOLERANCE
+
+    buffer_sizes = sorted(t.numel() for t in scores.values())
+    for rank in range(2):
+        record = json.loads(out.with_suffix(f".rank{rank}.json").read_text())
+        assert record["world_size"] == 2 and record["strategy"] == "AttributionStrategy"
+        assert record["wrapped"] == "CADModule" and record["grads"] == []
+        calls = record["calls"]
+        assert [c for c in calls if c["phase"] == "step"] == []
+        assert [c for c in calls if c["op"] == "_broadcast_coalesced"] == []
+        # the only tensor sent at every step is Lightning's one-element stop flag
+        assert [c for c in calls if c["op"] == "broadcast" and c["numel"] != 1] == []
+        assert len([c for c in calls if c["op"] == "broadcast"]) == record["batches"] == 3
+        assert [c for c in calls if (c["numel"] or 0) > 1 and c["phase"] == "setup"] == []
+        # reduced once, after the last step: every score buffer; one-element counts and sums (scores, mean J)
+        # and Lightning's stop decision
+        reduced = sorted(c["numel"] for c in calls if c["op"] == "all_reduce" and c["phase"] == "between")
+        assert [n for n in reduced if n > 1] == buffer_sizes
+        assert len(reduced) <= len(buffer_sizes) + 4
+
+
+def test_preempted_two_process_run_resumes_on_one_process(tmp_path, reference):
+    """SIGUSR1 reaches both ranks during their second batch: each saves its finished items and stops; the
+    same command on one process (another world size) resumes, attributes only the rest, and ends with the
+    scores of an uninterrupted run; a different config may not resume that state."""
+    stopped = cad_fit(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                      "--trainer.callbacks+=signal_at.SignalAt", "--trainer.callbacks.init_args.batch", "1", check=False)
+    assert stopped.returncode != 0
+    states = sorted((tmp_path / "preemption").glob("state-*.pt"))
+    assert len(states) == 2, stopped.stderr[-3000:]
+    assert not list(tmp_path.glob("lightning_logs/*/attribution/scores.safetensors"))
+
+    other = cad_fit(tmp_path, "--data.seed", "1", check=False)
+    assert other.returncode == 2 and "different config" in other.stderr
+
+    resumed = cad_fit(tmp_path)
+    assert "4 item(s) already attributed" in resumed.stdout + resumed.stderr
+    assert max_relative_difference(latest_scores(tmp_path), reference) <= TOLERANCE
+    assert not list((tmp_path / "preemption").glob("state-*.pt"))  # spent once the artifacts are written
+
+
+def test_sigterm_saves_and_resumes(tmp_path, reference):
+    stopped = cad_fit(tmp_path, "--trainer.callbacks+=signal_at.SignalAt", "--trainer.callbacks.init_args.batch", "2",
+                      "--trainer.callbacks.init_args.signum", "SIGTERM", check=False)
+    assert len(list((tmp_path / "preemption").glob("state-*.pt"))) == 1, stopped.stderr[-3000:]
+    assert not list(tmp_path.glob("lightning_logs/*/attribution/scores.safetensors"))
+    resumed = cad_fit(tmp_path)
+    assert "3 item(s) already attributed" in resumed.stdout + resumed.stderr
+    assert max_relative_difference(latest_scores(tmp_path), reference) <= TOLERANCE
