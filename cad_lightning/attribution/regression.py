@@ -22,7 +22,7 @@ import torch
 
 from cad_lightning.attribution.mask_scores import SCORES, classifier_scores, concept_index, freeze_base, objective_scores
 from cad_lightning.attribution.masks import GRANULARITIES, MaskLayout, sample_masks
-from cad_lightning.attribution.module import CADModule
+from cad_lightning.attribution.module import CADModule, use_ieee_fp32
 from cad_lightning.attribution.objectives import OBJECTIVES
 from cad_lightning.attribution.store import MaskScoreStore
 from cad_lightning.errors import UserInputError
@@ -76,6 +76,12 @@ class RegressionCADModule(CADModule):
         self._inputs = None
 
     # --- set-up -------------------------------------------------------------------------------
+    def configure_callbacks(self):
+        return []  # interruptions are covered by the mask-score store, not by the first-order preemption state
+
+    def on_train_epoch_start(self) -> None:
+        pass  # no first-order progress to track
+
     def setup(self, stage: str) -> None:
         from cad_lightning.data.mask_datamodule import MaskDataModule
 
@@ -92,6 +98,8 @@ class RegressionCADModule(CADModule):
         )
         self.backbone.check_prompts(datamodule.all_prompts())
         self.backbone.requires_grad_(False)
+        if self.hparams.dtype == "fp32":
+            use_ieee_fp32(self.trainer.strategy.root_device)
         if self.hparams.score == "classifier":
             from cad_lightning.evaluation.classifier import load_concept_classifier
 
