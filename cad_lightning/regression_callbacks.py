@@ -67,6 +67,7 @@ class RegressionWriter(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         scores = pl_module.gathered_scores()  # a collective: every rank takes part
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast from rank 0: on every rank
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
@@ -78,7 +79,6 @@ class RegressionWriter(Callback):
         fit = fit_linear(pl_module.masks, train_ids, y, self.method, self.strengths, self.folds, self.dense_limit)
         self.fit = fit
         layout = pl_module.layout
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         attribution = run_dir / "attribution"
         concept = pl_module.concepts[0]
         with atomic_path(attribution / "scores.safetensors") as tmp:

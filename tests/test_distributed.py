@@ -120,3 +120,31 @@ def test_sigterm_saves_and_resumes(tmp_path, reference):
     resumed = cad_fit(tmp_path)
     assert "3 item(s) already attributed" in resumed.stdout + resumed.stderr
     assert max_relative_difference(latest_scores(tmp_path), reference) <= TOLERANCE
+
+
+def test_regression_rows_and_coefficients_do_not_depend_on_the_world_size(tmp_path):
+    """The regression estimator on 1 and on 2 processes (mask ids sharded, rows gathered on rank 0): the same
+    mask scores and the same fitted coefficients."""
+    from safetensors.torch import load_file
+
+    results = {}
+    for devices in (1, 2):
+        root = tmp_path / f"devices_{devices}"
+        args = [sys.executable, "-m", "cad_lightning.cli", "fit", "--config", str(TESTS.parent / "configs" / "attribute_regression.yaml"),
+                "--data.masks", "10", "--data.heldout_masks", "3", "--data.samples", "1", "--data.batch_size", "2",
+                "--model.num_inference_steps", "2", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+                "--trainer.strategy", "ddp" if devices == 2 else "auto", "--trainer.enable_progress_bar", "false",
+                "--trainer.default_root_dir", str(root)]
+        run = subprocess.run(args, env=environment(), capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows = {}
+        for chunk in (root / "mask_scores").glob("chunk-*.json"):
+            record = json.loads(chunk.read_text())
+            rows.update(zip(record["ids"], record["scores"]))
+        version = next((root / "lightning_logs").glob("version_*"))
+        results[devices] = rows, load_file(version / "attribution" / "component_scores.safetensors")["coefficients"]
+    assert sorted(results[1][0]) == sorted(results[2][0]) and len(results[1][0]) == 13
+    for mask_id, score in results[1][0].items():
+        assert results[2][0][mask_id] == pytest.approx(score, rel=1e-5, abs=1e-7)
+    a, b = results[1][1], results[2][1]
+    assert float((a - b).abs().max() / a.abs().max()) <= TOLERANCE
