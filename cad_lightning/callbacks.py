@@ -341,10 +341,10 @@ class AttributionWriter(Callback):
             rows, labels = [before_images[show]], ["unedited"]
             for ratio, masks in sorted(per_ratio.items()):
                 progress.set_postfix_str(f"{selection} {ratio:g}")
-                progress.update()
                 self._apply(pl_module, masks)
                 accuracy, images = concept_accuracy(backbone, detector, items, self.eval_batch_size)
                 self._apply(pl_module, None)
+                progress.update()
                 retained_acc = {c: accuracy[c] for c in retained if c in accuracy}
                 relative = {c: accuracy[c] / before[c] for c in retained_acc if before.get(c, 0) > 0}
                 results.append({

@@ -14,6 +14,7 @@ of the epoch, so a run resumed after preemption (cad_lightning/preemption.py) sk
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -24,6 +25,9 @@ from cad_lightning.attribution.components import ComponentSpace
 from cad_lightning.attribution.objectives import OBJECTIVES, ConceptObjective
 from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
 from cad_lightning.errors import UserInputError
+
+# Attribution trains nothing: the frozen model is in eval mode on purpose, which Lightning would warn about.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
 from cad_lightning.preemption import Preemption
 from cad_lightning.strategy import NAME as ATTRIBUTION_STRATEGY
