@@ -43,3 +43,17 @@ def run_cli(args: list[str]) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 1
     return 0
+
+
+def ff_scoring_backbone():
+    """A fresh copy of the shipped model with its FF weights (the default components) set to take gradients:
+    (backbone, their names, every UNet parameter by name)."""
+    from cad_lightning import load_backbone
+    from cad_lightning.attribution.components import ComponentSpace
+
+    backbone = load_backbone(SHIPPED_MODEL)
+    names = ComponentSpace(["ff"]).names(backbone.unet)
+    params = dict(backbone.unet.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
+    return backbone, names, params

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import SHIPPED_MODEL, run_cli
+from conftest import SHIPPED_MODEL, ff_scoring_backbone, run_cli
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
@@ -79,11 +79,7 @@ def test_edited_unet_opens_in_plain_diffusers(small_run):
 def test_scores_are_the_first_order_effect():
     """α = w·∂J/∂w: shrinking a set S of weights by a factor (1 − ε) changes J by −ε Σ_S α (to first order).
     Checked for the top positive, the most negative and a random set of components."""
-    backbone = load_backbone(SHIPPED_MODEL)
-    names = ComponentSpace(["ff"]).names(backbone.unet)
-    params = dict(backbone.unet.named_parameters())
-    for name in names:
-        params[name].requires_grad_(True)
+    backbone, names, params = ff_scoring_backbone()
     objective = EraseObjective(num_inference_steps=6)
     prompts, seeds = ["a circle", "a red circle", "a striped circle", "a circle"], [0, 1, 2, 3]
     buffers = [torch.zeros_like(params[n]) for n in names]
@@ -204,11 +200,7 @@ def test_stable_diffusion_folder_end_to_end(tiny_sd_folder, tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_scores():
     """Recomputing activations in the backward pass changes memory, not the scores."""
-    backbone = load_backbone(SHIPPED_MODEL)
-    names = ComponentSpace(["ff"]).names(backbone.unet)
-    params = dict(backbone.unet.named_parameters())
-    for name in names:
-        params[name].requires_grad_(True)
+    backbone, names, params = ff_scoring_backbone()
     objective = EraseObjective(num_inference_steps=4)
     results = []
     for checkpointing in (False, True):
@@ -256,11 +248,7 @@ def test_items_carry_their_base_prompts():
 def test_erase_objective_uses_each_items_base_prompt():
     """With each item's base prompt equal to its prompt the gap, and so J and every score, is zero; with the
     concept word taken out it is not, and differs from the gap to the empty prompt."""
-    backbone = load_backbone(SHIPPED_MODEL)
-    names = ComponentSpace(["ff"]).names(backbone.unet)
-    params = dict(backbone.unet.named_parameters())
-    for name in names:
-        params[name].requires_grad_(True)
+    backbone, names, params = ff_scoring_backbone()
     objective = EraseObjective(num_inference_steps=3)
     prompts, seeds = ["a red circle", "a striped circle"], [0, 1]
     results = {}

@@ -8,13 +8,11 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import SHIPPED_MODEL, run_cli
+from conftest import ff_scoring_backbone, run_cli
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from sklearn.linear_model import Ridge
 
-from cad_lightning import load_backbone
-from cad_lightning.attribution.components import ComponentSpace
 from cad_lightning.attribution.fidelity import first_order_fidelity
 from cad_lightning.attribution.linear_fit import fit_linear
 from cad_lightning.attribution.masks import sample_masks
@@ -99,11 +97,7 @@ def test_restart_with_another_config_is_refused(tmp_path, capsys):
 
 def test_first_order_scores_predict_random_ablations():
     """First-order α on the FF weights predicts the change of J (base branch frozen) under random 2% masks."""
-    backbone = load_backbone(SHIPPED_MODEL)
-    names = ComponentSpace(["ff"]).names(backbone.unet)
-    params = dict(backbone.unet.named_parameters())
-    for name in names:
-        params[name].requires_grad_(True)
+    backbone, names, params = ff_scoring_backbone()
     objective = EraseObjective(num_inference_steps=5)
     prompts, seeds = ["a circle", "a red circle", "a striped circle"], [0, 1, 2]
     buffers = [torch.zeros_like(params[n]) for n in names]
