@@ -1,13 +1,14 @@
 """Preemption without loss: the accumulated state of an attribution run survives SIGUSR1 / SIGTERM and a restart.
 
 How it works:
-- A signal only sets a flag. At the next batch boundary the run stops with Lightning's ``SIGTERMException``
-  (for SIGTERM Lightning does this itself; for SIGUSR1 :class:`Preemption` raises it and, under SLURM, first
-  requeues the job with ``scontrol requeue``, as Lightning's own SLURM handler does).
-- On that exception every rank writes its own state file (``<default_root_dir>/preemption/``, atomically):
-  its score buffers, counts and the ids of the items it finished, all summed over exactly those items. No
-  collective is needed, so a rank that is killed before writing only loses its own unsaved work: its items
-  are not marked done and are attributed again.
+- A signal only sets a flag (the handler does nothing else: no collective, no file). At the end of every batch
+  the ranks agree whether any of them was signalled (one one-element all-reduce); if so, every rank writes its
+  own state file (``<default_root_dir>/preemption/``, atomically): its score buffers, counts and the ids of the
+  items it finished, all summed over exactly those items. After a barrier (every rank has saved) rank 0
+  requeues the job under SLURM if the signal was SIGUSR1 (``scontrol requeue``, as Lightning's own SLURM
+  handler does; Slurm then terminates every task), and every rank stops with Lightning's ``SIGTERMException``.
+- A rank whose peers are gone (the agreement or the barrier fails) still saves its own state; a rank that is
+  killed before writing only loses its own unsaved work: its items are not marked done and are attributed again.
 - A run started with the same config and ``trainer.default_root_dir`` (a requeued SLURM job, or the same
   command again) loads every state file: the union of the finished items is skipped, the saved sums are
   added once in :meth:`CADModule.reduced_scores`. This works at any world size, also one different from the
@@ -16,7 +17,8 @@ How it works:
 
 Why not a Lightning checkpoint: Lightning writes checkpoints from rank 0 only (the other ranks' partial sums
 would be lost), its SLURM handler saves inside the signal handler (possibly halfway through adding a batch to
-the buffers), and it resumes a mid-epoch loop only with a stateful data loader. Runs with several epochs
+the buffers), its SIGTERM handler runs a broadcast inside the signal handler (which fails when rank 0 has
+already left, e.g. after a requeue), and it resumes a mid-epoch loop only with a stateful data loader. Runs with several epochs
 (the ``iterative`` selection) edit the model between epochs; they save nothing and start again.
 """
 
@@ -43,6 +45,8 @@ from cad_lightning.utils import atomic_path
 log = logging.getLogger(__name__)
 
 STATE_FOLDER = "preemption"
+# the signals that stop a run with its progress saved; a larger code wins when ranks disagree
+SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR1: 2}
 
 
 def state_folder(trainer: pl.Trainer) -> Path:
@@ -114,17 +118,15 @@ class Preemption(Callback):
 
     # --- signals ------------------------------------------------------------------------------
     def _install_handlers(self) -> None:
-        # Lightning registered its handlers before training starts; SIGUSR1's (SLURM) would save a checkpoint
-        # inside the handler, so it is replaced; SIGTERM's is kept and called after ours
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
+        # Lightning registered its handlers before training starts: its SLURM SIGUSR1 handler saves a checkpoint
+        # inside the handler and its SIGTERM handler runs a collective there; both are replaced while training
+        for signum in SIGNAL_CODES:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame) -> None:
-        self.signal_received = signum
-        previous = self._previous.get(signum)
-        if signum == signal.SIGTERM and callable(previous):
-            previous(signum, frame)
+        if SIGNAL_CODES[signum] > SIGNAL_CODES.get(self.signal_received, 0):
+            self.signal_received = signum  # SIGUSR1 (requeue) wins over SIGTERM
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
@@ -132,17 +134,40 @@ class Preemption(Callback):
         self._previous = {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.signal_received != signal.SIGUSR1:
-            return  # SIGTERM: Lightning stops at this boundary itself
-        self._save(trainer, pl_module)  # before the requeue, after which Slurm stops the job
-        if trainer.is_global_zero and SLURMEnvironment.detect():
+        code = self._agreed_signal(trainer, SIGNAL_CODES.get(self.signal_received, 0))
+        if not code:
+            return
+        self._save(trainer, pl_module)
+        self._barrier(trainer)  # every rank has saved before the requeue, after which Slurm stops every task
+        if code == SIGNAL_CODES[signal.SIGUSR1] and trainer.is_global_zero and SLURMEnvironment.detect():
             requeue_slurm_job()
-        raise SIGTERMException(f"Stopped by signal {signal.Signals(self.signal_received).name}; progress saved in "
-                               f"{state_folder(trainer)}.")
+        name = next(s.name for s, c in SIGNAL_CODES.items() if c == code)
+        raise SIGTERMException(f"Stopped by signal {name}; progress saved in {state_folder(trainer)}.")
+
+    @staticmethod
+    def _agreed_signal(trainer: pl.Trainer, code: int) -> int:
+        """The strongest signal any rank received (0: none)."""
+        if trainer.world_size == 1:
+            return code
+        try:
+            flag = torch.tensor(code, device=trainer.strategy.root_device)
+            return int(trainer.strategy.reduce(flag, reduce_op="max"))
+        except Exception as error:  # a peer is gone: keep what this rank has
+            log.warning(f"[rank {trainer.global_rank}] could not reach the other ranks ({error}); saving alone.")
+            return code or SIGNAL_CODES[signal.SIGTERM]
+
+    @staticmethod
+    def _barrier(trainer: pl.Trainer) -> None:
+        if trainer.world_size > 1:
+            try:
+                trainer.strategy.barrier("preemption-saved")
+            except Exception as error:
+                log.warning(f"[rank {trainer.global_rank}] could not wait for the other ranks: {error}")
 
     # --- save ---------------------------------------------------------------------------------
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
-        # SIGTERMException is raised only at batch boundaries, where the buffers hold whole batches
+        # SIGTERMException is raised only at batch boundaries (by this callback, or by Lightning for a SIGTERM
+        # received before training started), where the buffers hold whole batches
         if isinstance(exception, SIGTERMException):
             self._save(trainer, pl_module)
 
