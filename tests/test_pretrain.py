@@ -46,3 +46,16 @@ def test_classifier_learns_and_exports(tmp_path):
     predicted = detector(images)
     colour_acc = sum(p == t for p, t in zip(predicted["colour"], labels.words("colour"))) / 256
     assert colour_acc > 0.6  # chance is 0.25
+
+
+def test_min_snr_weighting():
+    """γ above every SNR of the schedule weights every sample by 1 (the plain loss); a small γ down-weights the
+    nearly noise-free timesteps, so the weighted loss is smaller than the plain one."""
+    pl.seed_everything(0)
+    plain = TextToImagePretrain(block_out_channels=(16, 32), text_width=32, text_layers=1)
+    images, prompts, _ = ShapesWorld(16).sample(32, torch.Generator().manual_seed(5))
+    loss = fixed_loss(plain, images, prompts)
+    plain.hparams.snr_gamma = 1e12
+    assert abs(fixed_loss(plain, images, prompts) - loss) <= 1e-6 * loss
+    plain.hparams.snr_gamma = 1.0
+    assert fixed_loss(plain, images, prompts) < 0.9 * loss
