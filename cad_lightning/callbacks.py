@@ -334,7 +334,8 @@ class AttributionWriter(Callback):
         floor = empty_prompt_rates(backbone, detector, base, self.floor_images)
         before, before_images = concept_accuracy(backbone, detector, items, self.eval_batch_size)
         results, grids = [], {}
-        show = [0, 1, 2, 3, 4, 5] + [len(items) - 1 - i for i in range(6)]
+        n = len(items)  # the grids show the first six (target) and the last six (retained) images
+        show = list(dict.fromkeys([*range(min(6, n)), *(n - 1 - i for i in range(min(6, n)))]))
         progress = tqdm(total=sum(len(v) for v in edits.values()), desc="Evaluating edits", unit="edit",
                         disable=not trainer.progress_bar_callback)
         for selection, per_ratio in edits.items():
@@ -402,7 +403,8 @@ def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, r
 
 
 def markdown_report(report: dict) -> str:
-    lines = [f"# CAD {report['mode']} of '{report['concept']}'", "",
+    estimator = f" ({report['estimator']} estimator)" if "estimator" in report else ""
+    lines = [f"# CAD {report['mode']} of '{report['concept']}'{estimator}", "",
              f"objective: {report['objective']}, scope: {report['scope']}, " + (
                  f"base prompt: '{report['base_prompt']}'" if report.get("base_word") is None else
                  f"base prompts: each prompt without '{report['concept']}'"

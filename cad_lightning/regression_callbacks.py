@@ -3,7 +3,8 @@
 - :class:`RegressionWriter`: at the end of ``fit``, gathers the mask scores of all ranks, fits the linear
   model (scikit-learn ridge or lasso with cross-validated strength; streaming normal equations when the mask
   matrix is too big to hold), writes α in the format of the first-order scores, the meta data and the
-  fidelity on the held-out masks.
+  fidelity on the held-out masks; with ``ratios``, also the edits of the fitted α (top components ablated,
+  a random control), their evaluation and the report, as the first-order writer does.
 - :class:`FirstOrderFidelity`: beside an :class:`AttributionWriter`, measures how well its first-order
   scores predict the effect of random per-weight ablations.
 
@@ -31,7 +32,7 @@ from safetensors.torch import save_file
 
 from cad_lightning.attribution.fidelity import first_order_fidelity, write_fidelity
 from cad_lightning.attribution.linear_fit import METHODS, fit_linear
-from cad_lightning.callbacks import AttributionWriter, file_sha256, write_json
+from cad_lightning.callbacks import AttributionWriter, file_sha256, markdown_report, write_json, write_text
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_path
 
@@ -45,11 +46,25 @@ class RegressionWriter(Callback):
         folds: folds of LassoCV and of the streaming ridge solver.
         dense_limit: the largest mask matrix (masks × components entries) fitted densely; beyond it ridge runs
             on streaming normal equations.
+        ratios: if given, the edits of the fitted α: for each ratio, the components with the largest
+            coefficient per weight (erase; the most negative for amplify) are ablated until that fraction of the
+            component weights is reached (global ranking; whole components except the last one), written as
+            ``edits/regression-<mode>-<ratio>`` beside a random control with the same counts, evaluated with
+            the model's concept classifier and reported in ``report.json`` / ``report.md`` / ``tradeoff.png``.
+        random_control / save_unet / evaluate / eval_target_images / eval_retain_images / floor_images /
+            eval_batch_size: as in :class:`AttributionWriter`.
     """
 
     def __init__(self, method: str = "ridge", strengths: list[float] | None = None, folds: int = 5,
-                 dense_limit: int = 50_000_000) -> None:
+                 dense_limit: int = 50_000_000, ratios: list[float] | None = None, random_control: bool = True,
+                 save_unet: bool = True, evaluate: bool = True, eval_target_images: int = 32,
+                 eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96) -> None:
         super().__init__()
+        # the edits reuse the first-order writer's selection, artifacts and evaluation
+        self.editor = None if ratios is None else AttributionWriter(
+            ratios=ratios, scope="global", selections=["cad", "random"] if random_control else ["cad"],
+            save_unet=save_unet, evaluate=evaluate, eval_target_images=eval_target_images,
+            eval_retain_images=eval_retain_images, floor_images=floor_images, eval_batch_size=eval_batch_size)
         if method not in METHODS:
             raise UserInputError(f"RegressionWriter method must be one of {', '.join(METHODS)}, got '{method}'.")
         if strengths is not None and (not strengths or any(not s > 0 for s in strengths)):
@@ -64,6 +79,13 @@ class RegressionWriter(Callback):
         if stage == "fit" and getattr(pl_module, "estimator", None) != "regression":
             raise UserInputError("RegressionWriter needs model.class_path cad_lightning.attribution.regression.RegressionCADModule.")
         self._start = time.perf_counter()
+        if self.editor is not None:
+            self.editor.mode = "erase" if pl_module.hparams.objective == "erase" else "amplify"
+            self.editor._start = self._start
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.editor is not None:
+            self.editor.on_train_start(trainer, pl_module)  # the original component weights
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         scores = pl_module.gathered_scores()  # a collective: every rank takes part
@@ -96,8 +118,26 @@ class RegressionWriter(Callback):
         self._write_meta(attribution, trainer, pl_module, fit, y, record if heldout_ids else None)
         if trainer.logger is not None:
             trainer.logger.log_metrics({"regression/train_r2": fit.train_r2, "regression/fit_time_s": fit.fit_time_s}, step=0)
+        if self.editor is not None:
+            self._edit(run_dir, trainer, pl_module, layout.to_parameter_scores(torch.from_numpy(fit.coef)))
         print(f"Regression attribution of '{concept}' written to {run_dir} (fit {fit.fit_time_s:.2f} s"
               + (f", held-out Spearman {record['spearman']:.3f})" if heldout_ids else ")"))
+
+    def _edit(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:
+        editor, datamodule = self.editor, trainer.datamodule
+        editor.scores = {pl_module.concepts[0]: scores}
+        edits = {("regression" if k == "cad" else k): v for k, v in editor._build_edits(pl_module).items()}
+        report = {
+            "concept": pl_module.concepts[0], "estimator": "regression", "objective": pl_module.hparams.objective,
+            "mode": editor.mode, "scope": editor.scope, "granularity": pl_module.layout.granularity,
+            "base_prompt": datamodule.base_prompt, "base_word": datamodule.base_word, "ratios": editor.ratios,
+            "edits": editor._write_edits(run_dir, pl_module, edits),
+        }
+        if editor.evaluate:
+            report.update(editor._evaluate(run_dir, trainer, pl_module, edits))
+        report["wall_time_s"] = time.perf_counter() - self._start
+        write_json(run_dir / "report.json", report)
+        write_text(run_dir / "report.md", markdown_report(report))
 
     def _write_meta(self, attribution: Path, trainer, pl_module, fit, y, fidelity) -> None:
         datamodule = trainer.datamodule

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ff_scoring_backbone, run_cli
+from diffusers import UNet2DConditionModel
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from sklearn.linear_model import Ridge
@@ -20,6 +21,8 @@ from cad_lightning.attribution.module import accumulate_first_order
 from cad_lightning.attribution.objectives import EraseObjective
 from cad_lightning.attribution.regression import RegressionCADModule
 from cad_lightning.data.mask_datamodule import MaskDataModule
+from cad_lightning.editing.artifacts import load_masks
+from cad_lightning.editing.select import count_ablated
 from cad_lightning.regression_callbacks import RegressionWriter
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -42,10 +45,10 @@ def test_fit_recovers_a_planted_linear_model(dense_limit, method):
         assert np.allclose(reference.coef_, fit.coef, atol=1e-8) and reference.intercept_ == pytest.approx(fit.intercept)
 
 
-def _run(root, *callbacks, steps=3, keep_prob=0.9):
+def _run(root, *callbacks, steps=3, keep_prob=0.9, writer=None):
     module = RegressionCADModule(objective="erase", num_inference_steps=steps, granularity="layer", score="objective")
     data = MaskDataModule(concept="circle", samples=1, masks=12, heldout_masks=4, keep_prob=keep_prob, batch_size=2)
-    writer = RegressionWriter(strengths=[0.1, 1.0])
+    writer = writer or RegressionWriter(strengths=[0.1, 1.0])
     trainer = pl.Trainer(default_root_dir=root, max_epochs=1, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[writer, *callbacks])
@@ -82,6 +85,32 @@ def test_killed_run_resumes_with_only_the_missing_masks(tmp_path):
     assert meta["estimator"] == "regression" and meta["masks"]["computed_this_run"] == 10
     fidelity = json.loads((run / "attribution" / "fidelity.json").read_text())
     assert fidelity["masks"] == 4 and -1 <= fidelity["spearman"] <= 1 and (run / "attribution" / "fidelity.png").is_file()
+
+
+def test_regression_edits_ablate_the_top_components_and_are_evaluated(tmp_path):
+    writer = RegressionWriter(strengths=[0.1, 1.0], ratios=[0.3], eval_target_images=4, eval_retain_images=3,
+                              floor_images=4, eval_batch_size=16)
+    module, run = _run(tmp_path, writer=writer)
+    report = json.loads((run / "report.json").read_text())
+    assert report["estimator"] == "regression" and [r["selection"] for r in report["results"]] == ["regression", "random"]
+    assert 0 <= report["results"][0]["target"] <= 1 and (run / "tradeoff.png").is_file() and (run / "report.md").is_file()
+    scores = load_file(run / "attribution" / "scores.safetensors")
+    edit = load_masks(run / "edits" / "regression-erase-0.3.safetensors")
+    total = sum(m.numel() for m in edit.values())
+    positive = sum(int((scores[n] > 0).sum()) for n in edit)  # erase takes only positive components
+    assert count_ablated(edit) == min(round(0.3 * total), positive) > 0
+    # whole layers, taken by coefficient per weight: every fully ablated layer outranks every untouched one
+    ablated = {n: float((~m).float().mean()) for n, m in edit.items()}
+    per_weight = {n: float(scores[n].flatten()[0]) for n in edit}
+    assert sum(0 < f < 1 for f in ablated.values()) <= 1
+    taken = [per_weight[n] for n, f in ablated.items() if f == 1]
+    kept = [per_weight[n] for n, f in ablated.items() if f == 0]
+    assert taken and kept and min(taken) >= max(kept)
+    random_edit = load_masks(run / "edits" / "random-erase-0.3.safetensors")
+    assert count_ablated(random_edit) == count_ablated(edit)
+    unet = UNet2DConditionModel.from_pretrained(run / "edits" / "regression-erase-0.3" / "unet")
+    name = next(n for n, f in ablated.items() if f == 1)
+    assert float(unet.get_parameter(name).abs().sum()) == 0
 
 
 def test_restart_with_another_config_is_refused(tmp_path, capsys):
