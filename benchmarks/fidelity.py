@@ -85,6 +85,14 @@ def regression(args) -> None:
     print(f"  fit: {fit['method']} ({fit['solver']}), strength {fit['strength']:.3g}, train R2 {fit['train_r2']:.3f}, "
           f"fitting time {fit['fit_time_s']:.2f} s; score mean {fit['score_mean']:.3f} sd {fit['score_std']:.3f}; "
           f"wall time of this run {wall:.0f} s")
+    report_path = run / "report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        print(f"  edits of the fitted coefficients: unedited accuracy on '{args.concept}' "
+              f"{report['before'][args.concept]:.3f}, floor {report['floor'].get(args.concept, float('nan')):.3f}")
+        for r in report["results"]:
+            print(f"    {r['selection']:<10} {100 * r['ratio']:g}% ({r['ablated']} weights): target {r['target']:.3f}  "
+                  f"retained mean {r['retained_mean']:.3f}")
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ named or not at random) that the shipped classifier reads as it, at the model's 
 classifier's per-kind accuracy on held-out renders and the rate at which the empty prompt draws each concept
 (the floor an ideal erase can reach).
 
-    python benchmarks/model_quality.py [--model checkpoints/tiny-shapes] [--n 64] [--json out.json]
+    python benchmarks/model_quality.py [--model checkpoints/tiny-shapes] [--n 64] [--guidance G] [--seed S] [--json out.json]
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--renders", type=int, default=2048, help="held-out renders for the classifier")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the prompts and the sampling noise (choose settings on another seed than the one reported)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -54,20 +56,20 @@ def main() -> None:
         for kind, words in CONCEPT_KINDS.items()
     }
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(args.seed)
     rows = []
-    empty = detector(backbone.generate([""] * args.n, seed=10_000, num_inference_steps=steps, guidance_scale=guidance))
+    empty = detector(backbone.generate([""] * args.n, seed=10_000 + args.seed, num_inference_steps=steps, guidance_scale=guidance))
     for kind, words in CONCEPT_KINDS.items():
         for word in words:
             prompts = prompts_naming(word, args.n, generator)
-            generated = backbone.generate(prompts, seed=0, num_inference_steps=steps, guidance_scale=guidance, batch_size=64)
+            generated = backbone.generate(prompts, seed=args.seed, num_inference_steps=steps, guidance_scale=guidance, batch_size=64)
             seen = detector(generated)[kind]
             accuracy = float(per_class_accuracy(seen, [word] * args.n, words)[words.index(word)])
             floor = sum(p == word for p in empty[kind]) / args.n
             rows.append({"kind": kind, "concept": word, "accuracy": accuracy, "empty_prompt_rate": floor})
     elapsed = time.perf_counter() - start
 
-    print(f"model: {args.model}  sampler: DDIM {steps} steps, guidance {guidance}  images per concept: {args.n}")
+    print(f"model: {args.model}  sampler: DDIM {steps} steps, guidance {guidance}  images per concept: {args.n}  seed {args.seed}")
     print(f"{'kind':<8} {'concept':<9} {'accuracy':>9} {'empty-prompt rate':>18}")
     for r in rows:
         print(f"{r['kind']:<8} {r['concept']:<9} {r['accuracy']:>9.3f} {r['empty_prompt_rate']:>18.3f}")

@@ -116,7 +116,8 @@ def test_regression_edits_ablate_the_top_components_and_are_evaluated(tmp_path):
 def test_restart_with_another_config_is_refused(tmp_path, capsys):
     args = ["fit", "--config", str(CONFIGS / "attribute_regression.yaml"), "--trainer.default_root_dir", str(tmp_path),
             "--model.score", "objective", "--model.num_inference_steps", "2", "--model.granularity", "layer",
-            "--data.samples", "1", "--data.masks", "4", "--data.heldout_masks", "0", "--data.batch_size", "4"]
+            "--data.samples", "1", "--data.masks", "4", "--data.heldout_masks", "0", "--data.batch_size", "4",
+            "--trainer.callbacks.init_args.ratios", "null"]
     assert run_cli(args) == 0
     code = run_cli(args + ["--data.keep_prob", "0.9", "--model.num_inference_steps", "3"])
     err = capsys.readouterr().err
