@@ -79,6 +79,8 @@ class AttributionWriter(Callback):
         selections: any of ``cad``, ``retain``, ``iterative``, ``random`` (see the module docstring).
         retain_weight: strength of the protection of retained concepts in the ``retain`` selection.
         iterative_step: fraction of components ablated per round of the ``iterative`` selection.
+        random_at: where the ``random`` control is written and evaluated: ``all`` ratios or only the
+            ``largest`` (the strongest edit, the one a null effect says most about).
         save_unet: also write each edited UNet as a diffusers folder.
         evaluate: measure accuracy before and after every edit with the model's concept classifier.
         eval_target_images / eval_retain_images: images of prompts naming the target / retained concepts.
@@ -93,6 +95,7 @@ class AttributionWriter(Callback):
         selections: list[str] = ("cad",),
         retain_weight: float = 1.0,
         iterative_step: float = 0.005,
+        random_at: str = "all",
         save_unet: bool = True,
         evaluate: bool = True,
         eval_target_images: int = 32,
@@ -115,6 +118,9 @@ class AttributionWriter(Callback):
         if not 0 < iterative_step < 1:
             raise UserInputError(f"AttributionWriter iterative_step must be in (0, 1), got {iterative_step}.")
         self.ratios = sorted(set(float(r) for r in ratios))
+        if random_at not in ("all", "largest"):
+            raise UserInputError(f"AttributionWriter random_at must be 'all' or 'largest', got '{random_at}'.")
+        self.random_at = random_at
         self.scope, self.selections = scope, list(dict.fromkeys(selections))
         self.retain_weight, self.iterative_step = retain_weight, iterative_step
         self.save_unet, self.evaluate = save_unet, evaluate
@@ -293,7 +299,8 @@ class AttributionWriter(Callback):
         if "random" in self.selections:
             reference = edits.get("cad") or {r: select_components(scores, r, mode=self.mode, scope=self.scope) for r in self.ratios}
             generator = torch.Generator().manual_seed(0)
-            edits["random"] = {r: random_like(m, generator) for r, m in reference.items()}
+            edits["random"] = {r: random_like(m, generator) for r, m in reference.items()
+                               if self.random_at == "all" or r == max(self.ratios)}
         return edits
 
     def _write_edits(self, run_dir: Path, pl_module, edits) -> list[dict]:

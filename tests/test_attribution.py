@@ -60,6 +60,7 @@ def test_artifacts(small_run):
         assert edit["ablated"] == round(edit["ratio"] * total)
         assert (small_run / edit["masks"]).is_file()
     assert {r["selection"] for r in report["results"]} == {"cad", "random"}
+    assert [r["ratio"] for r in report["results"] if r["selection"] == "random"] == [0.03]  # random_at: largest
     assert 0 <= report["before"]["square"] <= 1 and "circle" in report["before"]
 
 
