@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from cad_lightning.attribution.fidelity import first_order_fidelity, write_fidelity
 from cad_lightning.attribution.linear_fit import METHODS, fit_linear
 from cad_lightning.callbacks import AttributionWriter, file_sha256, markdown_report, write_json, write_text
+from cad_lightning.editing.select import count_ablated, select_components
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_path
 
@@ -126,7 +127,10 @@ class RegressionWriter(Callback):
     def _edit(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:
         editor, datamodule = self.editor, trainer.datamodule
         editor.scores = {pl_module.concepts[0]: scores}
-        edits = {("regression" if k == "cad" else k): v for k, v in editor._build_edits(pl_module).items()}
+        edits = editor._build_edits(pl_module)
+        if "random" in edits:  # random whole components (the first-order control shuffles within rows)
+            edits["random"] = self._random_components(pl_module.layout, edits["cad"], sorted(edits["random"]))
+        edits = {("regression" if k == "cad" else k): v for k, v in edits.items()}
         report = {
             "concept": pl_module.concepts[0], "estimator": "regression", "objective": pl_module.hparams.objective,
             "mode": editor.mode, "scope": editor.scope, "granularity": pl_module.layout.granularity,
@@ -138,6 +142,22 @@ class RegressionWriter(Callback):
         report["wall_time_s"] = time.perf_counter() - self._start
         write_json(run_dir / "report.json", report)
         write_text(run_dir / "report.md", markdown_report(report))
+
+    @staticmethod
+    def _random_components(layout, reference: dict, ratios: list[float]) -> dict:
+        """Per ratio, masks ablating random components (seeded, uniform over components) with as many weights
+        as the reference edit (whole components but the last)."""
+        generator = torch.Generator().manual_seed(0)
+        draw = torch.rand(1, layout.n_components, generator=generator, dtype=torch.float64) + 1e-3
+        scores = {b.name: layout.expand(b, draw[:, b.offset : b.offset + b.size])[0].float().contiguous()
+                  for b in layout.blocks}
+        total = sum(t.numel() for t in scores.values())
+        out = {}
+        for ratio in ratios:
+            k = count_ablated(reference[ratio])
+            out[ratio] = (select_components(scores, k / total, mode="erase", scope="global") if k
+                          else {n: torch.ones_like(t, dtype=torch.bool) for n, t in scores.items()})
+        return out
 
     def _write_meta(self, attribution: Path, trainer, pl_module, fit, y, fidelity) -> None:
         datamodule = trainer.datamodule

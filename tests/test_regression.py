@@ -108,6 +108,8 @@ def test_regression_edits_ablate_the_top_components_and_are_evaluated(tmp_path):
     assert taken and kept and min(taken) >= max(kept)
     random_edit = load_masks(run / "edits" / "random-erase-0.3.safetensors")
     assert count_ablated(random_edit) == count_ablated(edit)
+    # the control ablates random whole components too (not the same ones shuffled within rows)
+    assert sum(0 < float((~m).float().mean()) < 1 for m in random_edit.values()) <= 1
     unet = UNet2DConditionModel.from_pretrained(run / "edits" / "regression-erase-0.3" / "unet")
     name = next(n for n, f in ablated.items() if f == 1)
     assert float(unet.get_parameter(name).abs().sum()) == 0
