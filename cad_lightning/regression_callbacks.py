@@ -61,9 +61,10 @@ class RegressionWriter(Callback):
                  save_unet: bool = True, evaluate: bool = True, eval_target_images: int = 32,
                  eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96) -> None:
         super().__init__()
+        self.random_control = random_control
         # the edits reuse the first-order writer's selection, artifacts and evaluation
         self.editor = None if ratios is None else AttributionWriter(
-            ratios=ratios, scope="global", selections=["cad", "random"] if random_control else ["cad"],
+            ratios=ratios, scope="global", selections=["cad"],
             save_unet=save_unet, evaluate=evaluate, eval_target_images=eval_target_images,
             eval_retain_images=eval_retain_images, floor_images=floor_images, eval_batch_size=eval_batch_size)
         if method not in METHODS:
@@ -104,8 +105,9 @@ class RegressionWriter(Callback):
         layout = pl_module.layout
         attribution = run_dir / "attribution"
         concept = pl_module.concepts[0]
+        per_weight = layout.to_parameter_scores(torch.from_numpy(fit.coef))
         with atomic_path(attribution / "scores.safetensors") as tmp:
-            save_file(layout.to_parameter_scores(torch.from_numpy(fit.coef)), str(tmp), metadata={"concept": concept})
+            save_file(per_weight, str(tmp), metadata={"concept": concept})
         with atomic_path(attribution / "component_scores.safetensors") as tmp:
             save_file({"coefficients": torch.from_numpy(fit.coef).float().contiguous()}, str(tmp),
                       metadata={"concept": concept, "granularity": layout.granularity})
@@ -120,7 +122,7 @@ class RegressionWriter(Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics({"regression/train_r2": fit.train_r2, "regression/fit_time_s": fit.fit_time_s}, step=0)
         if self.editor is not None:
-            self._edit(run_dir, trainer, pl_module, layout.to_parameter_scores(torch.from_numpy(fit.coef)))
+            self._edit(run_dir, trainer, pl_module, per_weight)
         print(f"Regression attribution of '{concept}' written to {run_dir} (fit {fit.fit_time_s:.2f} s"
               + (f", held-out Spearman {record['spearman']:.3f})" if heldout_ids else ")"))
 
@@ -128,8 +130,8 @@ class RegressionWriter(Callback):
         editor, datamodule = self.editor, trainer.datamodule
         editor.scores = {pl_module.concepts[0]: scores}
         edits = editor._build_edits(pl_module)
-        if "random" in edits:  # random whole components (the first-order control shuffles within rows)
-            edits["random"] = self._random_components(pl_module.layout, edits["cad"], sorted(edits["random"]))
+        if self.random_control:  # random whole components (the first-order control shuffles within rows)
+            edits["random"] = self._random_components(pl_module.layout, edits["cad"], editor.ratios)
         edits = {("regression" if k == "cad" else k): v for k, v in edits.items()}
         report = {
             "concept": pl_module.concepts[0], "estimator": "regression", "objective": pl_module.hparams.objective,
