@@ -48,9 +48,11 @@ def official_scores(backbone, names, prompts, seeds, steps, guidance, base_promp
     for k in range(steps):
         scheduler = backbone.new_scheduler(steps)
         with torch.no_grad():
-            x = backbone.initial_noise(len(prompts), seeds) * scheduler.init_noise_sigma
+            generators = backbone.generators(len(prompts), seeds)
+            x = backbone.draw_noise(generators) * scheduler.init_noise_sigma
             for t in scheduler.timesteps[:k]:
-                x = scheduler.step(backbone.guided_noise(x, t, cond, uncond, guidance), t, x).prev_sample
+                eps = backbone.guided_noise(x, t, cond, uncond, guidance)
+                x = backbone.denoise_step(scheduler, eps, t, x, backbone.eta, generators)
         t = scheduler.timesteps[k]
         with torch.no_grad():
             eps_base = backbone.predict_noise(x, t, base)

@@ -99,9 +99,11 @@ def measure(args, name: str, checkpointing: bool, device: str) -> dict:
         for k in ks:
             scheduler = backbone.new_scheduler(args.steps)
             with torch.no_grad():
-                x = backbone.initial_noise(1, [0])
+                generators = backbone.generators(1, [0])
+                x = backbone.draw_noise(generators)
                 for t in scheduler.timesteps[:k]:
-                    x = scheduler.step(backbone.guided_noise(x, t, cond, uncond, 7.5), t, x).prev_sample
+                    eps = backbone.guided_noise(x, t, cond, uncond, 7.5)
+                    x = backbone.denoise_step(scheduler, eps, t, x, backbone.eta, generators)
             t = scheduler.timesteps[k]
             with torch.no_grad():
                 eps_base = backbone.predict_noise(x, t, uncond)

@@ -266,9 +266,8 @@ class AttributionWriter(Callback):
             "granularity": "weight",
             "items": len(datamodule.items()),
             "seeds": [i["seed"] for i in datamodule.items()],
-            "sampler": {"num_inference_steps": pl_module.hparams.num_inference_steps or pl_module.backbone.num_inference_steps,
-                        "guidance_scale": pl_module.backbone.guidance_scale if pl_module.hparams.guidance_scale is None
-                        else pl_module.hparams.guidance_scale},
+            "sampler": pl_module.backbone.sampler_settings(pl_module.hparams.num_inference_steps,
+                                                           pl_module.hparams.guidance_scale),
             "edit_applied_before": pl_module.hparams.edit,
             "world_size": trainer.world_size,
             "versions": {p: metadata.version(p) for p in ("torch", "lightning", "diffusers", "transformers", "cad-lightning")},

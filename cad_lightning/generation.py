@@ -70,7 +70,8 @@ class GenerationModule(pl.LightningModule):
 
     Args:
         model_path: a local diffusers model folder, or the name of a shipped model (``tiny-shapes``).
-        num_inference_steps / guidance_scale: sampler settings; the model's defaults when not given.
+        num_inference_steps / guidance_scale / eta: sampler settings (DDIM steps, classifier-free guidance, DDIM's
+            eta: 0 deterministic, 1 ancestral); the model's defaults when not given.
         dtype: precision of the UNet (fp32, fp16, bf16).
         edit: a mask file (``edits/<selection>-<mode>-<ratio>.safetensors``) applied to the UNet: images of
             the edited model, from the same seeds as the unedited one.
@@ -81,6 +82,7 @@ class GenerationModule(pl.LightningModule):
         model_path: str = DEFAULT_MODEL,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        eta: float | None = None,
         dtype: str = "fp32",
         edit: str | None = None,
     ) -> None:
@@ -102,6 +104,7 @@ class GenerationModule(pl.LightningModule):
             seed=[item["seed"] for item in batch],
             num_inference_steps=self.hparams.num_inference_steps,
             guidance_scale=self.hparams.guidance_scale,
+            eta=self.hparams.eta,
         )
         return {"images": images.cpu(), "items": batch}
 

@@ -56,8 +56,10 @@ def state_folder(trainer: pl.Trainer) -> Path:
 def run_fingerprint(pl_module, datamodule) -> str:
     """A hash of everything that decides the scores: the module's hyperparameters and the items."""
     items = [(i["item_id"], i["concept"], i["prompt"], i["seed"]) for i in datamodule.items()]
-    content = {"model": dict(pl_module.hparams), "components": pl_module.component_names, "items": items,
-               "base_prompt": datamodule.base_prompt}
+    h = pl_module.hparams
+    content = {"model": dict(h), "components": pl_module.component_names, "items": items,
+               "base_prompt": datamodule.base_prompt,
+               "sampler": pl_module.backbone.sampler_settings(h.get("num_inference_steps"), h.get("guidance_scale"))}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -56,7 +56,9 @@ class TextToImagePretrain(pl.LightningModule):
             model learns the content decided at high noise (shape, colour) sooner; None: the plain ε loss.
         learning_rate / warmup_steps: AdamW peak rate, linear warm-up, then cosine decay over ``max_steps``.
         export_dir: folder the EMA model is written to at the end of training (diffusers folder format).
-        sample_steps / guidance_scale: the default sampler, used for validation grids and saved with the model.
+        sample_steps / guidance_scale / sample_eta / use_clipped_model_output: the default sampler (DDIM steps,
+            classifier-free guidance, DDIM's eta, and whether each step re-derives ε from the clipped x_0; see
+            ``DiffusionBackbone.denoise_step``), used for validation grids and saved with the model.
         classifier_path: a concept classifier used to score validation samples (optional).
     """
 
@@ -78,6 +80,8 @@ class TextToImagePretrain(pl.LightningModule):
         export_dir: str | None = None,
         sample_steps: int = 25,
         guidance_scale: float = 2.0,
+        sample_eta: float = 0.0,
+        use_clipped_model_output: bool = True,
         classifier_path: str | None = None,
         val_samples_per_concept: int = 16,
     ) -> None:
@@ -130,6 +134,7 @@ class TextToImagePretrain(pl.LightningModule):
         return DiffusionBackbone(
             self.unet, self.text_encoder, self.tokenizer, self.noise_scheduler,
             num_inference_steps=self.hparams.sample_steps, guidance_scale=self.hparams.guidance_scale,
+            eta=self.hparams.sample_eta, use_clipped_model_output=self.hparams.use_clipped_model_output,
         )
 
     def denoising_loss(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -203,7 +208,12 @@ class TextToImagePretrain(pl.LightningModule):
                            ("scheduler", self.noise_scheduler)):
             with atomic_folder(folder / name) as tmp:  # a crash never leaves half a model part
                 part.save_pretrained(tmp)
-        defaults = {"num_inference_steps": self.hparams.sample_steps, "guidance_scale": self.hparams.guidance_scale}
+        defaults = {
+            "num_inference_steps": self.hparams.sample_steps,
+            "guidance_scale": self.hparams.guidance_scale,
+            "eta": self.hparams.sample_eta,
+            "use_clipped_model_output": self.hparams.use_clipped_model_output,
+        }
         with atomic_path(folder / SAMPLER_DEFAULTS_FILE) as tmp:
             tmp.write_text(json.dumps(defaults, indent=2) + "\n")
 

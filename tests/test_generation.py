@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import SHIPPED_MODEL, run_cli
 from PIL import Image
@@ -75,3 +76,61 @@ def test_shipped_classifier_on_held_out_renders(detector):
     for kind in ("shape", "colour", "texture"):
         acc = sum(p == t for p, t in zip(predicted[kind], labels.words(kind))) / 512
         assert acc >= 0.99, (kind, acc)
+
+
+def test_ancestral_sampling_is_seeded_and_batch_independent(tiny_backbone):
+    prompts = ["a red circle", "a blue striped square", "a star"]
+    a = tiny_backbone.generate(prompts, seed=0, num_inference_steps=10, eta=1.0)
+    b = tiny_backbone.generate(prompts, seed=0, num_inference_steps=10, eta=1.0)
+    ddim = tiny_backbone.generate(prompts, seed=0, num_inference_steps=10, eta=0.0)
+    assert torch.equal(a, b)
+    assert (a - ddim).abs().max() > 0.1  # the per-step noise is really added
+    alone = tiny_backbone.generate(prompts[2:], seed=[2], num_inference_steps=10, eta=1.0)
+    assert torch.allclose(alone[0], a[2], atol=2e-3)  # each sample's step noise comes from its own seed
+    run = tiny_backbone.trajectory(prompts[:1], seed=0, num_inference_steps=10, eta=1.0)
+    assert torch.allclose(tiny_backbone.decode(run.final), a[:1], atol=2e-3)
+
+
+def test_negative_eta_is_refused(tiny_backbone):
+    from cad_lightning.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="eta must be 0 or more"):
+        tiny_backbone.generate(["a circle"], eta=-0.5)
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_ddim_step_pairs_clipped_x0_with_matching_noise(tiny_backbone, clipped):
+    """With use_clipped_model_output, a step from x_t lands on sqrt(a')·clip(x0) + sqrt(1-a')·ε' where ε' is
+    re-derived from the clipped x0; without it, the unclipped ε is kept."""
+    scheduler = tiny_backbone.new_scheduler(25)
+    t, t_prev = scheduler.timesteps[3], scheduler.timesteps[4]
+    a, a_prev = scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[t_prev]
+    x_t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    eps = 3.0 * torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))  # x0 far outside [-1, 1]
+    x0 = ((x_t - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+    kept = (x_t - a.sqrt() * x0) / (1 - a).sqrt() if clipped else eps
+    expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * kept
+    old = tiny_backbone.use_clipped_model_output
+    tiny_backbone.use_clipped_model_output = clipped
+    try:
+        out = tiny_backbone.denoise_step(scheduler, eps, t, x_t, eta=0.0)
+    finally:
+        tiny_backbone.use_clipped_model_output = old
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_shipped_model_draws_what_prompts_name(tiny_backbone, detector):
+    """At the shipped default sampler, images of prompts naming a concept show it (16 per concept; the full
+    measurement with 64+ per concept is benchmarks/model_quality.py)."""
+    from cad_lightning.data.world import CONCEPT_KINDS, prompts_naming
+
+    assert tiny_backbone.use_clipped_model_output  # the shipped sampler defaults are read from the folder
+    generator = torch.Generator().manual_seed(7)
+    hits, total = 0, 0
+    for kind, words in CONCEPT_KINDS.items():
+        for word in words:
+            seen = detector(tiny_backbone.generate(prompts_naming(word, 16, generator), seed=500))[kind]
+            correct = sum(s == word for s in seen)
+            assert correct >= 13, (word, correct)
+            hits, total = hits + correct, total + 16
+    assert hits / total >= 0.95, hits / total

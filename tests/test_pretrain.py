@@ -25,7 +25,7 @@ def trainer(tmp_path, steps: int) -> pl.Trainer:
 def test_text_to_image_loss_falls_and_exports(tmp_path):
     pl.seed_everything(0)
     module = TextToImagePretrain(block_out_channels=(16, 32), text_width=32, text_layers=1, learning_rate=2e-3,
-                                 warmup_steps=5, export_dir=str(tmp_path / "model"))
+                                 warmup_steps=5, export_dir=str(tmp_path / "model"), guidance_scale=2.5, sample_eta=0.5)
     images, prompts, _ = ShapesWorld(16).sample(64, torch.Generator().manual_seed(99))
     before = fixed_loss(module, images, prompts)
     trainer(tmp_path, 40).fit(module, ShapesDataModule(batch_size=32, seed=0))
@@ -33,6 +33,8 @@ def test_text_to_image_loss_falls_and_exports(tmp_path):
     assert after < 0.6 * before, (before, after)
     backbone = load_backbone(tmp_path / "model")
     assert torch.equal(backbone.unet.conv_in.weight, module.unet.conv_in.weight)
+    # the sampler the module was given travels with the model
+    assert (backbone.guidance_scale, backbone.eta, backbone.use_clipped_model_output) == (2.5, 0.5, True)
     out = backbone.generate(["a red circle"], seed=0, num_inference_steps=2)
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
 

@@ -128,7 +128,8 @@ def test_restart_with_another_config_is_refused(tmp_path, capsys):
 
 
 def test_first_order_scores_predict_random_ablations():
-    """First-order α on the FF weights predicts the change of J (base branch frozen) under random 2% masks."""
+    """First-order α on the FF weights predicts the change of J (base branch frozen) under random masks of 0.1%
+    of the weights, the fraction CAD's edits ablate (benchmarks/fidelity.py measures larger fractions)."""
     backbone, names, params = ff_scoring_backbone()
     objective = EraseObjective(num_inference_steps=5)
     prompts, seeds = ["a circle", "a red circle", "a striped circle"], [0, 1, 2]
@@ -136,9 +137,9 @@ def test_first_order_scores_predict_random_ablations():
     _, states = accumulate_first_order(backbone, objective, names, prompts, seeds, buffers)
     backbone.requires_grad_(False)
     scores = {n: b / states for n, b in zip(names, buffers)}
-    predicted, measured = first_order_fidelity(backbone, objective, prompts, seeds, scores, density=0.02, masks=24)
+    predicted, measured = first_order_fidelity(backbone, objective, prompts, seeds, scores, density=0.001, masks=32)
     spearman = float(np.corrcoef(np.argsort(np.argsort(predicted)), np.argsort(np.argsort(measured)))[0, 1])
-    assert spearman > 0.6, (spearman, predicted[:5], measured[:5])
+    assert spearman > 0.7, (spearman, predicted[:5], measured[:5])
 
 
 def test_first_order_fidelity_callback_writes_its_artifacts(tmp_path):

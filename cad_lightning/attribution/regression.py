@@ -119,7 +119,7 @@ class RegressionCADModule(CADModule):
             "model": self.model_id, "edit": h.edit, "dtype": h.dtype, "objective": h.objective,
             "image_source": h.image_source if h.objective == "amplify" else None,
             "components": list(self.space.patterns), "granularity": h.granularity, "score": h.score,
-            "num_inference_steps": h.num_inference_steps, "guidance_scale": h.guidance_scale,
+            "sampler": self.backbone.sampler_settings(h.num_inference_steps, h.guidance_scale),
             "concept": datamodule.concept, "base_prompt": datamodule.base_prompt, "samples": datamodule.samples,
             "prompt_templates": datamodule.prompt_templates, "seed": datamodule.seed,
             "keep_prob": datamodule.keep_prob, "mask_seed": datamodule.mask_seed,

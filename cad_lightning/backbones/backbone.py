@@ -67,6 +67,8 @@ class DiffusionBackbone(torch.nn.Module):
         vae: AutoencoderKL | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
         name: str = "model",
     ) -> None:
         super().__init__()
@@ -77,6 +79,8 @@ class DiffusionBackbone(torch.nn.Module):
         self.scheduler = scheduler
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
+        self.eta = eta
+        self.use_clipped_model_output = use_clipped_model_output
         self.name = name
 
     # --- shapes -------------------------------------------------------------------------------
@@ -132,11 +136,48 @@ class DiffusionBackbone(torch.nn.Module):
         eps_u, eps_c = self.predict_noise(torch.cat([x_t, x_t]), t, torch.cat([uncond, cond])).chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u), eps_u
 
-    def initial_noise(self, n: int, seed: Seeds) -> torch.Tensor:
-        noise = [
-            torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s)) for s in _seed_list(seed, n)
-        ]
+    def generators(self, n: int, seed: Seeds) -> list[torch.Generator]:
+        """One CPU generator per sample; it draws that sample's initial noise, then its sampler noise (eta > 0)."""
+        return [torch.Generator().manual_seed(s) for s in _seed_list(seed, n)]
+
+    def draw_noise(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """One standard normal latent per generator, stacked on the model's device and dtype."""
+        noise = [torch.randn(self.latent_shape, generator=g) for g in generators]
         return torch.stack(noise).to(self.device, self.dtype)
+
+    def initial_noise(self, n: int, seed: Seeds) -> torch.Tensor:
+        return self.draw_noise(self.generators(n, seed))
+
+    def denoise_step(
+        self, scheduler: DDIMScheduler, eps: torch.Tensor, t: torch.Tensor | int, x: torch.Tensor, eta: float,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """One DDIM step from x_t; with eta > 0 the fresh noise of sample i comes from ``generators[i]``.
+
+        eta = 0 is deterministic DDIM; eta = 1 adds the DDPM posterior's noise at every step (ancestral sampling).
+        With ``use_clipped_model_output`` (and a scheduler that clips x_0), the step re-derives ε from the
+        clipped x_0, so the step's x_0 and ε agree (as DDPM's posterior does) instead of pairing a clipped x_0
+        with the unclipped ε.
+        """
+        clipped = self.use_clipped_model_output
+        if eta == 0.0:
+            return scheduler.step(eps, t, x, use_clipped_model_output=clipped).prev_sample
+        if generators is None or len(generators) != x.shape[0]:
+            raise ValueError("Sampling with eta > 0 needs one generator per sample.")
+        noise = self.draw_noise(generators)
+        return scheduler.step(eps, t, x, eta=eta, use_clipped_model_output=clipped, variance_noise=noise).prev_sample
+
+    def sampler_settings(
+        self, num_inference_steps: int | None = None, guidance_scale: float | None = None, eta: float | None = None
+    ) -> dict:
+        """The sampler a call with these arguments runs (None: the model's default), for run records."""
+        return {
+            "sampler": "DDIM",
+            "num_inference_steps": num_inference_steps or self.num_inference_steps,
+            "guidance_scale": self.guidance_scale if guidance_scale is None else guidance_scale,
+            "eta": self.eta if eta is None else eta,
+            "use_clipped_model_output": self.use_clipped_model_output,
+        }
 
     def new_scheduler(self, num_inference_steps: int) -> DDIMScheduler:
         scheduler = DDIMScheduler.from_config(self.scheduler.config)
@@ -152,15 +193,24 @@ class DiffusionBackbone(torch.nn.Module):
         guidance_scale: float | None = None,
         negative_prompt: str = "",
         keep_trajectory: bool = False,
+        eta: float | None = None,
     ) -> Trajectory:
-        """Run DDIM (eta = 0) from seeded noise; with ``keep_trajectory`` every x_t is kept."""
+        """Run DDIM from seeded noise; with ``keep_trajectory`` every x_t is kept.
+
+        ``eta`` (default: the model's) is DDIM's stochasticity: 0 is deterministic, 1 ancestral. Sample i's
+        initial and sampler noise come from its own seed, so results do not depend on batching.
+        """
         steps = num_inference_steps or self.num_inference_steps
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        eta = self.eta if eta is None else eta
+        if eta < 0:
+            raise UserInputError(f"eta must be 0 or more (0: deterministic DDIM, 1: ancestral), got {eta}.")
         scheduler = self.new_scheduler(steps)
         n = len(prompts)
         cond = self.encode(prompts)
         uncond = self.encode([negative_prompt] * n)
-        x = self.initial_noise(n, seed) * scheduler.init_noise_sigma
+        generators = self.generators(n, seed)
+        x = self.draw_noise(generators) * scheduler.init_noise_sigma
         states, times, uncond_eps = [], [], []
         for t in scheduler.timesteps:
             eps, eps_u = self._guided(scheduler.scale_model_input(x, t), t, cond, uncond, scale)
@@ -168,7 +218,7 @@ class DiffusionBackbone(torch.nn.Module):
                 states.append(x)
                 times.append(t)
                 uncond_eps.append(eps_u)
-            x = scheduler.step(eps, t, x).prev_sample
+            x = self.denoise_step(scheduler, eps, t, x, eta, generators)
         if keep_trajectory:
             kept_uncond = torch.stack(uncond_eps) if scale != 1.0 else None
             return Trajectory(torch.stack(times), torch.stack(states), x, kept_uncond, negative_prompt)
@@ -200,6 +250,7 @@ class DiffusionBackbone(torch.nn.Module):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         batch_size: int | None = None,
+        eta: float | None = None,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] for the prompts; prompt i uses seed ``seed + i`` (or ``seed[i]``)."""
         prompts = list(prompts)
@@ -207,7 +258,9 @@ class DiffusionBackbone(torch.nn.Module):
         batch_size = batch_size or max(len(prompts), 1)
         out = []
         for i in range(0, len(prompts), batch_size):
-            run = self.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], num_inference_steps, guidance_scale)
+            run = self.sample(
+                prompts[i : i + batch_size], seeds[i : i + batch_size], num_inference_steps, guidance_scale, eta=eta
+            )
             out.append(self.decode(run.final))
         return torch.cat(out) if out else torch.empty(0, 3, self.image_size, self.image_size)
 
@@ -247,7 +300,7 @@ def load_backbone(
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", **kwargs)
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", **kwargs)
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **model_kwargs) if (folder / "vae").is_dir() else None
-    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5}
+    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5, "eta": 0.0, "use_clipped_model_output": False}
     if (folder / SAMPLER_DEFAULTS_FILE).is_file():
         defaults.update(json.loads((folder / SAMPLER_DEFAULTS_FILE).read_text()))
     backbone = DiffusionBackbone(unet, text_encoder, tokenizer, scheduler, vae, name=folder.name, **defaults)
