@@ -10,15 +10,19 @@
    2,000 masks) and the fitting time. Mask scores are kept in ``--root``/mask_scores, so a rerun with more
    masks computes only the new ones.
 
-Measured on 2 CPU cores (shipped weights, 8 runs x 25 steps, 64 masks per density): first order Spearman
-0.968 at 0.1%, 0.877 at 0.5%, 0.491 at 2% (Pearson 0.966 / 0.902 / 0.449): the linear model holds at the
-densities the edits use and breaks down at 2%. Regression with 2,000 training masks (2.7 masks/s,
+Measured on 2 CPU cores (shipped weights, 8 runs x 25 steps, 64 masks per density), first order at the
+default sampler (guidance 3.0, eps from the clipped x0): Spearman 0.801 at 0.1%, 0.476 at 0.5%, -0.361 at 2%
+(Pearson 0.783 / 0.384 / -0.353), 161 s; the linear model holds at the densities the edits use and breaks down
+beyond. With the previous sampler (``--fo-guidance 2 --fo-clipped-eps off``): 0.968 / 0.877 / 0.491; with
+guidance 2 and clipped eps: 0.857 / 0.617 (0.1% / 0.5%).
+Regression, measured with the previous sampler (guidance 2, unclipped eps), 2,000 training masks (2.7 masks/s,
 about 15 minutes), 4 prompts x 10 steps: held-out Spearman 0.730 (Pearson 0.749) on 150 masks, ridge fit
 2.9 s, train R2 0.953. Its edits (0.5/1/2% of the FF weights as whole neurons) barely erase: 'circle'
 0.938 -> 0.938 / 0.969 / 0.875 (random neurons: 0.938 / 0.969 / 0.906); the mean log-odds score is 13.7
 (sd 0.9), so the masks move the classifier's confidence more than whether a circle is drawn.
 
     python benchmarks/fidelity.py [--masks 2000] [--heldout 200] [--samples 4] [--steps 10] [--skip-first-order]
+                                  [--skip-regression] [--fo-guidance G] [--fo-clipped-eps on|off]
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def first_order(args) -> None:
     backbone = load_backbone(ROOT / "checkpoints" / "tiny-shapes")
+    if args.fo_guidance is not None:
+        backbone.guidance_scale = args.fo_guidance
+    if args.fo_clipped_eps is not None:
+        backbone.use_clipped_model_output = args.fo_clipped_eps == "on"
     names = ComponentSpace(["ff"]).names(backbone.unet)
     params = dict(backbone.unet.named_parameters())
     for n in names:
@@ -108,6 +116,9 @@ def main() -> None:
     parser.add_argument("--fo-masks", type=int, default=64)
     parser.add_argument("--fo-densities", type=float, nargs="+", default=[0.001, 0.005, 0.02],
                         help="fractions of the FF weights each held-out mask ablates (CAD's edits ablate 0.1-0.3%%)")
+    parser.add_argument("--fo-guidance", type=float, default=None, help="guidance of the trajectories (default: the model's)")
+    parser.add_argument("--fo-clipped-eps", choices=["on", "off"], default=None,
+                        help="DDIM step re-derives eps from the clipped x0 (default: the model's)")
     parser.add_argument("--masks", type=int, default=2000)
     parser.add_argument("--heldout", type=int, default=200)
     parser.add_argument("--samples", type=int, default=4)
