@@ -62,13 +62,19 @@ def main() -> None:
         for kind, words in CONCEPT_KINDS.items()
     }
 
+    # Prompts and per-image noise seeds are drawn from one generator, so no two concepts and no two --seed values
+    # share sampling noise (consecutive integer seeds would: generate(seed=s) uses s, s+1, ... per image).
     generator = torch.Generator().manual_seed(args.seed)
+
+    def noise_seeds() -> list[int]:
+        return torch.randint(2**31 - 1, (args.n,), generator=generator).tolist()
+
     rows = []
-    empty = detector(backbone.generate([""] * args.n, seed=10_000 + args.seed, num_inference_steps=steps, guidance_scale=guidance, eta=eta))
+    empty = detector(backbone.generate([""] * args.n, seed=noise_seeds(), num_inference_steps=steps, guidance_scale=guidance, eta=eta))
     for kind, words in CONCEPT_KINDS.items():
         for word in words:
             prompts = prompts_naming(word, args.n, generator)
-            generated = backbone.generate(prompts, seed=args.seed, num_inference_steps=steps, guidance_scale=guidance, batch_size=64, eta=eta)
+            generated = backbone.generate(prompts, seed=noise_seeds(), num_inference_steps=steps, guidance_scale=guidance, batch_size=64, eta=eta)
             seen = detector(generated)[kind]
             accuracy = float(per_class_accuracy(seen, [word] * args.n, words)[words.index(word)])
             floor = sum(p == word for p in empty[kind]) / args.n

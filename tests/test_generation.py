@@ -91,6 +91,15 @@ def test_ancestral_sampling_is_seeded_and_batch_independent(tiny_backbone):
     assert torch.allclose(tiny_backbone.decode(run.final), a[:1], atol=2e-3)
 
 
+@pytest.mark.parametrize("steps", [2, 4, 5, 8])
+def test_ancestral_sampling_with_long_steps_stays_finite(tiny_backbone, steps):
+    """At 5 steps the first step goes from t 999 (alpha_bar ~ 1e-9) to 799, where the step's
+    1 - alpha_bar_prev - sigma^2 is ~1e-8: float32 coefficients round it below zero and every sample was NaN."""
+    run = tiny_backbone.trajectory(["a red circle", "a striped circle"], seed=[0, 1], num_inference_steps=steps, eta=1.0)
+    assert all(torch.isfinite(x).all() for x in run.latents)
+    assert run.final.dtype == tiny_backbone.dtype
+
+
 def test_negative_eta_is_refused(tiny_backbone):
     from cad_lightning.errors import UserInputError
 

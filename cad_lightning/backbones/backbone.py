@@ -182,6 +182,11 @@ class DiffusionBackbone(torch.nn.Module):
     def new_scheduler(self, num_inference_steps: int) -> DDIMScheduler:
         scheduler = DDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
+        # The step's coefficients in float64: with eta > 0 and a long first step (e.g. t 999 -> 799, where
+        # alpha_bar_t ~ 1e-9), 1 - alpha_bar_prev - sigma_t^2 is ~1e-8, which float32 rounds below zero, and its
+        # square root turns the whole sample into NaN. The samples themselves stay in the model's dtype.
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+        scheduler.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
         return scheduler
 
     @torch.no_grad()
