@@ -52,7 +52,7 @@ def first_order(args) -> None:
         backbone.guidance_scale = args.fo_guidance
     if args.fo_clipped_eps is not None:
         backbone.use_clipped_model_output = args.fo_clipped_eps == "on"
-    names = ComponentSpace(["ff"]).names(backbone.unet)
+    names = ComponentSpace(args.fo_components).names(backbone.unet)
     params = dict(backbone.unet.named_parameters())
     for n in names:
         params[n].requires_grad_(True)
@@ -65,7 +65,7 @@ def first_order(args) -> None:
     backbone.requires_grad_(False)
     scores = {n: b / states for n, b in zip(names, buffers)}
     scored = time.perf_counter() - start
-    print(f"first order: FF weights ({sum(params[n].numel() for n in names)}), erase J of '{args.concept}', "
+    print(f"first order: {'+'.join(args.fo_components)} weights ({sum(params[n].numel() for n in names)}), erase J of '{args.concept}', "
           f"{len(prompts)} runs x {args.fo_steps} DDIM steps, {args.fo_masks} held-out masks per density; "
           f"scoring {scored:.1f} s")
     for density in args.fo_densities:
@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--fo-masks", type=int, default=64)
     parser.add_argument("--fo-densities", type=float, nargs="+", default=[0.001, 0.005, 0.02],
                         help="fractions of the FF weights each held-out mask ablates (CAD's edits ablate 0.1-0.3%%)")
+    parser.add_argument("--fo-components", nargs="+", default=["ff"],
+                        help="components scored and masked: presets (ff, conv, transformer_linear, ...) or name regexes")
     parser.add_argument("--fo-guidance", type=float, default=None, help="guidance of the trajectories (default: the model's)")
     parser.add_argument("--fo-clipped-eps", choices=["on", "off"], default=None,
                         help="DDIM step re-derives eps from the clipped x0 (default: the model's)")

@@ -49,7 +49,7 @@ def test_artifacts(small_run):
     unet = load_backbone(SHIPPED_MODEL).unet
     params = dict(unet.named_parameters())
     scores = load_file(small_run / "attribution/scores.safetensors")
-    assert set(scores) == set(ComponentSpace(["ff"]).names(unet))
+    assert set(scores) == set(ComponentSpace(["conv"]).names(unet))  # the default config scores convolutions
     for name, tensor in scores.items():
         assert tensor.shape == params[name].shape and tensor.dtype == torch.float32
     meta = json.loads((small_run / "attribution/meta.json").read_text())

@@ -45,7 +45,7 @@ def test_head_granularity_outside_attention_is_refused(tiny_backbone):
 
 
 @pytest.mark.parametrize("granularity, preset", [
-    ("neuron", "ff"), ("head", "transformer_linear"), ("layer", "ff"), ("weight", "ff"), ("neuron", "conv")])
+    ("neuron", "ff"), ("head", "transformer_linear"), ("layer", "ff"), ("weight", "ff"), ("neuron", "conv"), ("weight", "conv")])
 def test_batched_pass_equals_one_mask_at_a_time(tiny_backbone, granularity, preset):
     """Four different masks in one forward pass give what four passes with the weights zeroed give."""
     unet = tiny_backbone.unet
@@ -75,8 +75,8 @@ def test_batched_pass_equals_one_mask_at_a_time(tiny_backbone, granularity, pres
 def test_masks_shared_by_consecutive_samples(tiny_backbone):
     """``repeats``: each mask serves consecutive samples, e.g. all states of the same runs."""
     unet = tiny_backbone.unet
-    for granularity in ("neuron", "weight"):
-        layout = MaskLayout(unet, ComponentSpace(["ff"]).names(unet), granularity)
+    for granularity, preset in (("neuron", "ff"), ("weight", "ff"), ("weight", "conv")):
+        layout = MaskLayout(unet, ComponentSpace([preset]).names(unet), granularity)
         masks = sample_masks(layout.n_components, range(2), keep_prob=0.8, seed=2)
         x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
         t = torch.tensor([900, 500, 100, 900, 500, 100])

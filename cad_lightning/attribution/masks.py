@@ -8,8 +8,8 @@ component a flat index (both ways: index → (parameter, slice), and per-paramet
 - ``head``: the rows of one attention head in ``to_q``/``to_k``/``to_v`` and its input columns in
   ``to_out.0`` (attention projections only);
 - ``layer``: a whole weight;
-- ``weight``: a single weight (``nn.Linear`` only; used to check first-order scores, far too many
-  components for a regression).
+- ``weight``: a single weight (of an ``nn.Linear`` or ``nn.Conv2d``; used to check first-order scores, far
+  too many components for a regression).
 
 A mask is a bool row over the components (True = keep, False = ablate). Mask ``i`` of a run is drawn from
 (seed, i) alone with a CPU generator, so every process regenerates the same row and nothing large is shipped
@@ -22,7 +22,7 @@ shift of all coefficients could not be told from the intercept).
 hooks on the selected modules (never one model copy per mask): a row mask multiplies the module's output
 features and puts the bias back (``m·(xWᵀ + b) + (1 − m)·b``, what zeroing the rows gives), a head mask of
 ``to_out.0`` multiplies its input features, and a weight mask recomputes the layer with per-sample masked
-weights by batched matmul. When the model is called on a batch that repeats the masked samples (the
+weights by batched matmul (a convolution: by one grouped convolution, a group per mask). When the model is called on a batch that repeats the masked samples (the
 classifier-free guided sampler concatenates [unconditional, conditional]), the masks are tiled to match.
 :func:`zeroed_weights` is the reference: one mask, weights really set to zero.
 """
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from cad_lightning.errors import UserInputError
 
@@ -102,8 +103,6 @@ class MaskLayout:
         if self.granularity == "layer":
             return "all", 1
         if self.granularity == "weight":
-            if not isinstance(module, nn.Linear):
-                raise UserInputError(f"model.granularity 'weight' supports linear layers only; '{name}' is a convolution.")
             return "weight", 1
         parent_name, _, leaf = module_name.rpartition(".")
         if module_name.endswith(HEAD_COLUMNS):
@@ -271,6 +270,30 @@ def _weight_hook(factor: torch.Tensor, repeats: int):
     return hook
 
 
+def _conv_weight_hook(factor: torch.Tensor, repeats: int):
+    """Recompute a convolution with per-mask weights: the samples of each mask become one group of a grouped
+    convolution (input channels of all masks side by side), so every mask's samples meet only its weights."""
+
+    def hook(module, args, y):
+        x = args[0]
+        masks = _tile(factor, x.shape[0] // repeats).to(x.dtype)  # (units, out, in / groups, kh, kw)
+        units = masks.shape[0]
+        weights = (module.weight.unsqueeze(0) * masks).reshape(-1, *module.weight.shape[1:])
+        stacked = x.reshape(units, repeats, *x.shape[1:]).transpose(0, 1).reshape(repeats, -1, *x.shape[2:])
+        if module.padding_mode != "zeros":
+            stacked = F.pad(stacked, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        else:
+            padding = module.padding
+        out = F.conv2d(stacked, weights, None, module.stride, padding, module.dilation, units * module.groups)
+        out = out.reshape(repeats, units, -1, *out.shape[2:]).transpose(0, 1).reshape(x.shape[0], -1, *out.shape[2:])
+        if module.bias is not None:
+            out = out + module.bias.reshape(1, -1, 1, 1)
+        return out
+
+    return hook
+
+
 @contextmanager
 def batched_masks(unet: nn.Module, layout: MaskLayout, masks: torch.Tensor, repeats: int = 1) -> Iterator[None]:
     """Within the block, every forward pass of ``unet`` runs its samples under per-sample masks: mask row ``k``
@@ -288,7 +311,8 @@ def batched_masks(unet: nn.Module, layout: MaskLayout, masks: torch.Tensor, repe
             part = values[:, b.offset : b.offset + b.size]
             module = modules[b.module]
             if b.axis == "weight":
-                handles.append(module.register_forward_hook(_weight_hook(part.reshape(-1, *b.shape), repeats)))
+                hook = _conv_weight_hook if isinstance(module, nn.Conv2d) else _weight_hook
+                handles.append(module.register_forward_hook(hook(part.reshape(-1, *b.shape), repeats)))
             elif b.axis == "in":
                 handles.append(module.register_forward_pre_hook(_in_hook(part.repeat_interleave(b.group, dim=1), repeats)))
             elif b.axis == "all":
