@@ -10,19 +10,20 @@
    2,000 masks) and the fitting time. Mask scores are kept in ``--root``/mask_scores, so a rerun with more
    masks computes only the new ones.
 
-Measured on 2 CPU cores (shipped weights, 8 runs x 25 steps, 64 masks per density), first order at the
-default sampler (guidance 3.0, eps from the clipped x0): Spearman 0.801 at 0.1%, 0.476 at 0.5%, -0.361 at 2%
-(Pearson 0.783 / 0.384 / -0.353), 161 s; the linear model holds at the densities the edits use and breaks down
-beyond. With the previous sampler (``--fo-guidance 2 --fo-clipped-eps off``): 0.968 / 0.877 / 0.491; with
-guidance 2 and clipped eps: 0.857 / 0.617 (0.1% / 0.5%).
-Regression, measured with the previous sampler (guidance 2, unclipped eps), 2,000 training masks (2.7 masks/s,
+Measured on 2 CPU cores (shipped weights, 8 runs x 25 steps, 64 masks per density, default sampler: guidance
+3.0, eta 1, eps from the clipped x0), first order, Spearman at 0.1% / 0.5% / 2%: FF weights 0.755 / 0.453 /
+-0.018 (Pearson 0.761 / 0.426 / -0.019); conv weights (``--fo-components conv``) 0.513 / 0.516 / 0.341; about
+3 minutes each. The previous weights gave 0.801 / 0.476 / -0.361 on FF at eta 0, and 0.968 / 0.877 / 0.491 with
+their previous sampler (``--fo-guidance 2 --fo-clipped-eps off``).
+Regression, measured with the previous weights and sampler (guidance 2, unclipped eps), 2,000 training masks (2.7 masks/s,
 about 15 minutes), 4 prompts x 10 steps: held-out Spearman 0.730 (Pearson 0.749) on 150 masks, ridge fit
 2.9 s, train R2 0.953. Its edits (0.5/1/2% of the FF weights as whole neurons) barely erase: 'circle'
 0.938 -> 0.938 / 0.969 / 0.875 (random neurons: 0.938 / 0.969 / 0.906); the mean log-odds score is 13.7
 (sd 0.9), so the masks move the classifier's confidence more than whether a circle is drawn.
 
     python benchmarks/fidelity.py [--masks 2000] [--heldout 200] [--samples 4] [--steps 10] [--skip-first-order]
-                                  [--skip-regression] [--fo-guidance G] [--fo-clipped-eps on|off]
+                                  [--skip-regression] [--fo-components ff|conv|...] [--fo-guidance G]
+                                  [--fo-clipped-eps on|off]
 """
 
 from __future__ import annotations
