@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--fo-steps", type=int, default=25)
     parser.add_argument("--fo-masks", type=int, default=64)
     parser.add_argument("--fo-densities", type=float, nargs="+", default=[0.001, 0.005, 0.02],
-                        help="fractions of the FF weights each held-out mask ablates (CAD's edits ablate 0.1-0.3%%)")
+                        help="fractions of the scored weights each held-out mask ablates (CAD's edits ablate 0.1-0.5%%)")
     parser.add_argument("--fo-components", nargs="+", default=["ff"],
                         help="components scored and masked: presets (ff, conv, transformer_linear, ...) or name regexes")
     parser.add_argument("--fo-guidance", type=float, default=None, help="guidance of the trajectories (default: the model's)")

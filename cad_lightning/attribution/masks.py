@@ -22,8 +22,9 @@ shift of all coefficients could not be told from the intercept).
 hooks on the selected modules (never one model copy per mask): a row mask multiplies the module's output
 features and puts the bias back (``m·(xWᵀ + b) + (1 − m)·b``, what zeroing the rows gives), a head mask of
 ``to_out.0`` multiplies its input features, and a weight mask recomputes the layer with per-sample masked
-weights by batched matmul (a convolution: by one grouped convolution, a group per mask). When the model is called on a batch that repeats the masked samples (the
-classifier-free guided sampler concatenates [unconditional, conditional]), the masks are tiled to match.
+weights by batched matmul (a convolution: by one grouped convolution, a group per mask). When the model
+is called on a batch that repeats the masked samples (the classifier-free guided sampler concatenates
+[unconditional, conditional]), the masks are tiled to match.
 :func:`zeroed_weights` is the reference: one mask, weights really set to zero.
 """
 
@@ -103,6 +104,9 @@ class MaskLayout:
         if self.granularity == "layer":
             return "all", 1
         if self.granularity == "weight":
+            if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+                raise UserInputError(f"model.granularity 'weight' needs zero-padded convolutions; '{name}' pads with "
+                                     f"'{module.padding_mode}'.")
             return "weight", 1
         parent_name, _, leaf = module_name.rpartition(".")
         if module_name.endswith(HEAD_COLUMNS):
@@ -280,12 +284,7 @@ def _conv_weight_hook(factor: torch.Tensor, repeats: int):
         units = masks.shape[0]
         weights = (module.weight.unsqueeze(0) * masks).reshape(-1, *module.weight.shape[1:])
         stacked = x.reshape(units, repeats, *x.shape[1:]).transpose(0, 1).reshape(repeats, -1, *x.shape[2:])
-        if module.padding_mode != "zeros":
-            stacked = F.pad(stacked, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            padding = 0
-        else:
-            padding = module.padding
-        out = F.conv2d(stacked, weights, None, module.stride, padding, module.dilation, units * module.groups)
+        out = F.conv2d(stacked, weights, None, module.stride, module.padding, module.dilation, units * module.groups)
         out = out.reshape(repeats, units, -1, *out.shape[2:]).transpose(0, 1).reshape(x.shape[0], -1, *out.shape[2:])
         if module.bias is not None:
             out = out + module.bias.reshape(1, -1, 1, 1)
