@@ -8,11 +8,21 @@ written atomically.
 
 Selections (``selections``):
 - ``cad``: the paper's, one scoring of the unedited model, top components at each ratio;
+- ``selective``: CAD's scores per unit of collateral, α / (s + ``collateral_offset`` · mean s), with s the output
+  sensitivity of each weight on prompts to preserve (cad_lightning/attribution/sensitivity.py; needs
+  ``data.preserve_samples > 0``): weights whose removal moves every output, which CAD's gap objective cannot
+  see, lose their rank;
 - ``retain``: retain-aware, scores adjusted to protect components that matter for retained concepts
   (needs ``data.retain_samples > 0``);
 - ``iterative``: ablate ``iterative_step`` of the components, re-sample trajectories and re-score on the
   edited model, repeat up to the largest ratio (one training epoch per round);
-- ``random``: the control, the same number of ablated weights per row as ``cad``, at random positions.
+- ``random``: the control, the same number of ablated weights per row as the first other selection, at random
+  positions.
+
+Every edit is evaluated on the same prompts, seeds and sampler noise as the unedited model: the target's and
+the retained concepts' accuracies, and the collateral (cad_lightning/evaluation/collateral.py: SSIM and KID
+of the retained images against the unedited ones, the target prompts' other words, what is drawn instead),
+beside the random control of equal count.
 """
 
 from __future__ import annotations
@@ -29,10 +39,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from cad_lightning.editing import (
     SCOPES,
+    collateral_penalised_scores,
     combine_masks,
     count_ablated,
     load_masks,
@@ -45,7 +55,7 @@ from cad_lightning.editing import (
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_image, save_image
 
-SELECTIONS = ("cad", "retain", "iterative", "random")
+SELECTIONS = ("cad", "selective", "retain", "iterative", "random")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -78,9 +88,12 @@ class AttributionWriter(Callback):
         scope: where the top components are taken: ``row`` (the paper's), ``matrix`` or ``global``.
         selections: any of ``cad``, ``retain``, ``iterative``, ``random`` (see the module docstring).
         retain_weight: strength of the protection of retained concepts in the ``retain`` selection.
+        collateral_offset: the ``selective`` selection ranks by α / (s + collateral_offset · mean s): small
+            values rank by concept gap per unit of output change on the preserved prompts, large ones approach
+            CAD's ranking.
         iterative_step: fraction of components ablated per round of the ``iterative`` selection.
-        random_at: where the ``random`` control is written and evaluated: ``all`` ratios or only the
-            ``largest`` (the strongest edit, the one a null effect says most about).
+        random_at: where the ``random`` control is written and evaluated: ``all`` ratios (each edit is read
+            against random ablation of its own count) or only the ``largest``.
         save_unet: also write each edited UNet as a diffusers folder.
         evaluate: measure accuracy before and after every edit with the model's concept classifier.
         eval_target_images / eval_retain_images: images of prompts naming the target / retained concepts.
@@ -94,6 +107,7 @@ class AttributionWriter(Callback):
         scope: str = "global",
         selections: list[str] = ("cad",),
         retain_weight: float = 1.0,
+        collateral_offset: float = 0.1,
         iterative_step: float = 0.005,
         random_at: str = "all",
         save_unet: bool = True,
@@ -122,7 +136,11 @@ class AttributionWriter(Callback):
             raise UserInputError(f"AttributionWriter random_at must be 'all' or 'largest', got '{random_at}'.")
         self.random_at = random_at
         self.scope, self.selections = scope, list(dict.fromkeys(selections))
+        if not collateral_offset >= 0:
+            raise UserInputError(f"AttributionWriter collateral_offset must be 0 or more, got {collateral_offset}.")
         self.retain_weight, self.iterative_step = retain_weight, iterative_step
+        self.collateral_offset = float(collateral_offset)
+        self.sensitivity: dict[str, torch.Tensor] | None = None
         self.save_unet, self.evaluate = save_unet, evaluate
         self.eval_target_images, self.eval_retain_images = eval_target_images, eval_retain_images
         self.floor_images, self.eval_batch_size = floor_images, eval_batch_size
@@ -142,6 +160,10 @@ class AttributionWriter(Callback):
                 "The 'retain' selection needs scores of retained concepts: set data.retain_samples > 0 "
                 "and give data.retain_concepts (or use the shapes world's default)."
             )
+        if "selective" in self.selections and not getattr(datamodule, "preserve_samples", 0) > 0:
+            raise UserInputError(
+                "The 'selective' selection needs the output sensitivity on prompts to preserve: set "
+                "data.preserve_samples > 0 (the default config's: 16).")
         if "iterative" in self.selections:
             rounds = self._iterative_schedule()
             trainer.fit_loop.max_epochs = len(rounds)
@@ -175,6 +197,7 @@ class AttributionWriter(Callback):
         epoch = trainer.current_epoch
         if epoch == 0:
             self.scores = scores
+            self.sensitivity = pl_module.reduced_sensitivity()
             self._log_objective(trainer, pl_module, epoch)
         if "iterative" in self.selections:
             schedule = self._iterative_schedule()
@@ -248,6 +271,10 @@ class AttributionWriter(Callback):
             with atomic_path(attribution / "retain_scores.safetensors") as tmp:
                 flat = {f"{c}::{k}": v.contiguous() for c in pl_module.concepts[1:] for k, v in self.scores[c].items()}
                 save_file(flat, str(tmp))
+        if self.sensitivity is not None:
+            with atomic_path(attribution / "sensitivity.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in self.sensitivity.items()}, str(tmp),
+                          metadata={"concept": pl_module.concepts[0]})
         datamodule = trainer.datamodule
         weights = pl_module.model_folder / "unet" / "diffusion_pytorch_model.safetensors"
         meta = {
@@ -264,8 +291,13 @@ class AttributionWriter(Callback):
             "components": {"patterns": pl_module.space.patterns, "parameters": pl_module.component_names,
                            "weights": self._total_weights()},
             "granularity": "weight",
-            "items": len(datamodule.items()),
-            "seeds": [i["seed"] for i in datamodule.items()],
+            "sensitivity": None if self.sensitivity is None else {
+                "file": "sensitivity.safetensors", "preserve_prompts": datamodule.preserve_prompts(),
+                "meaning": "s = mean over preserved states of mean_k (w * d eps_k/dw)^2 (one Rademacher probe per run)",
+                "collateral_offset": self.collateral_offset},
+            "items": sum(i.get("role", "attribute") == "attribute" for i in datamodule.items()),
+            "preserve_items": sum(i.get("role") == "preserve" for i in datamodule.items()),
+            "seeds": [i["seed"] for i in datamodule.items() if i.get("role", "attribute") == "attribute"],
             "sampler": pl_module.backbone.sampler_settings(pl_module.hparams.num_inference_steps,
                                                            pl_module.hparams.guidance_scale),
             "edit_applied_before": pl_module.hparams.edit,
@@ -291,12 +323,15 @@ class AttributionWriter(Callback):
             if selection == "random":
                 continue
             source = scores
+            if selection == "selective":
+                source = collateral_penalised_scores(scores, self.sensitivity, self.collateral_offset)
             if selection == "retain":
                 source = retain_adjusted_scores(scores, [self.scores[c] for c in pl_module.concepts[1:]],
                                                 weight=self.retain_weight, mode=self.mode)
             edits[selection] = {r: select_components(source, r, mode=self.mode, scope=self.scope) for r in self.ratios}
         if "random" in self.selections:
-            reference = edits.get("cad") or {r: select_components(scores, r, mode=self.mode, scope=self.scope) for r in self.ratios}
+            reference = next(iter(edits.values()), None) or {
+                r: select_components(scores, r, mode=self.mode, scope=self.scope) for r in self.ratios}
             generator = torch.Generator().manual_seed(0)
             edits["random"] = {r: random_like(m, generator) for r, m in reference.items()
                                if self.random_at == "all" or r == max(self.ratios)}
@@ -325,7 +360,8 @@ class AttributionWriter(Callback):
 
     def _evaluate(self, run_dir: Path, trainer, pl_module, edits) -> dict:
         from cad_lightning.evaluation.classifier import load_concept_classifier
-        from cad_lightning.evaluation.concepts import concept_accuracy, empty_prompt_rates, evaluation_items
+        from cad_lightning.evaluation.concepts import empty_prompt_rates, evaluation_items
+        from cad_lightning.evaluation.edits import evaluate_edits, selective
 
         datamodule = trainer.datamodule
         if datamodule.prompt_templates is not None:
@@ -338,44 +374,35 @@ class AttributionWriter(Callback):
         if datamodule.base_word is not None:  # each target prompt without the concept
             base = [datamodule.base_for(item.prompt, concept) for item in items if item.group == "target"]
         floor = empty_prompt_rates(backbone, detector, base, self.floor_images)
-        before, before_images = concept_accuracy(backbone, detector, items, self.eval_batch_size)
-        results, grids = [], {}
+        before, results, images = evaluate_edits(
+            backbone, detector, concept, retained, items, edits, lambda masks: self._apply(pl_module, masks),
+            self.eval_batch_size, progress=bool(trainer.progress_bar_callback))
+        controls = {r["ratio"]: r for r in results if r["selection"] == "random"}
+        for r in results:
+            control = controls.get(r["ratio"]) if r["selection"] != "random" else None
+            r["random_retained_ssim"] = control["retained_ssim"] if control else None
+            r["selective"] = selective(r, control, floor.get(concept)) if r["selection"] != "random" else None
         n = len(items)  # the grids show the first six (target) and the last six (retained) images
         show = list(dict.fromkeys([*range(min(6, n)), *(n - 1 - i for i in range(min(6, n)))]))
-        progress = tqdm(total=sum(len(v) for v in edits.values()), desc="Evaluating edits", unit="edit",
-                        disable=not trainer.progress_bar_callback)
-        for selection, per_ratio in edits.items():
-            rows, labels = [before_images[show]], ["unedited"]
-            for ratio, masks in sorted(per_ratio.items()):
-                progress.set_postfix_str(f"{selection} {ratio:g}")
-                self._apply(pl_module, masks)
-                accuracy, images = concept_accuracy(backbone, detector, items, self.eval_batch_size)
-                self._apply(pl_module, None)
-                progress.update()
-                retained_acc = {c: accuracy[c] for c in retained if c in accuracy}
-                relative = {c: accuracy[c] / before[c] for c in retained_acc if before.get(c, 0) > 0}
-                results.append({
-                    "selection": selection, "ratio": ratio, "ablated": count_ablated(masks), "target": accuracy[concept],
-                    "retained": retained_acc, "retained_mean": sum(retained_acc.values()) / max(1, len(retained_acc)),
-                    "retained_min_relative": min(relative.values()) if relative else None,
-                })
-                rows.append(images[show])
-                labels.append(f"{selection} {ratio:g}")
-            grid = labelled_grid(torch.cat(rows), labels, ncol=len(show))
-            save_image(grid, run_dir / "samples" / f"{selection}-{self.mode}.png")
-            grids[selection] = image_grid(torch.cat(rows), ncol=len(show))
-        progress.close()
-        for selection, grid in grids.items():
-            log_image(trainer.logger, f"samples/{selection}", grid, 0)
+        for selection in edits:
+            keys = ["unedited"] + [f"{selection} {ratio:g}" for ratio in sorted(edits[selection])]
+            rows = torch.cat([images[k][show] for k in keys])
+            save_image(labelled_grid(rows, keys, ncol=len(show)), run_dir / "samples" / f"{selection}-{self.mode}.png")
+            log_image(trainer.logger, f"samples/{selection}", image_grid(rows, ncol=len(show)), 0)
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_scalar"):
             for r in results:
                 step = round(r["ratio"] * 10_000)  # basis points of ablated components
-                experiment.add_scalar(f"edit/{r['selection']}/target_accuracy", r["target"], step)
-                experiment.add_scalar(f"edit/{r['selection']}/retained_mean_accuracy", r["retained_mean"], step)
+                for key, tag in (("target", "target_accuracy"), ("retained_mean", "retained_mean_accuracy"),
+                                 ("retained_min_relative", "retained_worst_relative"),
+                                 ("other_words_relative", "other_words_relative"),
+                                 ("retained_ssim", "retained_ssim"), ("retained_kid", "retained_kid")):
+                    if r.get(key) is not None:
+                        experiment.add_scalar(f"edit/{r['selection']}/{tag}", r[key], step)
         plot_tradeoff(run_dir / "tradeoff.png", concept, before, floor.get(concept), results, retained)
         return {"floor": floor, "before": before, "results": results,
-                "eval": {"target_images": self.eval_target_images, "retain_images": self.eval_retain_images}}
+                "eval": {"target_images": self.eval_target_images, "retain_images": self.eval_retain_images,
+                         "sampler": backbone.sampler_settings()}}
 
 
 def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, results: list[dict], retained: list[str]) -> None:
@@ -385,20 +412,22 @@ def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, r
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
     retained_before = sum(before[c] for c in retained if c in before) / max(1, sum(c in before for c in retained))
     for selection in dict.fromkeys(r["selection"] for r in results):
         rows = sorted((r for r in results if r["selection"] == selection), key=lambda r: r["ratio"])
         x = [0.0] + [r["ratio"] for r in rows]
         axes[0].plot(x, [before[concept]] + [r["target"] for r in rows], marker="o", label=selection)
         axes[1].plot(x, [retained_before] + [r["retained_mean"] for r in rows], marker="o", label=selection)
+        axes[2].plot(x, [1.0] + [r.get("retained_ssim", float("nan")) for r in rows], marker="o", label=selection)
     if floor is not None:
         axes[0].axhline(floor, color="grey", linestyle="--", label="floor (base prompt)")
     axes[0].set_title(f"target: {concept}")
     axes[1].set_title("retained concepts (mean)")
+    axes[2].set_title("retained images: SSIM to unedited")
     for ax in axes:
         ax.set_xlabel("ablated fraction of components")
-        ax.set_ylabel("classifier accuracy")
+        ax.set_ylabel("classifier accuracy" if ax is not axes[2] else "SSIM (same seeds)")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -406,6 +435,10 @@ def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, r
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None or value != value else format(value, spec)
 
 
 def markdown_report(report: dict) -> str:
@@ -418,14 +451,28 @@ def markdown_report(report: dict) -> str:
     if "results" in report:
         concept = report["concept"]
         lines += [f"unedited accuracy on '{concept}': {report['before'][concept]:.3f}; "
-                  f"floor (base prompt drawn as '{concept}'): {report['floor'].get(concept, float('nan')):.3f}", "",
-                  "| selection | ratio | ablated weights | target accuracy | retained mean | worst retained / unedited |",
-                  "|---|---|---|---|---|---|"]
+                  f"floor (base prompts drawn as '{concept}'): {report['floor'].get(concept, float('nan')):.3f}", "",
+                  "Every edit is evaluated on the same prompts, seeds and sampler noise as the unedited model. *other "
+                  "words*: the target prompts' other named words still drawn, relative to unedited; *SSIM*, *KID*: "
+                  "retained images against the unedited ones (KID ×1000 on the concept classifier's features); "
+                  "*selective*: target ≤ floor + 0.05, retained and other words ≥ 0.90 of unedited, SSIM ≥ the "
+                  "random control's of equal count.", "",
+                  "| selection | ratio | ablated weights | target accuracy | drawn instead | retained mean | "
+                  "worst retained / unedited | other words | SSIM | KID | random SSIM | selective |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["results"]:
-            worst = "n/a" if r["retained_min_relative"] is None else f"{r['retained_min_relative']:.3f}"
-            lines.append(f"| {r['selection']} | {r['ratio']:g} | {r['ablated']} | {r['target']:.3f} | "
-                         f"{r['retained_mean']:.3f} | {worst} |")
+            worst = _fmt(r["retained_min_relative"])
+            if r.get("retained_worst") and r["retained_min_relative"] is not None and r["retained_min_relative"] < 1:
+                worst += f" ({r['retained_worst']})"
+            instead = ", ".join(f"{w} {v:.2f}" for w, v in list(r.get("drawn_instead", {}).items())[:2])
+            flag = {True: "yes", False: "no", None: ""}[r.get("selective")]
+            lines.append(f"| {r['selection']} | {r['ratio']:g} | {r['ablated']} | {r['target']:.3f} | {instead} | "
+                         f"{r['retained_mean']:.3f} | {worst} | {_fmt(r.get('other_words_relative'), '.2f')} | "
+                         f"{_fmt(r.get('retained_ssim'))} | {_fmt(r.get('retained_kid'), '.2f')} | "
+                         f"{_fmt(r.get('random_retained_ssim'))} | {flag} |")
         lines += ["", "![trade-off](tradeoff.png)", ""]
+        lines += [f"![{s}](samples/{s}-{report['mode']}.png)" for s in dict.fromkeys(r["selection"] for r in report["results"])]
+        lines += [""]
     else:
         lines += [str(report.get("evaluation", "not evaluated")), ""]
     lines += ["## Edits", ""] + [f"- `{e['masks']}` ({e['ablated']} weights)" for e in report["edits"]]

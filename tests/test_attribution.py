@@ -34,7 +34,7 @@ def small_run(tmp_path_factory):
     """One small attribution run with evaluation, shared by the artifact tests."""
     tmp = tmp_path_factory.mktemp("attribute")
     code, run = attribute(tmp, "--data.concept", "square", "--trainer.callbacks.init_args.ratios", "[0.01, 0.03]",
-                          "--trainer.callbacks.init_args.selections", "[cad, random]",
+                          "--trainer.callbacks.init_args.selections", "[selective, cad, random]",
                           "--trainer.callbacks.init_args.eval_target_images", "8",
                           "--trainer.callbacks.init_args.eval_retain_images", "8",
                           "--trainer.callbacks.init_args.floor_images", "8")
@@ -43,13 +43,16 @@ def small_run(tmp_path_factory):
 
 
 def test_artifacts(small_run):
-    for name in ("config.yaml", "attribution/scores.safetensors", "attribution/meta.json", "report.json", "report.md",
-                 "tradeoff.png", "samples/cad-erase.png", "samples/random-erase.png"):
+    for name in ("config.yaml", "attribution/scores.safetensors", "attribution/sensitivity.safetensors",
+                 "attribution/meta.json", "report.json", "report.md", "tradeoff.png", "samples/selective-erase.png",
+                 "samples/cad-erase.png", "samples/random-erase.png"):
         assert (small_run / name).is_file(), name
     unet = load_backbone(SHIPPED_MODEL).unet
     params = dict(unet.named_parameters())
     scores = load_file(small_run / "attribution/scores.safetensors")
-    assert set(scores) == set(ComponentSpace(["conv"]).names(unet))  # the default config scores convolutions
+    assert set(scores) == set(ComponentSpace(["cross_attn_kv"]).names(unet))  # the default config's components
+    sensitivity = load_file(small_run / "attribution/sensitivity.safetensors")
+    assert set(sensitivity) == set(scores) and all((t >= 0).all() and t.sum() > 0 for t in sensitivity.values())
     for name, tensor in scores.items():
         assert tensor.shape == params[name].shape and tensor.dtype == torch.float32
     meta = json.loads((small_run / "attribution/meta.json").read_text())
@@ -57,11 +60,19 @@ def test_artifacts(small_run):
     report = json.loads((small_run / "report.json").read_text())
     total = sum(t.numel() for t in scores.values())
     for edit in report["edits"]:
-        assert edit["ablated"] == round(edit["ratio"] * total)
+        assert 0 < edit["ablated"] <= round(edit["ratio"] * total)  # fewer only when positive scores run out
         assert (small_run / edit["masks"]).is_file()
-    assert {r["selection"] for r in report["results"]} == {"cad", "random"}
-    assert [r["ratio"] for r in report["results"] if r["selection"] == "random"] == [0.03]  # random_at: largest
+    assert {r["selection"] for r in report["results"]} == {"selective", "cad", "random"}
+    # the random control at every ratio, with the counts of the first selection
+    counts = {(r["selection"], r["ratio"]): r["ablated"] for r in report["results"]}
+    assert counts[("random", 0.01)] == counts[("selective", 0.01)] and counts[("random", 0.03)] == counts[("selective", 0.03)]
     assert 0 <= report["before"]["square"] <= 1 and "circle" in report["before"]
+    for r in report["results"]:
+        assert 0 <= r["retained_ssim"] <= 1 and r["retained_kid"] == r["retained_kid"]
+        assert 0 <= r["other_words"] <= 1 and abs(sum(r["drawn_instead"].values()) - 1) < 1e-9
+        assert (r["selective"] is None) == (r["selection"] == "random")
+    markdown = (small_run / "report.md").read_text()
+    assert "SSIM" in markdown and "other words" in markdown and "samples/selective-erase.png" in markdown
 
 
 def test_edited_unet_opens_in_plain_diffusers(small_run):
@@ -130,10 +141,15 @@ def test_evaluate_an_edit(small_run, tmp_path):
     edit = small_run / "edits/cad-erase-0.03.safetensors"
     code = run_cli(["test", "--config", str(CONFIGS / "evaluate.yaml"), "--trainer.default_root_dir", str(tmp_path),
                     "--data.concept", "square", "--data.target_images", "8", "--data.retain_images", "8",
-                    "--model.num_inference_steps", "4", "--model.edit", str(edit)])
+                    "--model.edit", str(edit)])
     assert code == 0
     out = json.loads(next(tmp_path.rglob("evaluation.json")).read_text())
     assert out["edit"] == str(edit) and 0 <= out["accuracy"]["square"] <= 1 and "circle" in out["accuracy"]
+    # the collateral against the unedited model on the same seeds, as at the end of the fit
+    assert out["ablated"] > 0 and 0 <= out["edited"]["retained_ssim"] <= 1 and "other_words_relative" in out["edited"]
+    report = json.loads((small_run / "report.json").read_text())
+    fit_row = next(r for r in report["results"] if r["selection"] == "cad" and r["ratio"] == 0.03)
+    assert out["edited"]["target"] == pytest.approx(fit_row["target"])
 
 
 @pytest.mark.parametrize(

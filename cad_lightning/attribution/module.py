@@ -23,6 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from cad_lightning.attribution.components import ComponentSpace
 from cad_lightning.attribution.objectives import OBJECTIVES, ConceptObjective
+from cad_lightning.attribution.sensitivity import accumulate_sensitivity
 from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
 from cad_lightning.errors import UserInputError
 
@@ -32,6 +33,8 @@ from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
 from cad_lightning.preemption import Preemption
 from cad_lightning.strategy import NAME as ATTRIBUTION_STRATEGY
 from cad_lightning.strategy import AttributionStrategy
+
+ACCUMULATED = ("alpha_", "count_", "objective_sum_", "sensitivity_", "items_done")  # the per-epoch sums
 
 
 def accumulate_first_order(
@@ -150,6 +153,8 @@ class CADModule(pl.LightningModule):
                 f"'{ATTRIBUTION_STRATEGY}' (the cad command line does this for 'ddp')."
             )
         self.configure_concepts(datamodule.concepts, datamodule.base_prompt)
+        if getattr(datamodule, "preserve_samples", 0) > 0:
+            self._ensure_sensitivity_buffers()  # before a preempted run's saved sums are restored
         if self.hparams.dtype == "fp32" and not self.hparams.allow_tf32:
             use_ieee_fp32(self.trainer.strategy.root_device)
         if not hasattr(self, "items_done"):
@@ -198,10 +203,13 @@ class CADModule(pl.LightningModule):
         for c, concept in enumerate(self.concepts):
             if c > 0 and self.current_epoch > 0:
                 continue  # retained concepts are scored once, on the unedited model (first epoch)
-            items = [item for item in batch if item["concept"] == concept]
+            items = [item for item in batch if item.get("role", "attribute") == "attribute" and item["concept"] == concept]
             if items:
                 bases = [i.get("base_prompt", self.objective.base_prompt) for i in items]
                 self.accumulate(c, [i["prompt"] for i in items], [int(i["seed"]) for i in items], bases)
+        preserve = [item for item in batch if item.get("role") == "preserve"]
+        if preserve and self.current_epoch == 0:  # on the unedited model, like the retained concepts' scores
+            self.accumulate_sensitivity([i["prompt"] for i in preserve], [int(i["seed"]) for i in preserve])
         for item in batch:
             self.items_done[item["item_id"]] = True
         self._log_progress()
@@ -233,17 +241,33 @@ class CADModule(pl.LightningModule):
         if concept_index == 0:
             self.log("attribution/J", total_j / n, prog_bar=True, batch_size=n)
 
+    def accumulate_sensitivity(self, prompts: list[str], seeds: list[int]) -> None:
+        """Add the output sensitivity (see cad_lightning/attribution/sensitivity.py) of the runs of prompts to preserve."""
+        self._ensure_sensitivity_buffers()
+        buffers = [getattr(self, f"sensitivity_{p}") for p in range(len(self.component_names))]
+        n = accumulate_sensitivity(self.backbone, self.component_names, prompts, seeds, buffers,
+                                   self.hparams.guidance_scale, self.hparams.num_inference_steps)
+        self.sensitivity_count.add_(n)
+
+    def _ensure_sensitivity_buffers(self) -> None:
+        if hasattr(self, "sensitivity_count"):
+            return
+        params = dict(self.backbone.unet.named_parameters())
+        for p, name in enumerate(self.component_names):
+            self.register_buffer(f"sensitivity_{p}", torch.zeros(params[name].shape, dtype=torch.float32, device=self.device))
+        self.register_buffer("sensitivity_count", torch.zeros((), dtype=torch.float64, device=self.device))
+
     # --- results ------------------------------------------------------------------------------
     def reset_scores(self) -> None:
         for name, buffer in self.named_buffers():
-            if name.startswith(("alpha_", "count_", "objective_sum_", "items_done")):
+            if name.startswith(ACCUMULATED):
                 buffer.zero_()
         self.restored = {}
 
     def accumulated_state(self) -> dict[str, torch.Tensor]:
         """This rank's sums of the current epoch and the items they cover (what a preempted run saves)."""
         return {name: buffer for name, buffer in self.named_buffers()
-                if name.startswith(("alpha_", "count_", "objective_sum_", "items_done"))}
+                if name.startswith(ACCUMULATED)}
 
     def restore_accumulated(self, state: dict[str, torch.Tensor]) -> None:
         """Take the saved state of a preempted run: its items are skipped, its sums added once when reducing."""
@@ -278,6 +302,17 @@ class CADModule(pl.LightningModule):
                 scores[name] = (total / count).float().cpu()
             out[concept] = scores
         return out
+
+    def reduced_sensitivity(self) -> dict[str, torch.Tensor] | None:
+        """Mean output sensitivity per weight over all preserved states of all ranks, ``{parameter name: (shape)
+        fp32}``; None when no prompt to preserve was run (``data.preserve_samples`` 0)."""
+        if not hasattr(self, "sensitivity_count"):
+            return None
+        count = self._reduced_sum("sensitivity_count")
+        if float(count) == 0:
+            return None
+        return {name: (self._reduced_sum(f"sensitivity_{p}") / count).float().cpu()
+                for p, name in enumerate(self.component_names)}
 
     def mean_objective(self, concept_index: int = 0) -> float:
         count = self._reduced_sum(f"count_{concept_index}")

@@ -1,9 +1,11 @@
 """AttributionDataModule: the (ablation-mask, prompt) items of an attribution run.
 
-An item is ``{"item_id", "concept", "prompt", "base_prompt", "seed", "mask"}``: one sampling run of one
-prompt, the base prompt its erase objective compares it with, and the ablation mask the model is evaluated
+An item is ``{"item_id", "role", "concept", "prompt", "base_prompt", "seed", "mask"}``: one sampling run of
+one prompt, the base prompt its erase objective compares it with, and the ablation mask the model is evaluated
 under (``None``: the model as loaded, possibly with ``model.edit`` applied; mask ids are used by the
-regression estimator).
+regression estimator). ``role`` is ``attribute`` (a run whose concept is scored: the target, or a retained
+concept for the ``retain`` selection) or ``preserve`` (a run of a prompt that must stay as it is, whose output
+sensitivity the ``selective`` selection uses; its ``concept`` is None).
 
 Across processes and nodes the items are sharded by :class:`ItemShardSampler`: every item on exactly one rank
 (Lightning's default DistributedSampler would repeat items to even out the shards, counting them twice).
@@ -21,11 +23,19 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cad_lightning.data.world import CONCEPT_KINDS, VOCABULARY, concept_kind, prompts_naming, without_concept
+from cad_lightning.data.world import (
+    CONCEPT_KINDS,
+    VOCABULARY,
+    concept_kind,
+    make_prompt,
+    prompts_naming,
+    without_concept,
+)
 from cad_lightning.errors import UserInputError
 
 
 PADDING = -1  # the sampler's index of an empty slot
+PRESERVE_SEED_OFFSET = 104_729  # the generator of the preserved prompts: seed + this, apart from the concepts' ones
 
 
 class ItemList(Dataset):
@@ -75,6 +85,10 @@ class AttributionDataModule(pl.LightningDataModule):
             free-text concepts). Their scores are computed when ``retain_samples > 0``.
         samples: sampling runs (trajectories) of the concept.
         retain_samples: sampling runs per retained concept (0: retained concepts are only evaluated).
+        preserve_samples: sampling runs of prompts to preserve, for the output sensitivity of the ``selective``
+            selection: alternately each target prompt's base prompt (its other words: 'a red shape') and a
+            prompt of the retained concepts that does not name the target ('a blue striped square'; free-text
+            concepts: the retained concepts' prompts, if any). 0: none.
         prompt_templates: templates with ``{concept}`` for free-text concepts, e.g. "a photo of a {concept}".
         prompts_file: a text file of the concept's prompts, one per line (blank lines and lines starting
             with '#' are skipped), e.g. for an unsafe concept; used instead of templates, cycled.
@@ -90,6 +104,7 @@ class AttributionDataModule(pl.LightningDataModule):
         retain_concepts: list[str] | None = None,
         samples: int = 8,
         retain_samples: int = 0,
+        preserve_samples: int = 0,
         prompt_templates: list[str] | None = None,
         prompts_file: str | None = None,
         seed: int = 0,
@@ -102,6 +117,8 @@ class AttributionDataModule(pl.LightningDataModule):
             raise UserInputError(f"data.samples must be at least 1, got {samples}.")
         if retain_samples < 0:
             raise UserInputError(f"data.retain_samples must be 0 or more, got {retain_samples}.")
+        if preserve_samples < 0:
+            raise UserInputError(f"data.preserve_samples must be 0 or more, got {preserve_samples}.")
         if batch_size < 1:
             raise UserInputError(f"data.batch_size must be at least 1, got {batch_size}.")
         self.concept = concept.strip()
@@ -140,7 +157,7 @@ class AttributionDataModule(pl.LightningDataModule):
         if self.concept in retain_concepts:
             raise UserInputError(f"data.retain_concepts contains the target concept '{self.concept}'.")
         self.retain_concepts = list(retain_concepts)
-        self.samples, self.retain_samples = samples, retain_samples
+        self.samples, self.retain_samples, self.preserve_samples = samples, retain_samples, preserve_samples
         self.seed, self.batch_size = seed, batch_size
 
     @property
@@ -158,10 +175,33 @@ class AttributionDataModule(pl.LightningDataModule):
         for c, concept in enumerate(self.concepts):
             n = self.samples if c == 0 else self.retain_samples
             for prompt in self.prompts_for(concept, n, self.seed + 7919 * c):
-                out.append({"item_id": len(out), "concept": concept, "prompt": prompt,
+                out.append({"item_id": len(out), "role": "attribute", "concept": concept, "prompt": prompt,
                             "base_prompt": self.base_for(prompt, concept), "seed": None, "mask": None})
+        for prompt in self.preserve_prompts():
+            out.append({"item_id": len(out), "role": "preserve", "concept": None, "prompt": prompt,
+                        "base_prompt": None, "seed": None, "mask": None})
         for item in out:
             item["seed"] = self.seed + item["item_id"]
+        return out
+
+    def preserve_prompts(self) -> list[str]:
+        """The ``preserve_samples`` prompts to preserve: target prompts' base prompts and retained prompts, alternately."""
+        n = self.preserve_samples
+        if n == 0:
+            return []
+        targets = self.prompts_for(self.concept, self.samples, self.seed)
+        bases = [self.base_for(p, self.concept) if self.base_word is not None else self.base_prompt for p in targets]
+        generator = torch.Generator().manual_seed(self.seed + PRESERVE_SEED_OFFSET)
+        if self.prompt_templates is None:
+            choices = {k: [w for w in words if w != self.concept] for k, words in CONCEPT_KINDS.items()}
+            others = [make_prompt(**{k: ws[int(torch.randint(len(ws), (1,), generator=generator))]
+                                     for k, ws in choices.items()}) for _ in range(n)]
+        else:
+            others = [p for c in self.retain_concepts for p in self.prompts_for(c, 1, self.seed)]
+        out = []
+        for i in range(n):
+            use_other = i % 2 == 1 and others
+            out.append(others[(i // 2) % len(others)] if use_other else bases[(i // 2 if others else i) % len(bases)])
         return out
 
     def base_for(self, prompt: str, concept: str) -> str:
@@ -174,7 +214,8 @@ class AttributionDataModule(pl.LightningDataModule):
 
     def all_prompts(self) -> list[str]:
         items = self.items()
-        return [i["prompt"] for i in items] + [i["base_prompt"] for i in items] + [self.base_prompt]
+        return [i["prompt"] for i in items] + [i["base_prompt"] for i in items if i["base_prompt"] is not None] \
+            + [self.base_prompt]
 
     def train_dataloader(self) -> DataLoader:
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)

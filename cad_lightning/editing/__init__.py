@@ -12,6 +12,7 @@ from cad_lightning.editing.artifacts import (
 from cad_lightning.editing.select import (
     MODES,
     SCOPES,
+    collateral_penalised_scores,
     count_ablated,
     random_like,
     retain_adjusted_scores,
@@ -24,6 +25,7 @@ __all__ = [
     "SCOPES",
     "apply_edit",
     "apply_masks",
+    "collateral_penalised_scores",
     "combine_masks",
     "count_ablated",
     "load_masks",

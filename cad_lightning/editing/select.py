@@ -280,6 +280,47 @@ def retain_adjusted_scores(
     return {k: (t_hat[k] - sign * float(weight) * penalty[k]).float() for k in keys}
 
 
+# --------------------------------------------------------------------------------------------- collateral
+def collateral_penalised_scores(
+    scores: Mapping[str, torch.Tensor],
+    sensitivity: Mapping[str, torch.Tensor],
+    offset: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """Scores per unit of collateral: the concept gap a weight carries over how much its removal moves the
+    model's output on prompts to preserve,
+
+        adjusted = α / (s + offset · mean(s))
+
+    with s ≥ 0 the output sensitivity of :mod:`cad_lightning.attribution.sensitivity` (mean over every scored
+    weight in the denominator). Taking the top of this ranking until a count is reached is the greedy answer to
+    "remove as much of the concept as possible for the least output change on what must stay" (a knapsack with
+    first-order gains and diagonal costs). A weight whose removal moves every output (a colour cast, a contrast
+    change) has a large s and loses its rank, even when CAD's gap objective, blind to changes common to both of
+    its branches, scores it high. ``offset`` → ∞ gives CAD's own ranking; 0 ranks by the ratio alone. The sign
+    of α is kept, so erase (top positive) and amplify (top negative) select as before; the ranking does not
+    depend on the scale of α. Returns fp32 tensors for the score keys."""
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not math.isfinite(float(offset)) \
+            or float(offset) < 0:
+        raise UserInputError(f"offset must be a finite number >= 0 (the share of the mean sensitivity added to each "
+                             f"weight's), got {offset!r}.")
+    scores = _check_scores(scores)
+    sensitivity = _check_scores(sensitivity, "sensitivity")
+    for name, score in scores.items():
+        if name not in sensitivity:
+            raise UserInputError(f"sensitivity has no entry for parameter {name!r}; it must cover every scored parameter.")
+        if sensitivity[name].shape != score.shape:
+            raise UserInputError(f"sensitivity[{name!r}] has shape {tuple(sensitivity[name].shape)} but its score has "
+                                 f"shape {tuple(score.shape)}.")
+        if bool((sensitivity[name] < 0).any()):
+            raise UserInputError(f"sensitivity[{name!r}] has negative entries; it is a mean of squares and must be >= 0.")
+    total = sum(float(sensitivity[n].double().sum()) for n in scores)
+    mean = total / max(1, sum(sensitivity[n].numel() for n in scores))
+    floor = float(offset) * mean
+    if floor == 0:
+        floor = torch.finfo(torch.float32).tiny  # all sensitivities 0 (or offset 0): avoid 0 / 0
+    return {name: score / (sensitivity[name].to(score.device) + floor) for name, score in scores.items()}
+
+
 # --------------------------------------------------------------------------------------------- control
 def random_like(masks: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A random-ablation control: same number of ablated weights in every row of every parameter, positions

@@ -1,6 +1,8 @@
 """Evaluation of a model or an edit on its own: ``cad test --config configs/evaluate.yaml --model.edit <masks>``.
 
-The same evaluation set as the end of an attribution fit (same prompts and seeds), so numbers compare.
+The same evaluation set as the end of an attribution fit (same prompts and seeds), so numbers compare. With an
+edit, the unedited model is sampled too, on the same seeds, and the collateral of the edit is measured
+(cad_lightning/evaluation/collateral.py).
 """
 
 from __future__ import annotations
@@ -9,14 +11,17 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader
 
 from cad_lightning.backbones.backbone import load_backbone
 from cad_lightning.data.world import CONCEPT_KINDS, concept_kind
-from cad_lightning.editing import apply_edit
+from cad_lightning.editing import apply_masks, count_ablated, load_masks
 from cad_lightning.errors import UserInputError
 from cad_lightning.evaluation.classifier import load_concept_classifier
+from cad_lightning.evaluation.collateral import ClassifierFeatures
 from cad_lightning.evaluation.concepts import EvalItem, accuracy_from_predictions, evaluation_items
+from cad_lightning.evaluation.edits import edit_row
 from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
 from cad_lightning.utils import atomic_path
 
@@ -63,21 +68,45 @@ class EvaluationModule(pl.LightningModule):
         self.save_hyperparameters()
         folder = resolve_model_path(model_path)
         self.backbone = load_backbone(folder)
+        self.masks = None
         if edit:
             if not Path(edit).is_file():
                 raise UserInputError(f"model.edit '{edit}' is not a file; give an edits/<...>.safetensors mask file.")
-            apply_edit(self.backbone.unet, edit)
+            self.masks = load_masks(edit)
+            params = dict(self.backbone.unet.named_parameters())
+            self._original = {n: params[n].detach().clone() for n in self.masks if n in params}
+            apply_masks(self.backbone.unet, self.masks)
         self.detector = load_concept_classifier(folder)
         self._predicted: dict[int, dict[str, str]] = {}
+        self._images: dict[int, torch.Tensor] = {}
+        self._reference: dict[int, tuple[torch.Tensor, dict[str, str]]] = {}
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        items: list[EvalItem] = [self.trainer.datamodule.items[i] for i in batch.tolist()]
+    def _generate(self, items: list[EvalItem]) -> tuple[torch.Tensor, dict[str, list[str]]]:
         images = self.backbone.generate([i.prompt for i in items], seed=[i.seed for i in items],
                                         num_inference_steps=self.hparams.num_inference_steps,
                                         guidance_scale=self.hparams.guidance_scale)
-        predicted = self.detector(images)
+        return images.cpu(), self.detector(images)
+
+    def _unedited(self, items: list[EvalItem]) -> tuple[torch.Tensor, dict[str, list[str]]]:
+        """The unedited model's images of the items (same seeds), the edit put back afterwards."""
+        params = dict(self.backbone.unet.named_parameters())
+        with torch.no_grad():
+            for name, original in self._original.items():
+                params[name].copy_(original)
+        try:
+            return self._generate(items)
+        finally:
+            apply_masks(self.backbone.unet, self.masks)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        items: list[EvalItem] = [self.trainer.datamodule.items[i] for i in batch.tolist()]
+        images, predicted = self._generate(items)
+        reference = self._unedited(items) if self.masks is not None else None
         for n, index in enumerate(batch.tolist()):
             self._predicted[index] = {kind: words[n] for kind, words in predicted.items()}
+            self._images[index] = images[n]
+            if reference is not None:
+                self._reference[index] = (reference[0][n], {kind: words[n] for kind, words in reference[1].items()})
 
     def on_test_epoch_end(self) -> None:
         datamodule = self.trainer.datamodule
@@ -87,8 +116,19 @@ class EvaluationModule(pl.LightningModule):
         accuracy = accuracy_from_predictions(items, predicted)
         for concept, value in accuracy.items():
             self.log(f"test/accuracy_{concept}", value)
+        record = {"concept": datamodule.concept, "edit": self.hparams.edit, "accuracy": accuracy}
+        if self.masks is not None:
+            reference_images = torch.stack([self._reference[i][0] for i in order])
+            reference_predicted = {kind: [self._reference[i][1][kind] for i in order] for kind in CONCEPT_KINDS}
+            before = accuracy_from_predictions(items, reference_predicted)
+            row = edit_row(items, datamodule.concept, datamodule.retain_concepts, before,
+                           torch.stack([self._images[i] for i in order]), predicted, reference_images,
+                           reference_predicted, ClassifierFeatures(self.detector))
+            record.update({"ablated": count_ablated(self.masks), "unedited_accuracy": before, "edited": row})
+            for key in ("retained_ssim", "retained_kid", "other_words_relative", "retained_min_relative"):
+                if row.get(key) is not None:
+                    self.log(f"test/{key}", float(row[key]))
         if self.trainer.is_global_zero:
             out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "evaluation.json"
             with atomic_path(out) as tmp:
-                tmp.write_text(json.dumps({"concept": datamodule.concept, "edit": self.hparams.edit,
-                                           "accuracy": accuracy}, indent=2) + "\n")
+                tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,125 @@
+"""Erase every concept of the shapes world with the shipped default config and print one table.
+
+For each of the 11 concepts (5 shapes, 4 colours, 2 textures) it runs ``cad fit --config configs/attribute.yaml
+--data.concept <c>`` (nothing else changed) and reads the run's report.json: floor, unedited accuracy, and for
+the chosen edit (the smallest ratio that meets the selective-edit goal; if none does, the one that misses it by
+the least) the target after, the worst retained concept relative to unedited, the target prompts' other words
+kept, SSIM and KID of the retained images against the unedited ones, and the same for the random control of
+equal count; then the wall time of the run. It writes the table (``erase_all.md``), all rows
+(``erase_all.json``) and one picture (``erase_all.png``: each concept's before/after grid, stacked).
+
+    python benchmarks/erase_all.py [--concepts circle,red] [--out runs/erase_all] [-- extra cad arguments]
+
+The goal per concept: target <= floor + 0.05, every retained concept >= 0.90 of unedited, the other words of
+the target prompts >= 0.90 of unedited, and retained SSIM no lower than the random control's at the same count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cad_lightning.data.world import CONCEPT_KINDS  # noqa: E402
+
+
+def run(concept: str, out: Path, config: Path, extra: list[str]) -> tuple[Path, float]:
+    root = out / concept
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cad_lightning.cli", "fit", "--config", str(config), "--data.concept", concept,
+                    "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *extra],
+                   check=True, capture_output=True)
+    return sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1], \
+        time.perf_counter() - start
+
+
+def shortfall(row: dict, floor: float) -> float:
+    """How far an edit is from the goal (0 when it meets it): the sum of its misses."""
+    miss = max(0.0, row["target"] - (floor + 0.05))
+    miss += max(0.0, 0.9 - (row["retained_min_relative"] if row["retained_min_relative"] is not None else 1.0))
+    miss += max(0.0, 0.9 - (row["other_words_relative"] if row.get("other_words_relative") is not None else 1.0))
+    if row.get("random_retained_ssim") is not None:
+        miss += max(0.0, row["random_retained_ssim"] - row["retained_ssim"])
+    return miss
+
+
+def choose(report: dict) -> tuple[dict, dict | None]:
+    floor = report["floor"][report["concept"]]
+    edits = [r for r in report["results"] if r["selection"] != "random"]
+    met = [r for r in edits if r.get("selective")]
+    row = min(met, key=lambda r: r["ratio"]) if met else min(edits, key=lambda r: (shortfall(r, floor), r["ratio"]))
+    control = next((r for r in report["results"] if r["selection"] == "random" and r["ratio"] == row["ratio"]), None)
+    return row, control
+
+
+def fmt(value, spec=".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concepts", default=",".join(w for words in CONCEPT_KINDS.values() for w in words))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "attribute.yaml"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "erase_all"))
+    parser.add_argument("extra", nargs="*", help="more cad arguments, after --")
+    args = parser.parse_args()
+    out = Path(args.out)
+    header = ("| concept | floor | unedited | edit | target after | worst retained / unedited | other words kept | "
+              "SSIM | KID | random: target | random: worst retained | random: SSIM | random: KID | goal | wall (s) |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    rows, pictures = [], []
+    print(header)
+    print(lines[1])
+    for concept in args.concepts.split(","):
+        run_dir, wall = run(concept, out, Path(args.config), args.extra)
+        report = json.loads((run_dir / "report.json").read_text())
+        row, control = choose(report)
+        floor = report["floor"][concept]
+        worst = fmt(row["retained_min_relative"], ".2f") + (f" ({row['retained_worst']})" if row.get("retained_worst") else "")
+        line = (f"| {concept} | {floor:.3f} | {report['before'][concept]:.3f} | {row['selection']} {row['ratio']:g} "
+                f"({row['ablated']}) | {row['target']:.3f} | {worst} | {fmt(row.get('other_words_relative'), '.2f')} | "
+                f"{row['retained_ssim']:.3f} | {row['retained_kid']:.2f} | "
+                f"{fmt(control and control['target'])} | {fmt(control and control['retained_min_relative'], '.2f')} | "
+                f"{fmt(control and control['retained_ssim'])} | {fmt(control and control['retained_kid'], '.2f')} | "
+                f"{'yes' if row.get('selective') else 'no'} | {wall:.0f} |")
+        print(line, flush=True)
+        lines.append(line)
+        rows.append({"concept": concept, "floor": floor, "unedited": report["before"][concept], "edit": row,
+                     "random": control, "wall_s": wall, "run": str(run_dir)})
+        pictures.append((concept, run_dir / "samples" / f"{row['selection']}-{report['mode']}.png"))
+    met = sum(bool(r["edit"].get("selective")) for r in rows)
+    summary = f"{met} of {len(rows)} concepts meet the goal; mean wall time {sum(r['wall_s'] for r in rows) / len(rows):.0f} s"
+    print(summary)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "erase_all.md").write_text("\n".join(lines + ["", summary]) + "\n")
+    (out / "erase_all.json").write_text(json.dumps(rows, indent=2) + "\n")
+    stack_pictures(pictures, out / "erase_all.png")
+    print(f"written: {out / 'erase_all.md'}, {out / 'erase_all.png'}")
+
+
+def stack_pictures(pictures: list[tuple[str, Path]], path: Path) -> None:
+    """The concepts' before/after grids one under the other, each under its concept's name."""
+    from PIL import Image, ImageDraw
+
+    images = [(c, Image.open(p).convert("RGB")) for c, p in pictures if p.is_file()]
+    if not images:
+        return
+    width = max(im.width for _, im in images)
+    caption = 14
+    canvas = Image.new("RGB", (width, sum(im.height + caption for _, im in images)), "white")
+    draw, y = ImageDraw.Draw(canvas), 0
+    for concept, im in images:
+        draw.text((4, y + 1), f"erase '{concept}'", fill="black")
+        canvas.paste(im, (0, y + caption))
+        y += im.height + caption
+    canvas.save(path)
+
+
+if __name__ == "__main__":
+    main()

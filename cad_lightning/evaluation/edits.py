@@ -1,0 +1,103 @@
+"""Evaluation of edits on the shapes world: accuracy of the target and the retained concepts, and collateral.
+
+One function, :func:`evaluate_edits`, used by every writer of edits (first-order and regression): the model
+is sampled on the evaluation set without an edit and under each edit, with the same prompts, seeds and
+sampler noise; each edit's row holds the target's accuracy, the retained concepts' accuracies and the
+collateral of :mod:`cad_lightning.evaluation.collateral`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from cad_lightning.backbones.backbone import DiffusionBackbone
+from cad_lightning.editing import count_ablated
+from cad_lightning.evaluation.classifier import ConceptDetector
+from cad_lightning.evaluation.collateral import ClassifierFeatures, collateral
+from cad_lightning.evaluation.concepts import EvalItem, accuracy_from_predictions
+
+Masks = dict[str, torch.Tensor]
+
+
+def generate_and_read(backbone: DiffusionBackbone, detector: ConceptDetector, items: list[EvalItem],
+                      batch_size: int) -> tuple[torch.Tensor, dict[str, list[str]]]:
+    """Images (N, 3, H, W) of the items, each from its own seed, and the classifier's reading of them."""
+    images = backbone.generate([i.prompt for i in items], seed=[i.seed for i in items], batch_size=batch_size).cpu()
+    return images, detector(images)
+
+
+def edit_row(items: list[EvalItem], concept: str, retained: list[str], before: dict[str, float],
+             images: torch.Tensor, predicted: dict[str, list[str]], reference_images: torch.Tensor,
+             reference_predicted: dict[str, list[str]], features: ClassifierFeatures) -> dict:
+    """One edit's numbers: target accuracy, retained accuracies (and the worst relative to unedited), collateral."""
+    accuracy = accuracy_from_predictions(items, predicted)
+    retained_acc = {c: accuracy[c] for c in retained if c in accuracy}
+    relative = {c: accuracy[c] / before[c] for c in retained_acc if before.get(c, 0) > 0}
+    worst = min(relative, key=relative.get) if relative else None
+    return {
+        "target": accuracy[concept],
+        "retained": retained_acc,
+        "retained_mean": sum(retained_acc.values()) / max(1, len(retained_acc)),
+        "retained_min_relative": relative[worst] if worst else None,
+        "retained_worst": worst,
+        **collateral(items, concept, images, predicted, reference_images, reference_predicted, features),
+    }
+
+
+def evaluate_edits(
+    backbone: DiffusionBackbone,
+    detector: ConceptDetector,
+    concept: str,
+    retained: list[str],
+    items: list[EvalItem],
+    edits: dict[str, dict[float, Masks]],
+    apply: Callable[[Masks | None], None],
+    batch_size: int = 96,
+    progress: bool = True,
+) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+    """Evaluate the unedited model and every edit ``{selection: {ratio: masks}}``.
+
+    ``apply(masks)`` puts an edit on the model (``apply(None)``: the unedited model); the model is left
+    unedited. Returns the unedited accuracies ``{concept: accuracy}``, one row per edit (``selection``,
+    ``ratio``, ``ablated`` and the numbers of :func:`edit_row`), and the images of each selection's edits,
+    ``{"unedited": (N, 3, H, W), "<selection> <ratio>": ...}``.
+    """
+    apply(None)
+    reference_images, reference_predicted = generate_and_read(backbone, detector, items, batch_size)
+    before = accuracy_from_predictions(items, reference_predicted)
+    features = ClassifierFeatures(detector)
+    rows, images = [], {"unedited": reference_images}
+    bar = tqdm(total=sum(len(v) for v in edits.values()), desc="Evaluating edits", unit="edit", disable=not progress)
+    try:
+        for selection, per_ratio in edits.items():
+            for ratio, masks in sorted(per_ratio.items()):
+                bar.set_postfix_str(f"{selection} {ratio:g}")
+                apply(masks)
+                try:
+                    edited, predicted = generate_and_read(backbone, detector, items, batch_size)
+                finally:
+                    apply(None)
+                rows.append({"selection": selection, "ratio": ratio, "ablated": count_ablated(masks),
+                             **edit_row(items, concept, retained, before, edited, predicted, reference_images,
+                                        reference_predicted, features)})
+                images[f"{selection} {ratio:g}"] = edited
+                bar.update()
+    finally:
+        bar.close()
+    return before, rows, images
+
+
+def selective(row: dict, control: dict | None, floor: float | None, margin: float = 0.05, keep: float = 0.9) -> bool:
+    """Whether an edit meets the selective-edit goal: target at most floor + ``margin``, every retained concept
+    and the target prompts' other words at least ``keep`` of unedited, and retained images no further from the
+    unedited ones (SSIM) than the random control of equal count."""
+    if floor is None or control is None:
+        return False
+    other = row.get("other_words_relative")
+    return (row["target"] <= floor + margin
+            and (row["retained_min_relative"] is None or row["retained_min_relative"] >= keep)
+            and (other is None or other >= keep)
+            and row["retained_ssim"] >= control["retained_ssim"])

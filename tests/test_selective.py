@@ -1,0 +1,158 @@
+"""The selective selection: output sensitivity, collateral-penalised scores, and the collateral measures."""
+
+import math
+
+import pytest
+import torch
+from conftest import SHIPPED_MODEL
+
+from cad_lightning.attribution.module import accumulate_first_order
+from cad_lightning.attribution.objectives import EraseObjective
+from cad_lightning.attribution.sensitivity import accumulate_sensitivity
+from cad_lightning.backbones.backbone import Trajectory
+from cad_lightning.editing import collateral_penalised_scores, select_components
+from cad_lightning.errors import UserInputError
+
+
+class ToyUNet(torch.nn.Module):
+    """ε(x, c) = g·x + g²·k·f(c): ``gain`` g scales every output (its removal moves everything), ``concept`` k
+    reads only the concept's text feature f (1 for prompts naming 'circle', 0 otherwise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(1))
+        self.concept = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x, t, text):
+        return self.gain * x + self.gain ** 2 * self.concept * text.mean((1, 2)).reshape(-1, 1, 1, 1)
+
+
+class ToyBackbone:
+    """Just what the objective and the sensitivity use: seeded 'trajectories' of random states, a text feature."""
+
+    def __init__(self) -> None:
+        self.unet = ToyUNet()
+
+    def encode(self, prompts):
+        return torch.tensor([[[1.0 if "circle" in p.split() else 0.0]] for p in prompts])
+
+    def predict_noise(self, x_t, t, text):
+        return self.unet(x_t, t, text)
+
+    def trajectory(self, prompts, seed, guidance_scale=None, num_inference_steps=None):
+        steps = num_inference_steps or 3
+        latents = torch.stack([torch.stack([torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(s * 100 + k))
+                                            for s in seed]) for k in range(steps)])
+        return Trajectory(torch.arange(steps), latents, latents[-1], None, "")
+
+
+def toy_scores(prompts=("a circle", "a red circle"), bases=("a shape", "a red shape")):
+    backbone = ToyBackbone()
+    names = ["gain", "concept"]
+    buffers = [torch.zeros(1), torch.zeros(1)]
+    _, n = accumulate_first_order(backbone, EraseObjective(), names, list(prompts), [0, 1], buffers,
+                                  base_prompts=list(bases))
+    alpha = {k: b / n for k, b in zip(names, buffers)}
+    sens = [torch.zeros(1), torch.zeros(1)]
+    n = accumulate_sensitivity(backbone, names, list(bases), [0, 1], sens)
+    return alpha, {k: s / n for k, s in zip(names, sens)}
+
+
+def test_weight_that_moves_every_output_is_ranked_first_by_cad_and_excluded_by_selective():
+    alpha, sensitivity = toy_scores()
+    # J = (g² k)² = 1 with the base branch detached: α_concept = 2, α_gain = 2·mean(x + 2) ≈ 4, ranked first
+    assert torch.allclose(alpha["concept"], torch.tensor([2.0])) and alpha["gain"].item() > 3.0
+    # the base prompts see the gain (its removal zeroes g·x) and not the concept weight (f = 0 there)
+    assert sensitivity["gain"].item() > 0.1 and sensitivity["concept"].item() == 0.0
+    cad = select_components(alpha, 0.5, scope="global")
+    assert not cad["gain"].item() and cad["concept"].item()
+    penalised = collateral_penalised_scores(alpha, sensitivity, offset=1.0)
+    selective = select_components(penalised, 0.5, scope="global")
+    assert selective["gain"].item() and not selective["concept"].item()
+    # a large offset gives CAD's own ranking back
+    far = select_components(collateral_penalised_scores(alpha, sensitivity, offset=1e6), 0.5, scope="global")
+    assert not far["gain"].item() and far["concept"].item()
+
+
+def test_sensitivity_is_the_squared_first_order_output_change():
+    """One probe per run estimates Σ_k (w ∂ε_k/∂w)²; for ε = g·x (base prompts) that is exactly mean_k x_k² per
+    state, whatever the probe (each (±1)² is 1) when the output depends on one weight only through a scale."""
+    backbone = ToyBackbone()
+    sens = [torch.zeros(1), torch.zeros(1)]
+    n = accumulate_sensitivity(backbone, ["gain", "concept"], ["a shape", "a red shape"], [0, 1], sens)
+    run = backbone.trajectory(["a shape", "a red shape"], [0, 1])
+    # (g · ∂(v·ε)/∂g)² = (Σ_k v_k x_k)², summed over the states of each run; its mean over probes is Σ_k x_k²
+    assert n == 6
+    expected_mean = float(run.latents.pow(2).mean())
+    assert sens[0].item() / n == pytest.approx(expected_mean, rel=1.0)  # one probe per run: right order only
+    exact = 0.0
+    for i, seed in enumerate([0, 1]):
+        x = run.latents[:, i]
+        probe = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        exact += float((probe * x).sum()) ** 2 / x[0].numel()
+    assert sens[0].item() == pytest.approx(exact, rel=1e-5)
+
+
+def test_ratio_ranking_keeps_signs_and_ignores_the_scale_of_the_scores():
+    scores = {"w": torch.tensor([-3.0, -2.0, 1.0, 4.0])}
+    sensitivity = {"w": torch.tensor([5.0, 0.0, 0.0, 3.0])}  # mean 2: offset 0.5 adds 1
+    adjusted = collateral_penalised_scores(scores, sensitivity, offset=0.5)
+    assert torch.allclose(adjusted["w"], torch.tensor([-0.5, -2.0, 1.0, 1.0]))
+    assert select_components(adjusted, 0.25, mode="amplify", scope="global")["w"].tolist() == [True, False, True, True]
+    scaled = collateral_penalised_scores({"w": 1000 * scores["w"]}, sensitivity, offset=0.5)
+    for mode in ("erase", "amplify"):
+        assert torch.equal(select_components(scaled, 0.25, mode=mode, scope="global")["w"],
+                           select_components(adjusted, 0.25, mode=mode, scope="global")["w"])
+
+
+@pytest.mark.parametrize("sensitivity, offset, message", [
+    ({"w": torch.tensor([1.0, 1.0])}, 1.0, "shape"),
+    ({"v": torch.tensor([1.0])}, 1.0, "no entry"),
+    ({"w": torch.tensor([-1.0])}, 1.0, "negative"),
+    ({"w": torch.tensor([1.0])}, -1.0, "offset"),
+    ({"w": torch.tensor([math.nan])}, 1.0, "non-finite"),
+])
+def test_penalised_scores_refuse_bad_input(sensitivity, offset, message):
+    with pytest.raises(UserInputError, match=message):
+        collateral_penalised_scores({"w": torch.tensor([1.0])}, sensitivity, offset)
+
+
+def test_collateral_measures(detector):
+    from cad_lightning.evaluation.collateral import (
+        ClassifierFeatures,
+        balanced_halves,
+        collateral,
+        feature_kid,
+        image_ssim,
+    )
+    from cad_lightning.evaluation.concepts import EvalItem
+
+    from cad_lightning.data.world import ShapesWorld
+
+    world = ShapesWorld(16)
+    images, prompts, labels = world.sample(96, torch.Generator().manual_seed(0), kinds_p=1.0)
+    features = ClassifierFeatures(detector)
+    assert image_ssim(images, images) == pytest.approx(1.0, abs=1e-5)
+    tinted = (images * torch.tensor([1.0, 0.6, 1.0]).reshape(1, 3, 1, 1)).clamp(0, 1)
+    assert image_ssim(tinted, images) < 0.99
+    # KID compares disjoint halves: near 0 for the same distribution, larger for a shifted one
+    # excess KID: 0 for the same images, clearly positive when red and blue are swapped
+    assert feature_kid(features, images, images, prompts) == 0
+    assert feature_kid(features, images[:, [2, 1, 0]], images, prompts) > 50
+    assert balanced_halves(["a", "a", "b", "b", "b", "c"]) == ([0, 2, 4], [1, 3, 5])
+    # target items: the first 8, named by their prompts; a fake 'edit' that redraws their shape and keeps the rest
+    items = [EvalItem(p, i, {k: w for k, w in zip(("shape", "colour", "texture"),
+                                                  (labels.words("shape")[i], labels.words("colour")[i],
+                                                   labels.words("texture")[i]))}, "target" if i < 8 else "retain")
+             for i, p in enumerate(prompts)][:16]
+    images = images[:16]
+    concept = items[0].named["shape"]
+    for item in items[:8]:
+        item.named["shape"] = concept  # as if every target prompt named the concept
+    predicted = detector(images)
+    row = collateral(items, concept, images, predicted, images, predicted, features)
+    assert row["retained_ssim"] == pytest.approx(1.0, abs=1e-5) and row["other_words_relative"] == pytest.approx(1.0)
+    assert sum(row["drawn_instead"].values()) == pytest.approx(1.0)
+    wrong = {k: list(v) for k, v in predicted.items()}
+    wrong["colour"] = ["red" if c != "red" else "blue" for c in wrong["colour"]]
+    assert collateral(items, concept, images, wrong, images, predicted, features)["other_words_relative"] < 0.6
