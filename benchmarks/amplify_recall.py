@@ -1,9 +1,11 @@
-"""Amplify as recall: erase a concept partially with CAD-Erase, then compute CAD-Amplify on the erased model
-and measure how much of the concept comes back, and what happens to the retained concepts.
+"""Amplify as recall: erase a concept with the default main job (configs/attribute.yaml: selective CAD-Erase),
+then compute CAD-Amplify on the erased model and measure how much of the concept comes back, and what happens
+to the retained concepts.
 
-Picks the erase edit whose target accuracy lies between the floor and 0.7 (the partial erasure), then runs
-configs/amplify.yaml with --model.edit on it. Target: the amplified model's target accuracy is >= 30 points
-above the erased model's, or within 5 points of the unedited one, with retained concepts moved by <= 5 points.
+Picks the smallest erase edit that takes the target to its floor (+0.05), or, if none does, the one with the
+lowest target, then runs configs/amplify.yaml with --model.edit on it. Target: the amplified model's target
+accuracy is >= 30 points above the erased model's, or within 5 points of the unedited one, with retained
+concepts moved by <= 5 points.
 
     python benchmarks/amplify_recall.py [--concept circle] [--out runs/amplify_recall]
 """
@@ -29,31 +31,29 @@ def cad(*args: str) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="circle")
-    parser.add_argument("--erase-ratios", default="[0.002, 0.004, 0.006, 0.01, 0.02]")
+    parser.add_argument("--erase-ratios", default=None, help="erase ratios (default: the main job's)")
     parser.add_argument("--amplify-ratios", default="[0.001, 0.002, 0.005, 0.01]")
     parser.add_argument("--out", default=str(ROOT / "runs" / "amplify_recall"))
     args = parser.parse_args()
     out = Path(args.out)
 
-    erase_run = cad("--config", str(ROOT / "configs" / "attribute.yaml"), "--data.concept", args.concept,
-                    "--trainer.callbacks.init_args.ratios", args.erase_ratios,
+    ratios = ["--trainer.callbacks.init_args.ratios", args.erase_ratios] if args.erase_ratios else []
+    erase_run = cad("--config", str(ROOT / "configs" / "attribute.yaml"), "--data.concept", args.concept, *ratios,
                     "--trainer.default_root_dir", str(out / "erase"))
     erase = json.loads((erase_run / "report.json").read_text())
     floor, unedited = erase["floor"][args.concept], erase["before"][args.concept]
-    partial = [r for r in erase["results"] if floor < r["target"] <= 0.7]
+    edits = [r for r in erase["results"] if r["selection"] != "random"]
     print(f"erase '{args.concept}': floor {floor:.3f}, unedited {unedited:.3f}; "
-          + ", ".join(f"ratio {r['ratio']:g} → {r['target']:.3f}" for r in erase["results"]))
-    if not partial:
-        print("no erase ratio gave a partial erasure (target between the floor and 0.7); try other --erase-ratios")
-        return
-    chosen = max(partial, key=lambda r: r["ratio"])
-    edit = erase_run / "edits" / f"cad-erase-{chosen['ratio']:g}.safetensors"
+          + ", ".join(f"{r['selection']} {r['ratio']:g} → {r['target']:.3f}" for r in edits))
+    at_floor = [r for r in edits if r["target"] <= floor + 0.05]
+    chosen = min(at_floor, key=lambda r: r["ratio"]) if at_floor else min(edits, key=lambda r: (r["target"], r["ratio"]))
+    edit = erase_run / "edits" / f"{chosen['selection']}-erase-{chosen['ratio']:g}.safetensors"
     amplify_run = cad("--config", str(ROOT / "configs" / "amplify.yaml"), "--data.concept", args.concept,
                       "--model.edit", str(edit), "--trainer.callbacks.init_args.ratios", args.amplify_ratios,
                       "--trainer.default_root_dir", str(out / "amplify"))
     amplify = json.loads((amplify_run / "report.json").read_text())
     erased = amplify["before"]
-    print(f"partially erased model (erase ratio {chosen['ratio']:g}): target {erased[args.concept]:.3f}")
+    print(f"erased model ({chosen['selection']} {chosen['ratio']:g}): target {erased[args.concept]:.3f}")
     print(f"{'amplify ratio':>13} {'target':>7} {'gain (points)':>14} {'max retained move (points)':>27} {'goal':>5}")
     for r in amplify["results"]:
         gain = 100 * (r["target"] - erased[args.concept])

@@ -81,7 +81,9 @@ def main() -> None:
         report = json.loads((run_dir / "report.json").read_text())
         row, control = choose(report)
         floor = report["floor"][concept]
-        worst = fmt(row["retained_min_relative"], ".2f") + (f" ({row['retained_worst']})" if row.get("retained_worst") else "")
+        worst = fmt(row["retained_min_relative"], ".2f")
+        if row.get("retained_worst") and (row["retained_min_relative"] or 1) < 1:
+            worst += f" ({row['retained_worst']})"
         line = (f"| {concept} | {floor:.3f} | {report['before'][concept]:.3f} | {row['selection']} {row['ratio']:g} "
                 f"({row['ablated']}) | {row['target']:.3f} | {worst} | {fmt(row.get('other_words_relative'), '.2f')} | "
                 f"{row['retained_ssim']:.3f} | {row['retained_kid']:.2f} | "

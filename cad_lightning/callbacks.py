@@ -107,7 +107,7 @@ class AttributionWriter(Callback):
         scope: str = "global",
         selections: list[str] = ("cad",),
         retain_weight: float = 1.0,
-        collateral_offset: float = 0.1,
+        collateral_offset: float = 0.03,
         iterative_step: float = 0.005,
         random_at: str = "all",
         save_unet: bool = True,
@@ -163,7 +163,7 @@ class AttributionWriter(Callback):
         if "selective" in self.selections and not getattr(datamodule, "preserve_samples", 0) > 0:
             raise UserInputError(
                 "The 'selective' selection needs the output sensitivity on prompts to preserve: set "
-                "data.preserve_samples > 0 (the default config's: 16).")
+                "data.preserve_samples > 0 (the default config's: 32).")
         if "iterative" in self.selections:
             rounds = self._iterative_schedule()
             trainer.fit_loop.max_epochs = len(rounds)

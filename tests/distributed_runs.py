@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 TINY = ["fit", "--config", str(ROOT / "configs" / "attribute.yaml"), "--model.num_inference_steps", "2",
-        "--data.samples", "5", "--data.batch_size", "1", "--trainer.accelerator", "cpu",
+        "--data.samples", "5", "--data.preserve_samples", "2", "--data.batch_size", "1", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false", "--trainer.callbacks.init_args.evaluate", "false",
         "--trainer.callbacks.init_args.save_unet", "false"]
 TOLERANCE = 1e-5
@@ -38,8 +38,13 @@ def cad_fit(root: Path, *extra: str, check: bool = True) -> subprocess.Completed
 
 
 def latest_scores(root: Path) -> dict[str, torch.Tensor]:
+    """The scores of the latest run, and its output sensitivity (keys ``sensitivity::<parameter>``)."""
     runs = sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    return load_file(runs[-1] / "attribution" / "scores.safetensors")
+    scores = load_file(runs[-1] / "attribution" / "scores.safetensors")
+    sensitivity = runs[-1] / "attribution" / "sensitivity.safetensors"
+    if sensitivity.is_file():
+        scores.update({f"sensitivity::{k}": v for k, v in load_file(sensitivity).items()})
+    return scores
 
 
 def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -156,3 +156,23 @@ def test_collateral_measures(detector):
     wrong = {k: list(v) for k, v in predicted.items()}
     wrong["colour"] = ["red" if c != "red" else "blue" for c in wrong["colour"]]
     assert collateral(items, concept, images, wrong, images, predicted, features)["other_words_relative"] < 0.6
+
+
+def test_preserved_prompts_never_name_the_concept():
+    from cad_lightning.data.attribution_datamodule import AttributionDataModule
+    from cad_lightning.data.world import without_concept
+
+    for concept in ("circle", "red", "striped"):
+        data = AttributionDataModule(concept=concept, base_word="auto", samples=4, preserve_samples=6)
+        items = data.items()
+        assert [i["role"] for i in items] == ["attribute"] * 4 + ["preserve"] * 6
+        assert [i["item_id"] for i in items] == list(range(10)) and len({i["seed"] for i in items}) == 10
+        targets = [i["prompt"] for i in items[:4]]
+        preserve = [i["prompt"] for i in items[4:]]
+        assert all(concept not in p.split() for p in preserve)
+        # alternately a target prompt without the concept and a fully specified prompt of other concepts
+        assert preserve[0::2] == [without_concept(p, concept, "auto") for p in targets[:3]]
+        assert all(len(p.split()) == 4 for p in preserve[1::2])
+    assert AttributionDataModule(concept="circle", preserve_samples=0).preserve_prompts() == []
+    with pytest.raises(UserInputError, match="preserve_samples"):
+        AttributionDataModule(concept="circle", preserve_samples=-1)

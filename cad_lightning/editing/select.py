@@ -284,7 +284,7 @@ def retain_adjusted_scores(
 def collateral_penalised_scores(
     scores: Mapping[str, torch.Tensor],
     sensitivity: Mapping[str, torch.Tensor],
-    offset: float = 0.1,
+    offset: float = 0.03,
 ) -> dict[str, torch.Tensor]:
     """Scores per unit of collateral: the concept gap a weight carries over how much its removal moves the
     model's output on prompts to preserve,
