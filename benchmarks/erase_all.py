@@ -120,7 +120,7 @@ def stack_pictures(pictures: list[tuple[str, Path]], path: Path) -> None:
         draw.text((4, y + 1), f"erase '{concept}'", fill="black")
         canvas.paste(im, (0, y + caption))
         y += im.height + caption
-    canvas.save(path)
+    canvas.convert("P", palette=Image.ADAPTIVE, colors=256).save(path, optimize=True)
 
 
 if __name__ == "__main__":
