@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--erase-ratios", default=None, help="erase ratios (default: the main job's)")
-    parser.add_argument("--amplify-ratios", default="[0.001, 0.002, 0.005, 0.01]")
+    parser.add_argument("--amplify-ratios", default=None, help="amplify ratios (default: configs/amplify.yaml's)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "amplify_recall"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -48,9 +48,9 @@ def main() -> None:
     at_floor = [r for r in edits if r["target"] <= floor + 0.05]
     chosen = min(at_floor, key=lambda r: r["ratio"]) if at_floor else min(edits, key=lambda r: (r["target"], r["ratio"]))
     edit = erase_run / "edits" / f"{chosen['selection']}-erase-{chosen['ratio']:g}.safetensors"
+    amplify_ratios = ["--trainer.callbacks.init_args.ratios", args.amplify_ratios] if args.amplify_ratios else []
     amplify_run = cad("--config", str(ROOT / "configs" / "amplify.yaml"), "--data.concept", args.concept,
-                      "--model.edit", str(edit), "--trainer.callbacks.init_args.ratios", args.amplify_ratios,
-                      "--trainer.default_root_dir", str(out / "amplify"))
+                      "--model.edit", str(edit), *amplify_ratios, "--trainer.default_root_dir", str(out / "amplify"))
     amplify = json.loads((amplify_run / "report.json").read_text())
     erased = amplify["before"]
     print(f"erased model ({chosen['selection']} {chosen['ratio']:g}): target {erased[args.concept]:.3f}")

@@ -381,7 +381,9 @@ class AttributionWriter(Callback):
         for r in results:
             control = controls.get(r["ratio"]) if r["selection"] != "random" else None
             r["random_retained_ssim"] = control["retained_ssim"] if control else None
-            r["selective"] = selective(r, control, floor.get(concept)) if r["selection"] != "random" else None
+            # the goal of an erase edit; an amplify edit is read by its gain (and the same collateral)
+            erase_edit = r["selection"] != "random" and self.mode == "erase"
+            r["selective"] = selective(r, control, floor.get(concept)) if erase_edit else None
         n = len(items)  # the grids show the first six (target) and the last six (retained) images
         show = list(dict.fromkeys([*range(min(6, n)), *(n - 1 - i for i in range(min(6, n)))]))
         for selection in edits:
