@@ -47,6 +47,7 @@ from cad_lightning.editing import (
     count_ablated,
     load_masks,
     random_like,
+    restore_weights,
     retain_adjusted_scores,
     save_edited_unet,
     save_masks,
@@ -234,11 +235,7 @@ class AttributionWriter(Callback):
 
     def _apply(self, pl_module, masks: dict[str, torch.Tensor] | None) -> None:
         """Set the component weights to the originals with ``masks`` applied (None: the unedited model)."""
-        params = dict(pl_module.backbone.unet.named_parameters())
-        with torch.no_grad():
-            for name, original in self._original.items():
-                value = original if masks is None or name not in masks else original * masks[name].to(original.device)
-                params[name].copy_(value)
+        restore_weights(pl_module.backbone.unet, self._original, masks)
 
     # --- end of fit ---------------------------------------------------------------------------
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:

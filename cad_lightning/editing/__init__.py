@@ -6,6 +6,7 @@ from cad_lightning.editing.artifacts import (
     combine_masks,
     load_masks,
     read_mask_metadata,
+    restore_weights,
     save_edited_unet,
     save_masks,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "load_masks",
     "random_like",
     "read_mask_metadata",
+    "restore_weights",
     "retain_adjusted_scores",
     "save_edited_unet",
     "save_masks",

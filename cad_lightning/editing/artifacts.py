@@ -106,6 +106,18 @@ def apply_masks(unet: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> int
     return zeroed
 
 
+def restore_weights(unet: torch.nn.Module, original: Mapping[str, torch.Tensor],
+                    masks: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Put the ``original`` values (by parameter name) back into ``unet``, then apply ``masks`` if given: the
+    way to move one model between its unedited state and any number of edits."""
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in original.items():
+            params[name].copy_(value)
+    if masks is not None:
+        apply_masks(unet, masks)
+
+
 def apply_edit(unet: torch.nn.Module, path: str | os.PathLike) -> int:
     """Apply the edit saved at ``path`` (a mask file) to ``unet`` in place; returns the number of zeroed weights."""
     return apply_masks(unet, load_masks(path))

@@ -57,23 +57,6 @@ def evaluation_items(concept: str, retain_concepts: list[str], n_target: int, n_
     return items
 
 
-@torch.no_grad()
-def concept_accuracy(
-    backbone: DiffusionBackbone,
-    detector: ConceptDetector,
-    items: list[EvalItem],
-    batch_size: int = 64,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-) -> tuple[dict[str, float], torch.Tensor]:
-    """``{concept: accuracy}`` for the target (first) and every retained concept, and the images (N, 3, H, W)."""
-    images = backbone.generate(
-        [i.prompt for i in items], seed=[i.seed for i in items], batch_size=batch_size,
-        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-    ).cpu()
-    return accuracy_from_predictions(items, detector(images)), images
-
-
 def accuracy_from_predictions(items: list[EvalItem], predicted: dict[str, list[str]]) -> dict[str, float]:
     """``{concept: accuracy}``: per-class accuracy over the items whose prompt names the concept; a retained
     concept is measured on the retained group's prompts (which never name the target), the target on its own."""

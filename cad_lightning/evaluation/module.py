@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from cad_lightning.backbones.backbone import load_backbone
 from cad_lightning.data.world import CONCEPT_KINDS, concept_kind
-from cad_lightning.editing import apply_masks, count_ablated, load_masks
+from cad_lightning.editing import apply_masks, count_ablated, load_masks, restore_weights
 from cad_lightning.errors import UserInputError
 from cad_lightning.evaluation.classifier import load_concept_classifier
 from cad_lightning.evaluation.collateral import ClassifierFeatures
@@ -89,14 +89,11 @@ class EvaluationModule(pl.LightningModule):
 
     def _unedited(self, items: list[EvalItem]) -> tuple[torch.Tensor, dict[str, list[str]]]:
         """The unedited model's images of the items (same seeds), the edit put back afterwards."""
-        params = dict(self.backbone.unet.named_parameters())
-        with torch.no_grad():
-            for name, original in self._original.items():
-                params[name].copy_(original)
+        restore_weights(self.backbone.unet, self._original)
         try:
             return self._generate(items)
         finally:
-            apply_masks(self.backbone.unet, self.masks)
+            restore_weights(self.backbone.unet, self._original, self.masks)
 
     def test_step(self, batch, batch_idx: int) -> None:
         items: list[EvalItem] = [self.trainer.datamodule.items[i] for i in batch.tolist()]
