@@ -8,10 +8,13 @@ written atomically.
 
 Selections (``selections``):
 - ``cad``: the paper's, one scoring of the unedited model, top components at each ratio;
-- ``selective``: CAD's scores per unit of collateral, α / (s + ``collateral_offset`` · mean s), with s the output
-  sensitivity of each weight on prompts to preserve (cad_lightning/attribution/sensitivity.py; needs
-  ``data.preserve_samples > 0``): weights whose removal moves every output, which CAD's gap objective cannot
-  see, lose their rank;
+- ``selective``: CAD's scores per unit of collateral, grown in rounds of ``selective_step``: each round takes the
+  weights with the highest α / (κ s + the change they add to the edit's measured damage + ``collateral_offset``
+  · κ mean s), with s the output sensitivity of each weight on prompts to preserve
+  (cad_lightning/attribution/sensitivity.py; needs ``data.preserve_samples > 0``) and the damage measured on
+  the states of ``collateral_runs`` preserved runs (cad_lightning/editing/coherent.py): weights whose removal
+  moves every output, which CAD's gap objective cannot see, lose their rank, and so do weights that push the
+  preserved outputs the way the edit already pushes them;
 - ``retain``: retain-aware, scores adjusted to protect components that matter for retained concepts
   (needs ``data.retain_samples > 0``);
 - ``iterative``: ablate ``iterative_step`` of the components, re-sample trajectories and re-score on the
@@ -39,10 +42,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from cad_lightning.editing import (
     SCOPES,
-    collateral_penalised_scores,
     combine_masks,
     count_ablated,
     load_masks,
@@ -53,6 +56,7 @@ from cad_lightning.editing import (
     save_masks,
     select_components,
 )
+from cad_lightning.editing.coherent import GuidedChange, coherent_selection
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_image, save_image
 
@@ -92,6 +96,10 @@ class AttributionWriter(Callback):
         collateral_offset: the ``selective`` selection ranks by α / (s + collateral_offset · mean s): small
             values rank by concept gap per unit of output change on the preserved prompts, large ones approach
             CAD's ranking.
+        selective_step: fraction of components added per round of the ``selective`` selection (1: one round,
+            the per-weight ranking α / (s + collateral_offset · mean s)).
+        collateral_runs: preserved runs (the first of ``data.preserve_samples``) on whose states the
+            ``selective`` selection measures the damage of the edit so far.
         iterative_step: fraction of components ablated per round of the ``iterative`` selection.
         random_at: where the ``random`` control is written and evaluated: ``all`` ratios (each edit is read
             against random ablation of its own count) or only the ``largest``.
@@ -109,6 +117,8 @@ class AttributionWriter(Callback):
         selections: list[str] = ("cad",),
         retain_weight: float = 1.0,
         collateral_offset: float = 0.03,
+        selective_step: float = 0.02,
+        collateral_runs: int = 16,
         iterative_step: float = 0.005,
         random_at: str = "all",
         save_unet: bool = True,
@@ -141,6 +151,11 @@ class AttributionWriter(Callback):
             raise UserInputError(f"AttributionWriter collateral_offset must be 0 or more, got {collateral_offset}.")
         self.retain_weight, self.iterative_step = retain_weight, iterative_step
         self.collateral_offset = float(collateral_offset)
+        if not (isinstance(selective_step, (int, float)) and 0 < selective_step <= 1):
+            raise UserInputError(f"AttributionWriter selective_step must be in (0, 1], got {selective_step!r}.")
+        if isinstance(collateral_runs, bool) or not isinstance(collateral_runs, int) or collateral_runs < 1:
+            raise UserInputError(f"AttributionWriter collateral_runs must be a whole number >= 1, got {collateral_runs!r}.")
+        self.selective_step, self.collateral_runs = float(selective_step), collateral_runs
         self.sensitivity: dict[str, torch.Tensor] | None = None
         self.save_unet, self.evaluate = save_unet, evaluate
         self.eval_target_images, self.eval_retain_images = eval_target_images, eval_retain_images
@@ -291,7 +306,8 @@ class AttributionWriter(Callback):
             "sensitivity": None if self.sensitivity is None else {
                 "file": "sensitivity.safetensors", "preserve_prompts": datamodule.preserve_prompts(),
                 "meaning": "s = mean over preserved states of mean_k (w * d eps_k/dw)^2 (one Rademacher probe per run)",
-                "collateral_offset": self.collateral_offset},
+                "collateral_offset": self.collateral_offset, "selective_step": self.selective_step,
+                "collateral_runs": self.collateral_runs},
             "items": sum(i.get("role", "attribute") == "attribute" for i in datamodule.items()),
             "preserve_items": sum(i.get("role") == "preserve" for i in datamodule.items()),
             "seeds": [i["seed"] for i in datamodule.items() if i.get("role", "attribute") == "attribute"],
@@ -319,9 +335,10 @@ class AttributionWriter(Callback):
                 continue
             if selection == "random":
                 continue
-            source = scores
             if selection == "selective":
-                source = collateral_penalised_scores(scores, self.sensitivity, self.collateral_offset)
+                edits[selection] = self._selective_edits(pl_module, scores)
+                continue
+            source = scores
             if selection == "retain":
                 source = retain_adjusted_scores(scores, [self.scores[c] for c in pl_module.concepts[1:]],
                                                 weight=self.retain_weight, mode=self.mode)
@@ -333,6 +350,19 @@ class AttributionWriter(Callback):
             edits["random"] = {r: random_like(m, generator) for r, m in reference.items()
                                if self.random_at == "all" or r == max(self.ratios)}
         return edits
+
+    def _selective_edits(self, pl_module, scores: dict[str, torch.Tensor]) -> dict[float, dict[str, torch.Tensor]]:
+        """The ``selective`` edits: grown in rounds, each charged with the damage it adds (editing/coherent.py)."""
+        preserve = [i for i in pl_module.trainer.datamodule.items() if i.get("role") == "preserve"]
+        preserve = preserve[: self.collateral_runs]
+        hparams = pl_module.hparams
+        collateral = GuidedChange(pl_module.backbone, [i["prompt"] for i in preserve], [int(i["seed"]) for i in preserve],
+                                  guidance_scale=hparams.guidance_scale, num_inference_steps=hparams.num_inference_steps)
+        params = dict(pl_module.backbone.unet.named_parameters())
+        return coherent_selection(
+            scores, self.sensitivity, {n: params[n] for n in scores}, collateral, self.ratios,
+            step=self.selective_step, offset=self.collateral_offset, mode=self.mode, scope=self.scope,
+            progress=lambda rounds: tqdm(rounds, desc="selective edit rounds", leave=False))
 
     def _write_edits(self, run_dir: Path, pl_module, edits) -> list[dict]:
         written = []

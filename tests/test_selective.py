@@ -176,3 +176,79 @@ def test_preserved_prompts_never_name_the_concept():
     assert AttributionDataModule(concept="circle", preserve_samples=0).preserve_prompts() == []
     with pytest.raises(UserInputError, match="preserve_samples"):
         AttributionDataModule(concept="circle", preserve_samples=-1)
+
+
+class CoherentToyCollateral:
+    """Preserved outputs y(w) = (w0 + w1, 1.1·w2, 1.1·w3): w0 and w1 move the same output, so removing both costs
+    (1 + 1)² = 4 although each alone costs 1; w2 and w3 cost 1.21 each, on outputs of their own."""
+
+    def __init__(self, weights: torch.nn.Parameter) -> None:
+        self.w = weights
+        self.reference = self.outputs().detach()
+
+    def outputs(self):
+        w = self.w
+        return torch.stack([w[0] + w[1], 1.1 * w[2], 1.1 * w[3]])
+
+    def value(self) -> float:
+        return float((self.outputs() - self.reference).pow(2).sum())
+
+    def value_and_grad(self, params):
+        with torch.enable_grad():
+            loss = (self.outputs() - self.reference).pow(2).sum()
+            return float(loss), list(torch.autograd.grad(loss, list(params)))
+
+
+def coherent_case():
+    weights = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+    scores = {"w": torch.ones(4)}
+    sensitivity = {"w": torch.tensor([1.0, 1.0, 1.21, 1.21])}  # the exact diagonal of the toy
+    return weights, scores, sensitivity, CoherentToyCollateral(weights)
+
+
+def test_coherent_selection_charges_a_weight_for_the_damage_it_adds_to_the_edit():
+    from cad_lightning.editing.coherent import coherent_selection
+
+    weights, scores, sensitivity, collateral = coherent_case()
+    # per-weight ranking: w0 and w1 have the smallest own cost, together they cost 4
+    diagonal = select_components(collateral_penalised_scores(scores, sensitivity, offset=0.0), 0.5, scope="global")
+    assert diagonal["w"].tolist() == [False, False, True, True]
+    one_round = coherent_selection(scores, sensitivity, {"w": weights}, collateral, [0.5], step=1.0, offset=0.0,
+                                   scope="global", kappa=1.0)
+    assert torch.equal(one_round[0.5]["w"], diagonal["w"])
+    # in rounds of one weight: after w0, w1 would add 1 + 2·1 = 3 (its change lies on w0's), w2 only 1.21
+    masks = coherent_selection(scores, sensitivity, {"w": weights}, collateral, [0.25, 0.5], step=0.25, offset=0.0,
+                               scope="global", kappa=1.0)
+    assert masks[0.25]["w"].tolist() == [False, True, True, True]
+    assert masks[0.5]["w"].tolist() == [False, True, False, True]
+    assert torch.equal(weights.detach(), torch.ones(4))  # the live weights are restored
+    with torch.no_grad():
+        weights.mul_(masks[0.5]["w"].float())
+    assert math.isclose(collateral.value(), 1.0 + 1.21, rel_tol=1e-6)  # against 4 for the per-weight choice
+    with torch.no_grad():
+        weights.fill_(1.0)
+    # κ measured on a random edit instead of given: the same edit here
+    measured = coherent_selection(scores, sensitivity, {"w": weights}, collateral, [0.5], step=0.25, offset=0.0,
+                                  scope="global")
+    assert torch.equal(measured[0.5]["w"], masks[0.5]["w"])
+
+
+def test_coherent_selection_refuses_bad_input_and_restores_weights_on_error():
+    from cad_lightning.editing.coherent import coherent_selection
+
+    weights, scores, sensitivity, collateral = coherent_case()
+    with pytest.raises(ValueError, match="step"):
+        coherent_selection(scores, sensitivity, {"w": weights}, collateral, [0.5], step=0.0)
+    with pytest.raises(ValueError, match="sensitivity"):
+        coherent_selection(scores, {}, {"w": weights}, collateral, [0.5])
+    with pytest.raises(UserInputError, match="ratio"):
+        coherent_selection(scores, sensitivity, {"w": weights}, collateral, [1.5])
+
+    class Failing(CoherentToyCollateral):
+        def value_and_grad(self, params):
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        coherent_selection(scores, sensitivity, {"w": weights}, Failing(weights), [0.5], step=0.25, kappa=1.0,
+                           scope="global")
+    assert torch.equal(weights.detach(), torch.ones(4))
