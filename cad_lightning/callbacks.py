@@ -103,6 +103,9 @@ class AttributionWriter(Callback):
         iterative_step: fraction of components ablated per round of the ``iterative`` selection.
         random_at: where the ``random`` control is written and evaluated: ``all`` ratios (each edit is read
             against random ablation of its own count) or only the ``largest``.
+        random_draws: random controls evaluated per ratio (seeds 0, 1, ...); an edit is read against their
+            mean SSIM. Same-seed SSIM of one random draw varies by about ±0.01 from draw to draw on the
+            embedded model, as much as the differences being judged. Only draw 0 is written as edits.
         save_unet: also write each edited UNet as a diffusers folder.
         evaluate: measure accuracy before and after every edit with the model's concept classifier.
         eval_target_images / eval_retain_images: images of prompts naming the target / retained concepts.
@@ -121,6 +124,7 @@ class AttributionWriter(Callback):
         collateral_runs: int = 16,
         iterative_step: float = 0.005,
         random_at: str = "all",
+        random_draws: int = 1,
         save_unet: bool = True,
         evaluate: bool = True,
         eval_target_images: int = 32,
@@ -146,6 +150,9 @@ class AttributionWriter(Callback):
         if random_at not in ("all", "largest"):
             raise UserInputError(f"AttributionWriter random_at must be 'all' or 'largest', got '{random_at}'.")
         self.random_at = random_at
+        if isinstance(random_draws, bool) or not isinstance(random_draws, int) or random_draws < 1:
+            raise UserInputError(f"AttributionWriter random_draws must be a whole number >= 1, got {random_draws!r}.")
+        self.random_draws = random_draws
         self.scope, self.selections = scope, list(dict.fromkeys(selections))
         if not collateral_offset >= 0:
             raise UserInputError(f"AttributionWriter collateral_offset must be 0 or more, got {collateral_offset}.")
@@ -346,10 +353,15 @@ class AttributionWriter(Callback):
         if "random" in self.selections:
             reference = next(iter(edits.values()), None) or {
                 r: select_components(scores, r, mode=self.mode, scope=self.scope) for r in self.ratios}
-            generator = torch.Generator().manual_seed(0)
-            edits["random"] = {r: random_like(m, generator) for r, m in reference.items()
-                               if self.random_at == "all" or r == max(self.ratios)}
+            self._control_reference = {r: m for r, m in reference.items()
+                                       if self.random_at == "all" or r == max(self.ratios)}
+            edits["random"] = self._random_draw(0)
         return edits
+
+    def _random_draw(self, draw: int) -> dict[float, dict[str, torch.Tensor]]:
+        """Draw ``draw`` of the random control at every ratio that has one (draw 0 is the one written as edits)."""
+        generator = torch.Generator().manual_seed(draw)
+        return {r: random_like(m, generator) for r, m in self._control_reference.items()}
 
     def _selective_edits(self, pl_module, scores: dict[str, torch.Tensor]) -> dict[float, dict[str, torch.Tensor]]:
         """The ``selective`` edits: grown in rounds, each charged with the damage it adds (editing/coherent.py)."""
@@ -401,13 +413,25 @@ class AttributionWriter(Callback):
         if datamodule.base_word is not None:  # each target prompt without the concept
             base = [datamodule.base_for(item.prompt, concept) for item in items if item.group == "target"]
         floor = empty_prompt_rates(backbone, detector, base, self.floor_images)
+        evaluated = dict(edits)
+        if "random" in edits:
+            evaluated.update({f"random draw {d}": self._random_draw(d) for d in range(1, self.random_draws)})
         before, results, images = evaluate_edits(
-            backbone, detector, concept, retained, items, edits, lambda masks: self._apply(pl_module, masks),
+            backbone, detector, concept, retained, items, evaluated, lambda masks: self._apply(pl_module, masks),
             self.eval_batch_size, progress=bool(trainer.progress_bar_callback))
-        controls = {r["ratio"]: r for r in results if r["selection"] == "random"}
+        draws: dict[float, list[float]] = {}
         for r in results:
+            if r["selection"] == "random" or r["selection"].startswith("random draw "):
+                draws.setdefault(r["ratio"], []).append(r["retained_ssim"])
+        results = [r for r in results if not r["selection"].startswith("random draw ")]
+        controls = {r["ratio"]: {**r, "retained_ssim": sum(draws[r["ratio"]]) / len(draws[r["ratio"]])}
+                    for r in results if r["selection"] == "random"}
+        for r in results:
+            if r["selection"] == "random":
+                r["retained_ssim_draws"] = draws[r["ratio"]]
             control = controls.get(r["ratio"]) if r["selection"] != "random" else None
             r["random_retained_ssim"] = control["retained_ssim"] if control else None
+            r["random_retained_ssim_draws"] = draws[r["ratio"]] if control else None
             # the goal of an erase edit; an amplify edit is read by its gain (and the same collateral)
             erase_edit = r["selection"] != "random" and self.mode == "erase"
             r["selective"] = selective(r, control, floor.get(concept)) if erase_edit else None
@@ -485,7 +509,7 @@ def markdown_report(report: dict) -> str:
                   "words*: the target prompts' other named words still drawn, relative to unedited; *SSIM*, *KID*: "
                   "retained images against the unedited ones (KID ×1000 on the concept classifier's features); "
                   "*selective*: target ≤ floor + 0.05, retained and other words ≥ 0.90 of unedited, SSIM ≥ the "
-                  "random control's of equal count.", "",
+                  "random control's of equal count (*random SSIM*: the mean over the control's draws).", "",
                   "| selection | ratio | ablated weights | target accuracy | drawn instead | retained mean | "
                   "worst retained / unedited | other words | SSIM | KID | random SSIM | selective |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]

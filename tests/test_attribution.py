@@ -71,6 +71,15 @@ def test_artifacts(small_run):
         assert 0 <= r["retained_ssim"] <= 1 and r["retained_kid"] == r["retained_kid"]
         assert 0 <= r["other_words"] <= 1 and abs(sum(r["drawn_instead"].values()) - 1) < 1e-9
         assert (r["selective"] is None) == (r["selection"] == "random")
+    # the config's 3 random draws per ratio: draw 0 is the written control, edits are read against their mean
+    for r in report["results"]:
+        if r["selection"] == "random":
+            assert len(r["retained_ssim_draws"]) == 3 and r["retained_ssim_draws"][0] == r["retained_ssim"]
+            assert len(set(r["retained_ssim_draws"])) > 1  # different draws, different images
+        else:
+            draws = r["random_retained_ssim_draws"]
+            assert abs(r["random_retained_ssim"] - sum(draws) / 3) < 1e-12
+    assert sum(e["selection"] == "random" for e in report["edits"]) == 2
     markdown = (small_run / "report.md").read_text()
     assert "SSIM" in markdown and "other words" in markdown and "samples/selective-erase.png" in markdown
 
