@@ -5,8 +5,9 @@ For each of the 11 concepts (5 shapes, 4 colours, 2 textures) it runs ``cad fit 
 the chosen edit (the smallest ratio that meets the selective-edit goal; if none does, the one that misses it by
 the least) the target after, the worst retained concept relative to unedited, the target prompts' other words
 kept, SSIM and KID of the retained images against the unedited ones, and the same for the random control of
-equal count; then the wall time of the run. It writes the table (``erase_all.md``), all rows
-(``erase_all.json``) and one picture (``erase_all.png``: each concept's before/after grid, stacked).
+equal count (SSIM: the mean over the control's draws, with their range); then the wall time of the run. It
+writes the table (``erase_all.md``), all rows (``erase_all.json``) and one picture (``erase_all.png``: each
+concept's before/after grid, stacked).
 
     python benchmarks/erase_all.py [--concepts circle,red] [--out runs/erase_all] [--reuse] [-- extra cad arguments]
 
@@ -66,6 +67,13 @@ def choose(report: dict) -> tuple[dict, dict | None]:
     return row, control
 
 
+def random_ssim(row: dict) -> str:
+    """The random controls' mean SSIM, with the range of the draws when there are several."""
+    draws = row.get("random_retained_ssim_draws") or []
+    text = fmt(row.get("random_retained_ssim"))
+    return text + (f" ({min(draws):.3f}–{max(draws):.3f})" if len(draws) > 1 else "")
+
+
 def fmt(value, spec=".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -80,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     header = ("| concept | floor | unedited | edit | target after | worst retained / unedited | other words kept | "
-              "SSIM | KID | random: target | random: worst retained | random: SSIM | random: KID | SSIM − random | "
+              "SSIM | KID | random: target | random: worst retained | random: SSIM (draws) | random: KID | SSIM − random | "
               "accuracy goal | goal | wall (s) |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     rows, pictures = [], []
@@ -103,8 +111,8 @@ def main() -> None:
                 f"({row['ablated']}) | {row['target']:.3f} | {worst} | {fmt(row.get('other_words_relative'), '.2f')} | "
                 f"{row['retained_ssim']:.3f} | {row['retained_kid']:.2f} | "
                 f"{fmt(control and control['target'])} | {fmt(control and control['retained_min_relative'], '.2f')} | "
-                f"{fmt(control and control['retained_ssim'])} | {fmt(control and control['retained_kid'], '.2f')} | "
-                f"{fmt(control and row['retained_ssim'] - control['retained_ssim'], '+.3f')} | "
+                f"{random_ssim(row)} | {fmt(control and control['retained_kid'], '.2f')} | "
+                f"{fmt(row.get('random_retained_ssim') and row['retained_ssim'] - row['random_retained_ssim'], '+.3f')} | "
                 f"{'yes' if accuracy_shortfall(row, floor) == 0 else 'no'} | "
                 f"{'yes' if row.get('selective') else 'no'} | {wall:.0f} |")
         print(line, flush=True)
