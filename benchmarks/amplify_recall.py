@@ -7,7 +7,10 @@ lowest target, then runs configs/amplify.yaml with --model.edit on it. Target: t
 accuracy is >= 30 points above the erased model's, or within 5 points of the unedited one, with retained
 concepts moved by <= 5 points.
 
-    python benchmarks/amplify_recall.py [--concept circle] [--out runs/amplify_recall]
+    python benchmarks/amplify_recall.py [--concept circle] [--out runs/amplify_recall] [--erase-run RUN]
+
+``--erase-run`` takes the erase edits of an existing main-job run (e.g. one of ``benchmarks/erase_all.py``'s)
+instead of running the main job again.
 """
 
 from __future__ import annotations
@@ -34,12 +37,16 @@ def main() -> None:
     parser.add_argument("--erase-ratios", default=None, help="erase ratios (default: the main job's)")
     parser.add_argument("--amplify-ratios", default=None, help="amplify ratios (default: configs/amplify.yaml's)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "amplify_recall"))
+    parser.add_argument("--erase-run", default=None, help="an existing main-job run directory to take the edit from")
     args = parser.parse_args()
     out = Path(args.out)
 
     ratios = ["--trainer.callbacks.init_args.ratios", args.erase_ratios] if args.erase_ratios else []
-    erase_run = cad("--config", str(ROOT / "configs" / "attribute.yaml"), "--data.concept", args.concept, *ratios,
-                    "--trainer.default_root_dir", str(out / "erase"))
+    if args.erase_run:
+        erase_run = Path(args.erase_run)
+    else:
+        erase_run = cad("--config", str(ROOT / "configs" / "attribute.yaml"), "--data.concept", args.concept, *ratios,
+                        "--trainer.default_root_dir", str(out / "erase"))
     erase = json.loads((erase_run / "report.json").read_text())
     floor, unedited = erase["floor"][args.concept], erase["before"][args.concept]
     edits = [r for r in erase["results"] if r["selection"] != "random"]
