@@ -374,7 +374,8 @@ class AttributionWriter(Callback):
         return coherent_selection(
             scores, self.sensitivity, {n: params[n] for n in scores}, collateral, self.ratios,
             step=self.selective_step, offset=self.collateral_offset, mode=self.mode, scope=self.scope,
-            progress=lambda rounds: tqdm(rounds, desc="selective edit rounds", leave=False))
+            progress=lambda rounds: tqdm(rounds, desc="selective edit rounds", leave=False,
+                                         disable=not pl_module.trainer.progress_bar_callback))
 
     def _write_edits(self, run_dir: Path, pl_module, edits) -> list[dict]:
         written = []
