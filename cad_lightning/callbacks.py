@@ -56,7 +56,7 @@ from cad_lightning.editing import (
     save_masks,
     select_components,
 )
-from cad_lightning.editing.coherent import GuidedChange, coherent_selection
+from cad_lightning.editing.coherent import GuidedChange, coherent_selection, round_schedule
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_image, save_image
 
@@ -93,9 +93,9 @@ class AttributionWriter(Callback):
         scope: where the top components are taken: ``row`` (the paper's), ``matrix`` or ``global``.
         selections: any of ``cad``, ``retain``, ``iterative``, ``random`` (see the module docstring).
         retain_weight: strength of the protection of retained concepts in the ``retain`` selection.
-        collateral_offset: the ``selective`` selection ranks by α / (s + collateral_offset · mean s): small
-            values rank by concept gap per unit of output change on the preserved prompts, large ones approach
-            CAD's ranking.
+        collateral_offset: the ``selective`` selection ranks by α / (κ s + added damage + collateral_offset ·
+            κ mean s): small values rank by concept gap per unit of output change on the preserved prompts,
+            large ones approach CAD's ranking.
         selective_step: fraction of components added per round of the ``selective`` selection (1: one round,
             the per-weight ranking α / (s + collateral_offset · mean s)).
         collateral_runs: preserved runs (the first of ``data.preserve_samples``) on whose states the
@@ -195,12 +195,7 @@ class AttributionWriter(Callback):
 
     def _iterative_schedule(self) -> list[float]:
         """Cumulative ratios after each round: steps of ``iterative_step`` that also land on every ratio."""
-        marks, current = [], 0.0
-        for target in self.ratios:
-            while current < target - 1e-12:
-                current = min(current + self.iterative_step, target)
-                marks.append(current)
-        return marks
+        return round_schedule(self.ratios, self.iterative_step)
 
     def on_train_start(self, trainer, pl_module) -> None:
         params = dict(pl_module.backbone.unet.named_parameters())

@@ -23,7 +23,7 @@ damage already done: positive when it pushes the same way). The round takes the 
 
 among those not yet ablated. The projection is only ever charged, never credited: weights predicted to cancel
 the damage are not preferred, because a first-order cancellation does not hold on other prompts and seeds
-(measured: crediting it doubles the change of held-out retained images). κ converts the diagonal sensitivity
+(measured on 'circle' at 10%: crediting it more than doubles the SSIM loss of the retained images, 0.949 against 0.978). κ converts the diagonal sensitivity
 (conditional branch) into the units of L; it is measured once on a random edit of the first ratio's size,
 where the diagonal is accurate because random removals are not coherent. With ``step`` ≥ the largest ratio
 there is one round, and the selection is the per-weight ranking.
@@ -106,7 +106,7 @@ class GuidedChange:
         return total, grads
 
 
-def _schedule(ratios: Sequence[float], step: float) -> list[float]:
+def round_schedule(ratios: Sequence[float], step: float) -> list[float]:
     """Cumulative ratios after each round: steps of ``step`` that land on every ratio."""
     marks, current = [], 0.0
     for target in sorted(ratios):
@@ -171,7 +171,7 @@ def coherent_selection(
         floor = max(offset * mean_s, torch.finfo(torch.float32).tiny)
         keep = {n: torch.ones_like(scores[n], dtype=torch.bool) for n in names}
         out: dict[float, dict[str, torch.Tensor]] = {}
-        rounds = _schedule(ratios, step)
+        rounds = round_schedule(ratios, step)
         for mark in (progress(rounds) if progress is not None else rounds):
             already = total - sum(int(k.sum()) for k in keep.values())
             want = target_count(scores, mark) - already
