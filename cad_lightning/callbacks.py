@@ -9,12 +9,14 @@ written atomically.
 Selections (``selections``):
 - ``cad``: the paper's, one scoring of the unedited model, top components at each ratio;
 - ``selective``: CAD's scores per unit of collateral, grown in rounds of ``selective_step``: each round takes the
-  weights with the highest α / (κ s + the change they add to the edit's measured damage + ``collateral_offset``
-  · κ mean s), with s the output sensitivity of each weight on prompts to preserve
-  (cad_lightning/attribution/sensitivity.py; needs ``data.preserve_samples > 0``) and the damage measured on
-  the states of ``collateral_runs`` preserved runs (cad_lightning/editing/coherent.py): weights whose removal
-  moves every output, which CAD's gap objective cannot see, lose their rank, and so do weights that push the
-  preserved outputs the way the edit already pushes them;
+  weights with the highest α / (the collateral they add to the edit so far + ``collateral_offset`` · its mean).
+  The collateral is measured where ``collateral_space`` says: ``text`` (cross-attention keys and values only,
+  cad_lightning/editing/text_space.py): exactly, as the change of the keys and values of every token of every
+  prompt to preserve, weighted per row by the output sensitivity; ``states`` (any component,
+  cad_lightning/editing/coherent.py): the output sensitivity s of each weight plus the change it adds to the
+  edit's damage measured on the states of ``collateral_runs`` preserved runs. Both need the output sensitivity
+  on prompts to preserve (cad_lightning/attribution/sensitivity.py; ``data.preserve_samples > 0``). Weights
+  whose removal moves every output, which CAD's gap objective cannot see, lose their rank;
 - ``retain``: retain-aware, scores adjusted to protect components that matter for retained concepts
   (needs ``data.retain_samples > 0``);
 - ``iterative``: ablate ``iterative_step`` of the components, re-sample trajectories and re-score on the
@@ -57,10 +59,13 @@ from cad_lightning.editing import (
     select_components,
 )
 from cad_lightning.editing.coherent import GuidedChange, coherent_selection, round_schedule
+from cad_lightning.editing.text_space import TEXT_SPACE_STEP, reads_text_only, text_space_selection, token_second_moment
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_image, save_image
 
 SELECTIONS = ("cad", "selective", "retain", "iterative", "random")
+COLLATERAL_SPACES = ("auto", "text", "states")
+STATES_STEP = 0.02  # rounds with sampled states cost a forward and backward pass each
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -93,13 +98,17 @@ class AttributionWriter(Callback):
         scope: where the top components are taken: ``row`` (the paper's), ``matrix`` or ``global``.
         selections: any of ``cad``, ``retain``, ``iterative``, ``random`` (see the module docstring).
         retain_weight: strength of the protection of retained concepts in the ``retain`` selection.
-        collateral_offset: the ``selective`` selection ranks by α / (κ s + added damage + collateral_offset ·
-            κ mean s): small values rank by concept gap per unit of output change on the preserved prompts,
-            large ones approach CAD's ranking.
-        selective_step: fraction of components added per round of the ``selective`` selection (1: one round,
-            the per-weight ranking α / (s + collateral_offset · mean s)).
+        collateral_offset: the ``selective`` selection ranks by α / (added collateral + collateral_offset · its
+            mean): small values rank by concept gap per unit of collateral, large ones approach CAD's ranking.
+        collateral_space: where the ``selective`` selection measures collateral: ``text`` (exactly, on the
+            keys and values of every prompt to preserve; only for cross-attention key/value components),
+            ``states`` (on sampled states of preserved runs; any component) or ``auto`` (``text`` when every
+            scored component is a cross-attention key or value weight, else ``states``).
+        selective_step: fraction of components added per round of the ``selective`` selection (None: 0.005 in
+            text space, 0.02 with states; with states, 1 gives one round, the per-weight ranking
+            α / (s + collateral_offset · mean s)).
         collateral_runs: preserved runs (the first of ``data.preserve_samples``) on whose states the
-            ``selective`` selection measures the damage of the edit so far.
+            ``states`` collateral is measured.
         iterative_step: fraction of components ablated per round of the ``iterative`` selection.
         random_at: where the ``random`` control is written and evaluated: ``all`` ratios (each edit is read
             against random ablation of its own count) or only the ``largest``.
@@ -120,7 +129,8 @@ class AttributionWriter(Callback):
         selections: list[str] = ("cad",),
         retain_weight: float = 1.0,
         collateral_offset: float = 0.03,
-        selective_step: float = 0.02,
+        collateral_space: str = "auto",
+        selective_step: float | None = None,
         collateral_runs: int = 16,
         iterative_step: float = 0.005,
         random_at: str = "all",
@@ -158,11 +168,16 @@ class AttributionWriter(Callback):
             raise UserInputError(f"AttributionWriter collateral_offset must be 0 or more, got {collateral_offset}.")
         self.retain_weight, self.iterative_step = retain_weight, iterative_step
         self.collateral_offset = float(collateral_offset)
-        if not (isinstance(selective_step, (int, float)) and 0 < selective_step <= 1):
-            raise UserInputError(f"AttributionWriter selective_step must be in (0, 1], got {selective_step!r}.")
+        if selective_step is not None and not (isinstance(selective_step, (int, float)) and 0 < selective_step <= 1):
+            raise UserInputError(f"AttributionWriter selective_step must be in (0, 1] or null, got {selective_step!r}.")
+        if collateral_space not in COLLATERAL_SPACES:
+            raise UserInputError(f"AttributionWriter collateral_space must be one of {', '.join(COLLATERAL_SPACES)}, "
+                                 f"got {collateral_space!r}.")
+        self.collateral_space = collateral_space
         if isinstance(collateral_runs, bool) or not isinstance(collateral_runs, int) or collateral_runs < 1:
             raise UserInputError(f"AttributionWriter collateral_runs must be a whole number >= 1, got {collateral_runs!r}.")
-        self.selective_step, self.collateral_runs = float(selective_step), collateral_runs
+        self.selective_step = None if selective_step is None else float(selective_step)
+        self.collateral_runs = collateral_runs
         self.sensitivity: dict[str, torch.Tensor] | None = None
         self.save_unet, self.evaluate = save_unet, evaluate
         self.eval_target_images, self.eval_retain_images = eval_target_images, eval_retain_images
@@ -198,6 +213,8 @@ class AttributionWriter(Callback):
         return round_schedule(self.ratios, self.iterative_step)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if "selective" in self.selections:
+            self._space(pl_module.component_names)  # refuse a collateral space that cannot serve, before any work
         params = dict(pl_module.backbone.unet.named_parameters())
         self._original = {n: params[n].detach().clone() for n in pl_module.component_names}
 
@@ -270,6 +287,8 @@ class AttributionWriter(Callback):
             "base_prompt": trainer.datamodule.base_prompt, "base_word": trainer.datamodule.base_word,
             "ratios": self.ratios, "edits": written,
         }
+        if "selective" in self.selections:
+            report["collateral_space"] = self._space(scores)
         if self.evaluate:
             report.update(self._evaluate(run_dir, trainer, pl_module, edits))
         report["wall_time_s"] = time.perf_counter() - self._start
@@ -354,21 +373,44 @@ class AttributionWriter(Callback):
         return edits
 
     def _random_draw(self, draw: int) -> dict[float, dict[str, torch.Tensor]]:
-        """Draw ``draw`` of the random control at every ratio that has one (draw 0 is the one written as edits)."""
-        generator = torch.Generator().manual_seed(draw)
-        return {r: random_like(m, generator) for r, m in self._control_reference.items()}
+        """Draw ``draw`` of the random control at every ratio that has one (draw 0 is the one written as edits).
+        Each (draw, ratio) has its own seed, so a ratio's control does not depend on the other ratios asked for."""
+        return {r: random_like(m, torch.Generator().manual_seed(draw * 1_000_003 + round(r * 1_000_000)))
+                for r, m in self._control_reference.items()}
+
+    def _space(self, names) -> str:
+        """The collateral space of the ``selective`` selection for the scored parameters ``names``."""
+        text_only = all(reads_text_only(n) for n in names)
+        if self.collateral_space == "text" and not text_only:
+            other = next(n for n in names if not reads_text_only(n))
+            raise UserInputError(
+                f"collateral_space 'text' measures collateral on the cross-attention keys and values only, but "
+                f"'{other}' is scored too: use model.components [cross_attn_kv] or collateral_space 'states'.")
+        if self.collateral_space == "auto":
+            return "text" if text_only else "states"
+        return self.collateral_space
 
     def _selective_edits(self, pl_module, scores: dict[str, torch.Tensor]) -> dict[float, dict[str, torch.Tensor]]:
-        """The ``selective`` edits: grown in rounds, each charged with the damage it adds (editing/coherent.py)."""
+        """The ``selective`` edits: grown in rounds, each charged with the collateral it adds (in text space,
+        editing/text_space.py, or on sampled states, editing/coherent.py)."""
+        params = dict(pl_module.backbone.unet.named_parameters())
+        if self._space(scores) == "text":
+            datamodule = pl_module.trainer.datamodule
+            # the unconditional branch of guidance ("") is preserved too
+            prompts = list(dict.fromkeys([*datamodule.prompts_to_preserve(), datamodule.base_prompt, ""]))
+            return text_space_selection(
+                scores, self.sensitivity, {n: params[n] for n in scores},
+                token_second_moment(pl_module.backbone, prompts), self.ratios,
+                step=self.selective_step or TEXT_SPACE_STEP, offset=self.collateral_offset, mode=self.mode,
+                scope=self.scope)
         preserve = [i for i in pl_module.trainer.datamodule.items() if i.get("role") == "preserve"]
         preserve = preserve[: self.collateral_runs]
         hparams = pl_module.hparams
         collateral = GuidedChange(pl_module.backbone, [i["prompt"] for i in preserve], [int(i["seed"]) for i in preserve],
                                   guidance_scale=hparams.guidance_scale, num_inference_steps=hparams.num_inference_steps)
-        params = dict(pl_module.backbone.unet.named_parameters())
         return coherent_selection(
             scores, self.sensitivity, {n: params[n] for n in scores}, collateral, self.ratios,
-            step=self.selective_step, offset=self.collateral_offset, mode=self.mode, scope=self.scope,
+            step=self.selective_step or STATES_STEP, offset=self.collateral_offset, mode=self.mode, scope=self.scope,
             progress=lambda rounds: tqdm(rounds, desc="selective edit rounds", leave=False,
                                          disable=not pl_module.trainer.progress_bar_callback))
 
@@ -409,12 +451,12 @@ class AttributionWriter(Callback):
         if datamodule.base_word is not None:  # each target prompt without the concept
             base = [datamodule.base_for(item.prompt, concept) for item in items if item.group == "target"]
         floor = empty_prompt_rates(backbone, detector, base, self.floor_images)
-        evaluated = dict(edits)
+        draws_only = {}  # further draws of the random control: only their retained images' SSIM is read
         if "random" in edits:
-            evaluated.update({f"random draw {d}": self._random_draw(d) for d in range(1, self.random_draws)})
+            draws_only = {f"random draw {d}": self._random_draw(d) for d in range(1, self.random_draws)}
         before, results, images = evaluate_edits(
-            backbone, detector, concept, retained, items, evaluated, lambda masks: self._apply(pl_module, masks),
-            self.eval_batch_size, progress=bool(trainer.progress_bar_callback))
+            backbone, detector, concept, retained, items, edits, lambda masks: self._apply(pl_module, masks),
+            self.eval_batch_size, progress=bool(trainer.progress_bar_callback), ssim_only=draws_only)
         draws: dict[float, list[float]] = {}
         for r in results:
             if r["selection"] == "random" or r["selection"].startswith("random draw "):
@@ -493,7 +535,9 @@ def _fmt(value, spec: str = ".3f") -> str:
 def markdown_report(report: dict) -> str:
     estimator = f" ({report['estimator']} estimator)" if "estimator" in report else ""
     lines = [f"# CAD {report['mode']} of '{report['concept']}'{estimator}", "",
-             f"objective: {report['objective']}, scope: {report['scope']}, " + (
+             f"objective: {report['objective']}, scope: {report['scope']}, "
+             + (f"selective collateral measured in {report['collateral_space']} space, " if "collateral_space" in report else "")
+             + (
                  f"base prompt: '{report['base_prompt']}'" if report.get("base_word") is None else
                  f"base prompts: each prompt without '{report['concept']}'"
                  + ("" if report["base_word"] in ("auto", "") else f" ('{report['base_word']}' in its place)")), ""]

@@ -80,8 +80,26 @@ def test_artifacts(small_run):
             draws = r["random_retained_ssim_draws"]
             assert abs(r["random_retained_ssim"] - sum(draws) / 3) < 1e-12
     assert sum(e["selection"] == "random" for e in report["edits"]) == 2
+    assert report["collateral_space"] == "text"  # cross-attention keys and values: measured exactly on the prompts
     markdown = (small_run / "report.md").read_text()
     assert "SSIM" in markdown and "other words" in markdown and "samples/selective-erase.png" in markdown
+
+
+def test_selective_collateral_on_sampled_states(small_run, tmp_path):
+    """``collateral_space: states`` (what ``auto`` picks for components other than cross-attention K/V) measures
+    collateral on preserved runs' states instead of in text space: same scores and count, another edit."""
+    code, run = attribute(tmp_path, "--data.concept", "square", "--trainer.callbacks.init_args.ratios", "[0.01, 0.03]",
+                          "--trainer.callbacks.init_args.selections", "[selective]",
+                          "--trainer.callbacks.init_args.collateral_space", "states",
+                          "--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false")
+    assert code == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["collateral_space"] == "states"
+    assert load_file(run / "attribution/scores.safetensors").keys() == load_file(small_run / "attribution/scores.safetensors").keys()
+    states = load_masks(run / "edits/selective-erase-0.03.safetensors")
+    text = load_masks(small_run / "edits/selective-erase-0.03.safetensors")
+    assert sum(int((~m).sum()) for m in states.values()) == sum(int((~m).sum()) for m in text.values())
+    assert any(not torch.equal(states[n], text[n]) for n in text)
 
 
 def test_edited_unet_opens_in_plain_diffusers(small_run):
@@ -168,6 +186,8 @@ def test_evaluate_an_edit(small_run, tmp_path):
         (["--trainer.callbacks.init_args.ratios", "[0.5, 1.5]"], "ratios"),
         (["--trainer.callbacks.init_args.ratios", "[0]"], "ratios"),
         (["--model.components", "[no_such_layer]"], "model.components"),
+        (["--trainer.callbacks.init_args.collateral_space", "nowhere"], "collateral_space"),
+        (["--trainer.callbacks.init_args.collateral_space", "text", "--model.components", "[ff]"], "collateral_space"),
         (["--data.base_word", "auto", "--data.base_prompt", "a shape"], "data.base_word"),
         (["--data.base_word", "auto", "--data.prompt_templates", '["a photo of a {concept}"]', "--data.concept", "dog"],
          "data.base_word"),

@@ -252,3 +252,105 @@ def test_coherent_selection_refuses_bad_input_and_restores_weights_on_error():
         coherent_selection(scores, sensitivity, {"w": weights}, Failing(weights), [0.5], step=0.25, kappa=1.0,
                            scope="global")
     assert torch.equal(weights.detach(), torch.ones(4))
+
+
+def kv_change(weight: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Mean over prompts of Σ over their tokens of ‖ΔW e‖²: what an edit changes in the keys (or values)."""
+    delta = (weight * ~mask) @ tokens.reshape(-1, tokens.shape[-1]).T
+    return float(delta.pow(2).sum() / tokens.shape[0])
+
+
+def cancelling_case():
+    """One key weight, 2 rows × 4 token dimensions. On the preserved prompts' tokens dimension 1 always equals
+    dimension 0, so removing W_00 = 1 and W_01 = −1 together changes nothing there; the concept's token has
+    dimension 1 at 0, so the pair still changes its key. W_11 = −0.1 is the cheapest weight on its own."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(6, 3, 4, generator=g)  # 6 prompts × 3 tokens × 4 dims
+    tokens[..., 1] = tokens[..., 0]
+    weight = torch.tensor([[1.0, -1.0, 0.3, 0.2], [0.4, -0.1, 0.3, -0.5]])
+    alpha = torch.ones(2, 4)
+    alpha[0, 0] = 1000.0  # the concept's weight: taken first by any ranking
+    return tokens, weight, {"down.attn2.to_k.weight": alpha}
+
+
+def test_text_space_selection_is_exact_on_the_preserved_prompts_and_finds_cancelling_pairs():
+    from cad_lightning.editing.text_space import reads_text_only, text_space_selection
+
+    tokens, weight, scores = cancelling_case()
+    name = "down.attn2.to_k.weight"
+    flat = tokens.reshape(-1, 4)
+    second_moment = flat.T @ flat / tokens.shape[0]
+    own = weight.pow(2) * second_moment.diagonal()
+    sensitivity = {name: own}  # h = 1 per row: the sensitivity is the diagonal itself
+    diagonal = select_components(collateral_penalised_scores(scores, sensitivity, offset=0.0), 0.25, scope="global")
+    masks = text_space_selection(scores, sensitivity, {name: weight}, second_moment, [0.125, 0.25], step=0.125,
+                                 offset=1e-6, scope="global")
+    chosen = masks[0.25][name]
+    assert (~chosen).sum() == 2 and (~masks[0.125][name]).sum() == 1 and not (~masks[0.125][name] & chosen).any()
+    assert (~chosen[0, :2]).all()  # the cancelling pair, though W_01 alone is not the cheapest weight
+    assert diagonal[name].tolist() == [[False, True, True, True], [True, False, True, True]]  # the cheapest instead
+    assert kv_change(weight, chosen, tokens) < 1e-10 < kv_change(weight, diagonal[name], tokens)
+    concept_token = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    assert float(((weight * ~chosen) @ concept_token).abs().sum()) > 0.5  # the concept's key still changes
+    assert reads_text_only(name) and reads_text_only("up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_v.weight")
+    assert not reads_text_only("mid_block.attentions.0.transformer_blocks.0.attn1.to_k.weight")
+    assert not reads_text_only("mid_block.attentions.0.transformer_blocks.0.attn2.to_q.weight")
+
+
+def test_text_space_selection_refuses_bad_input():
+    from cad_lightning.editing.text_space import text_space_selection, token_second_moment
+
+    tokens, weight, scores = cancelling_case()
+    name = next(iter(scores))
+    good = dict(scores=scores, sensitivity={name: weight.abs()}, weights={name: weight},
+                second_moment=torch.eye(4), ratios=[0.25])
+    with pytest.raises(ValueError, match="sensitivity"):
+        text_space_selection(**{**good, "sensitivity": {}})
+    with pytest.raises(ValueError, match="token embeddings"):
+        text_space_selection(**{**good, "second_moment": torch.eye(3)})
+    with pytest.raises(ValueError, match="offset"):
+        text_space_selection(**good, offset=-0.1)
+    assert (~text_space_selection(**good, offset=0.0)[0.25][name]).sum() == 2  # 0 is allowed: the credit stays bounded
+    with pytest.raises(UserInputError, match="ratio"):
+        text_space_selection(**{**good, "ratios": [1.5]})
+    with pytest.raises(ValueError, match="at least one prompt"):
+        token_second_moment(None, [])
+
+
+def test_prompts_to_preserve_are_every_world_prompt_without_the_concept():
+    from cad_lightning.data.attribution_datamodule import AttributionDataModule
+
+    for concept, count in (("circle", 75), ("red", 72), ("striped", 60)):
+        data = AttributionDataModule(concept=concept, base_word="auto", samples=4, preserve_samples=6)
+        prompts = data.prompts_to_preserve()
+        assert len(prompts) == len(set(prompts)) == count  # (shapes + 1) × (colours + 1) × (textures + 1), minus the concept's
+        assert all(concept not in p.split() for p in prompts)
+        assert set(data.preserve_prompts()) <= set(prompts) and "a shape" in prompts
+
+
+def test_control_draws_read_on_retained_images_only_give_the_same_ssim(tiny_backbone, detector):
+    """Further random draws are sampled on the retained items only: the SSIM equals the full evaluation's."""
+    from cad_lightning.editing import random_like
+    from cad_lightning.evaluation.concepts import evaluation_items
+    from cad_lightning.evaluation.edits import evaluate_edits
+
+    unet = tiny_backbone.unet
+    names = [n for n, _ in unet.named_parameters() if "attn2.to_v" in n]
+    params = dict(unet.named_parameters())
+    original = {n: params[n].detach().clone() for n in names}
+
+    def apply(masks):
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(original[n] if masks is None else original[n] * masks[n])
+
+    items = evaluation_items("circle", ["square", "red"], 4, 6)
+    masks = random_like({n: torch.ones_like(original[n], dtype=torch.bool) & (torch.arange(original[n].shape[1]) % 3 > 0)
+                         for n in names}, torch.Generator().manual_seed(0))
+    _, rows, images = evaluate_edits(tiny_backbone, detector, "circle", ["square", "red"], items, {"random": {0.3: masks}},
+                                     apply, progress=False, ssim_only={"random draw 1": {0.3: masks}})
+    full, only = rows
+    assert only["selection"] == "random draw 1" and set(only) == {"selection", "ratio", "ablated", "retained_ssim"}
+    assert only["ablated"] == full["ablated"] > 0 and full["retained_ssim"] < 0.999
+    assert only["retained_ssim"] == pytest.approx(full["retained_ssim"], abs=1e-4)
+    assert "random draw 1 0.3" not in images and torch.equal(params[names[0]].detach(), original[names[0]])

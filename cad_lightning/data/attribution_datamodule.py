@@ -17,6 +17,7 @@ templates (the other kinds named or not at random); for other models a concept i
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -203,6 +204,18 @@ class AttributionDataModule(pl.LightningDataModule):
             use_other = i % 2 == 1 and others
             out.append(others[(i // 2) % len(others)] if use_other else bases[(i // 2 if others else i) % len(bases)])
         return out
+
+    def prompts_to_preserve(self) -> list[str]:
+        """Every prompt whose output an edit should leave as it is, for collateral that is cheap to measure
+        per prompt (text-space collateral reads only the text encoder): in the shapes world, every prompt of
+        its template that does not name the concept (shape, colour and texture each named or not); with
+        prompt templates, :meth:`preserve_prompts` and the target prompts' base prompts."""
+        if self.prompt_templates is None:
+            options = [(None, *words) for words in CONCEPT_KINDS.values()]
+            prompts = (make_prompt(**dict(zip(CONCEPT_KINDS, combo))) for combo in itertools.product(*options))
+            return sorted({p for p in prompts if self.concept not in p.split(" ")})
+        targets = self.prompts_for(self.concept, self.samples, self.seed)
+        return list(dict.fromkeys([*self.preserve_prompts(), *(self.base_for(p, self.concept) for p in targets)]))
 
     def base_for(self, prompt: str, concept: str) -> str:
         """The erase objective's base prompt of an item."""

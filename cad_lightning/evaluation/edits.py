@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from cad_lightning.backbones.backbone import DiffusionBackbone
 from cad_lightning.editing import count_ablated
 from cad_lightning.evaluation.classifier import ConceptDetector
-from cad_lightning.evaluation.collateral import ClassifierFeatures, collateral
+from cad_lightning.evaluation.collateral import ClassifierFeatures, collateral, image_ssim
 from cad_lightning.evaluation.concepts import EvalItem, accuracy_from_predictions
 
 Masks = dict[str, torch.Tensor]
@@ -57,6 +57,7 @@ def evaluate_edits(
     apply: Callable[[Masks | None], None],
     batch_size: int = 96,
     progress: bool = True,
+    ssim_only: dict[str, dict[float, Masks]] | None = None,
 ) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     """Evaluate the unedited model and every edit ``{selection: {ratio: masks}}``.
 
@@ -64,13 +65,19 @@ def evaluate_edits(
     unedited. Returns the unedited accuracies ``{concept: accuracy}``, one row per edit (``selection``,
     ``ratio``, ``ablated`` and the numbers of :func:`edit_row`), and the images of each selection's edits,
     ``{"unedited": (N, 3, H, W), "<selection> <ratio>": ...}``.
+
+    ``ssim_only`` edits (e.g. further draws of a random control) are sampled on the retained items only: their
+    rows hold ``selection``, ``ratio``, ``ablated`` and ``retained_ssim``, and no images are returned for them.
     """
     apply(None)
     reference_images, reference_predicted = generate_and_read(backbone, detector, items, batch_size)
     before = accuracy_from_predictions(items, reference_predicted)
     features = ClassifierFeatures(detector)
     rows, images = [], {"unedited": reference_images}
-    bar = tqdm(total=sum(len(v) for v in edits.values()), desc="Evaluating edits", unit="edit", disable=not progress)
+    ssim_only = ssim_only or {}
+    retain = [n for n, item in enumerate(items) if item.group == "retain"]
+    total = sum(len(v) for v in edits.values()) + sum(len(v) for v in ssim_only.values())
+    bar = tqdm(total=total, desc="Evaluating edits", unit="edit", disable=not progress)
     try:
         for selection, per_ratio in edits.items():
             for ratio, masks in sorted(per_ratio.items()):
@@ -84,6 +91,18 @@ def evaluate_edits(
                              **edit_row(items, concept, retained, before, edited, predicted, reference_images,
                                         reference_predicted, features)})
                 images[f"{selection} {ratio:g}"] = edited
+                bar.update()
+        for selection, per_ratio in ssim_only.items():
+            for ratio, masks in sorted(per_ratio.items()):
+                bar.set_postfix_str(f"{selection} {ratio:g}")
+                apply(masks)
+                try:
+                    edited = backbone.generate([items[n].prompt for n in retain], seed=[items[n].seed for n in retain],
+                                               batch_size=batch_size).cpu()
+                finally:
+                    apply(None)
+                rows.append({"selection": selection, "ratio": ratio, "ablated": count_ablated(masks),
+                             "retained_ssim": image_ssim(edited, reference_images[retain])})
                 bar.update()
     finally:
         bar.close()
