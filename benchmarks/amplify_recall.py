@@ -34,8 +34,8 @@ def cad(*args: str) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="circle")
-    parser.add_argument("--erase-ratios", default=None, help="erase ratios (default: the main job's)")
-    parser.add_argument("--amplify-ratios", default=None, help="amplify ratios (default: configs/amplify.yaml's)")
+    parser.add_argument("--erase-ratios", default=None, help="erase ratios, a list such as '[0.2, 0.25]' (default: the main job's)")
+    parser.add_argument("--amplify-ratios", default=None, help="amplify ratios, a list such as '[0.02, 0.05]' (default: configs/amplify.yaml's)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "amplify_recall"))
     parser.add_argument("--erase-run", default=None, help="an existing main-job run directory to take the edit from")
     args = parser.parse_args()
