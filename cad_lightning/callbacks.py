@@ -143,6 +143,8 @@ class AttributionWriter(Callback):
         eval_batch_size: int = 96,
     ) -> None:
         super().__init__()
+        if ratios is None or isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__"):
+            raise UserInputError(f"AttributionWriter ratios must be a list of numbers in (0, 1), got {ratios!r}.")
         ratios = list(ratios)
         if not ratios:
             raise UserInputError("AttributionWriter ratios is empty; give at least one ratio in (0, 1).")

@@ -49,15 +49,24 @@ def log_image(logger, tag: str, image: torch.Tensor, step: int) -> None:
         experiment.add_image(tag, image.clamp(0, 1), step)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, so no reader sees half a file."""
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, so no reader sees half a file.
+    The file gets the permissions of an ordinary new file (0666 less the umask), not the temporary file's 0600,
+    so a group sharing a project folder can read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -67,7 +76,8 @@ def atomic_path(path: str | os.PathLike):
 @contextmanager
 def atomic_folder(folder: str | os.PathLike):
     """Yield a temporary folder beside ``folder``; on success it replaces ``folder`` (the previous one is put
-    back if the rename fails), so no reader sees a half-written folder."""
+    back if the rename fails), so no reader sees a half-written folder. The folder gets the permissions of an
+    ordinary new folder (0777 less the umask), not the temporary folder's 0700."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
@@ -77,6 +87,7 @@ def atomic_folder(folder: str | os.PathLike):
         if folder.exists():
             old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
             os.replace(folder, old / folder.name)
+        os.chmod(tmp, 0o777 & ~_umask())
         try:
             os.replace(tmp, folder)
         except OSError:

@@ -185,6 +185,7 @@ def test_evaluate_an_edit(small_run, tmp_path):
         (["--data.concept", "dog"], "data.concept"),
         (["--trainer.callbacks.init_args.ratios", "[0.5, 1.5]"], "ratios"),
         (["--trainer.callbacks.init_args.ratios", "[0]"], "ratios"),
+        (["--trainer.callbacks.init_args.ratios", "null"], "ratios"),
         (["--model.components", "[no_such_layer]"], "model.components"),
         (["--trainer.callbacks.init_args.collateral_space", "nowhere"], "collateral_space"),
         (["--trainer.callbacks.init_args.collateral_space", "text", "--model.components", "[ff]"], "collateral_space"),
