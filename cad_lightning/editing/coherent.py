@@ -116,6 +116,16 @@ def round_schedule(ratios: Sequence[float], step: float) -> list[float]:
     return marks
 
 
+def check_rounds(ratios: Sequence[float], step: float, offset: float) -> None:
+    """Refuse ratios outside (0, 1), a step outside (0, 1] and a negative or non-finite offset."""
+    for r in ratios:
+        _check_ratio(r)
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1] (the fraction of weights added per round), got {step!r}.")
+    if not (isinstance(offset, (int, float)) and math.isfinite(offset) and offset >= 0):
+        raise ValueError(f"offset must be a finite number >= 0, got {offset!r}.")
+
+
 def coherent_selection(
     scores: Mapping[str, torch.Tensor],
     sensitivity: Mapping[str, torch.Tensor],
@@ -138,12 +148,7 @@ def coherent_selection(
     ``progress`` may wrap the list of rounds (e.g. a progress bar).
     """
     names = list(scores)
-    for r in ratios:
-        _check_ratio(r)
-    if not 0 < step <= 1:
-        raise ValueError(f"step must be in (0, 1] (the fraction of weights added per round), got {step!r}.")
-    if not (isinstance(offset, (int, float)) and math.isfinite(offset) and offset >= 0):
-        raise ValueError(f"offset must be a finite number >= 0, got {offset!r}.")
+    check_rounds(ratios, step, offset)
     missing = [n for n in names if n not in sensitivity or n not in params]
     if missing:
         raise ValueError(f"coherent_selection: no sensitivity or parameter for {missing[:3]}.")

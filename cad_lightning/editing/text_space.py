@@ -35,8 +35,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from cad_lightning.editing.coherent import round_schedule
-from cad_lightning.editing.select import _check_ratio, select_components, target_count
+from cad_lightning.editing.coherent import check_rounds, round_schedule
+from cad_lightning.editing.select import select_components, target_count
 
 # parameters that read the text encoder's output and nothing else (cross-attention keys and values)
 TEXT_INPUT_PATTERN = re.compile(r"attn2\.to_[kv]\.weight$")
@@ -78,12 +78,7 @@ def text_space_selection(
     from :func:`token_second_moment`. Nothing is changed on the model.
     """
     names = list(scores)
-    for r in ratios:
-        _check_ratio(r)
-    if not 0 < step <= 1:
-        raise ValueError(f"step must be in (0, 1] (the fraction of weights added per round), got {step!r}.")
-    if not (isinstance(offset, (int, float)) and math.isfinite(offset) and offset >= 0):
-        raise ValueError(f"offset must be a finite number >= 0, got {offset!r}.")
+    check_rounds(ratios, step, offset)
     C = second_moment.double().cpu()
     dim = C.shape[0]
     if C.ndim != 2 or C.shape[1] != dim:
