@@ -12,7 +12,8 @@ Selections (``selections``):
   weights with the highest α / (the collateral they add to the edit so far + ``collateral_offset`` · its mean).
   The collateral is measured where ``collateral_space`` says: ``text`` (cross-attention keys and values only,
   cad_lightning/editing/text_space.py): exactly, as the change of the keys and values of every token of every
-  prompt to preserve, weighted per row by the output sensitivity; ``states`` (any component,
+  prompt to preserve, weighted by the output sensitivity per row and by how the rows' output gradients
+  correlate (the row moments of the preserved runs); ``states`` (any component,
   cad_lightning/editing/coherent.py): the output sensitivity s of each weight plus the change it adds to the
   edit's damage measured on the states of ``collateral_runs`` preserved runs. Both need the output sensitivity
   on prompts to preserve (cad_lightning/attribution/sensitivity.py; ``data.preserve_samples > 0``). Weights
@@ -181,6 +182,7 @@ class AttributionWriter(Callback):
         self.selective_step = None if selective_step is None else float(selective_step)
         self.collateral_runs = collateral_runs
         self.sensitivity: dict[str, torch.Tensor] | None = None
+        self.row_moments: dict[str, torch.Tensor] | None = None
         self.save_unet, self.evaluate = save_unet, evaluate
         self.eval_target_images, self.eval_retain_images = eval_target_images, eval_retain_images
         self.floor_images, self.eval_batch_size = floor_images, eval_batch_size
@@ -235,6 +237,7 @@ class AttributionWriter(Callback):
         if epoch == 0:
             self.scores = scores
             self.sensitivity = pl_module.reduced_sensitivity()
+            self.row_moments = pl_module.reduced_row_moments()
             self._log_objective(trainer, pl_module, epoch)
         if "iterative" in self.selections:
             schedule = self._iterative_schedule()
@@ -310,6 +313,10 @@ class AttributionWriter(Callback):
             with atomic_path(attribution / "sensitivity.safetensors") as tmp:
                 save_file({k: v.contiguous() for k, v in self.sensitivity.items()}, str(tmp),
                           metadata={"concept": pl_module.concepts[0]})
+        if self.row_moments is not None:
+            with atomic_path(attribution / "row_moments.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in self.row_moments.items()}, str(tmp),
+                          metadata={"concept": pl_module.concepts[0]})
         datamodule = trainer.datamodule
         weights = pl_module.model_folder / "unet" / "diffusion_pytorch_model.safetensors"
         meta = {
@@ -329,6 +336,10 @@ class AttributionWriter(Callback):
             "sensitivity": None if self.sensitivity is None else {
                 "file": "sensitivity.safetensors", "preserve_prompts": datamodule.preserve_prompts(),
                 "meaning": "s = mean over preserved states of mean_k (w * d eps_k/dw)^2 (one Rademacher probe per run)",
+                "row_moments": None if self.row_moments is None else {
+                    "file": "row_moments.safetensors",
+                    "meaning": "P = mean over preserved states of G_s G_s^T / elements, G_s = d(v.eps)/dW at one state "
+                               "(rows x rows, cross-attention K/V weights)"},
                 "collateral_offset": self.collateral_offset, "selective_step": self.selective_step,
                 "collateral_runs": self.collateral_runs},
             "items": sum(i.get("role", "attribute") == "attribute" for i in datamodule.items()),
@@ -404,7 +415,7 @@ class AttributionWriter(Callback):
                 scores, self.sensitivity, {n: params[n] for n in scores},
                 token_second_moment(pl_module.backbone, prompts), self.ratios,
                 step=self.selective_step or TEXT_SPACE_STEP, offset=self.collateral_offset, mode=self.mode,
-                scope=self.scope)
+                scope=self.scope, row_moments=self.row_moments)
         preserve = [i for i in pl_module.trainer.datamodule.items() if i.get("role") == "preserve"]
         preserve = preserve[: self.collateral_runs]
         hparams = pl_module.hparams

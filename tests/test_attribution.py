@@ -44,6 +44,7 @@ def small_run(tmp_path_factory):
 
 def test_artifacts(small_run):
     for name in ("config.yaml", "attribution/scores.safetensors", "attribution/sensitivity.safetensors",
+                 "attribution/row_moments.safetensors",
                  "attribution/meta.json", "report.json", "report.md", "tradeoff.png", "samples/selective-erase.png",
                  "samples/cad-erase.png", "samples/random-erase.png"):
         assert (small_run / name).is_file(), name
@@ -53,6 +54,12 @@ def test_artifacts(small_run):
     assert set(scores) == set(ComponentSpace(["cross_attn_kv"]).names(unet))  # the default config's components
     sensitivity = load_file(small_run / "attribution/sensitivity.safetensors")
     assert set(sensitivity) == set(scores) and all((t >= 0).all() and t.sum() > 0 for t in sensitivity.values())
+    row_moments = load_file(small_run / "attribution/row_moments.safetensors")  # every scored weight is K or V
+    assert set(row_moments) == set(scores)
+    for name, moment in row_moments.items():
+        rows = params[name].shape[0]
+        assert moment.shape == (rows, rows) and torch.allclose(moment, moment.T, atol=1e-6 * float(moment.abs().max()))
+        assert (moment.diagonal() >= 0).all() and moment.diagonal().sum() > 0
     for name, tensor in scores.items():
         assert tensor.shape == params[name].shape and tensor.dtype == torch.float32
     meta = json.loads((small_run / "attribution/meta.json").read_text())

@@ -354,3 +354,86 @@ def test_control_draws_read_on_retained_images_only_give_the_same_ssim(tiny_back
     assert only["ablated"] == full["ablated"] > 0 and full["retained_ssim"] < 0.999
     assert only["retained_ssim"] == pytest.approx(full["retained_ssim"], abs=1e-4)
     assert "random draw 1 0.3" not in images and torch.equal(params[names[0]].detach(), original[names[0]])
+
+
+def test_row_moments_are_the_per_state_gradients_of_the_key_value_weights():
+    """The row moments, taken from the gradients at the K/V outputs of a batch of states, equal Σ_s G_s G_sᵀ with
+    G_s = ∂(v·ε)/∂W computed state by state, the probe's own slice for each state (shipped model, 3 steps)."""
+    from cad_lightning import load_backbone
+
+    backbone = load_backbone(SHIPPED_MODEL)
+    backbone.unet.requires_grad_(False)
+    names = [n for n, _ in backbone.unet.named_parameters() if n.endswith("attn2.to_v.weight")][:1]
+    names.append(next(n for n, _ in backbone.unet.named_parameters() if n.endswith("attn2.to_k.weight")))
+    params = dict(backbone.unet.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    buffers = [torch.zeros_like(params[n]) for n in names]
+    rows = {p: torch.zeros(params[n].shape[0], params[n].shape[0]) for p, n in enumerate(names)}
+    prompt, seed = "a red striped circle", 5
+    count = accumulate_sensitivity(backbone, names, [prompt], [seed], buffers, num_inference_steps=3, row_buffers=rows)
+    assert count == 3
+    run = backbone.trajectory([prompt], seed=[seed], num_inference_steps=3)
+    text = backbone.encode([prompt])
+    probe = None
+    expected = {p: torch.zeros_like(r, dtype=torch.float64) for p, r in rows.items()}
+    with torch.enable_grad():
+        for s in range(3):
+            eps = backbone.predict_noise(run.latents[s : s + 1, 0], run.timesteps[s : s + 1], text)
+            if probe is None:  # the probe of the whole run, drawn as the accumulation draws it
+                shape = (3, *eps.shape[1:])
+                probe = (torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1).to(eps)
+            grads = torch.autograd.grad((probe[s : s + 1] * eps).sum(), [params[n] for n in names])
+            for p, g in enumerate(grads):
+                expected[p] += g.double() @ g.double().T / eps[0].numel()
+    for p in rows:
+        assert torch.allclose(rows[p].double(), expected[p], rtol=1e-3, atol=1e-6 * float(expected[p].abs().max()))
+        assert float(expected[p].abs().max()) > 0
+    # the rows are far from independent on the real model: the moments are not diagonal
+    off = expected[0] - torch.diag(expected[0].diagonal())
+    assert float(off.abs().sum()) > 0.1 * float(expected[0].diagonal().sum())
+
+
+def coupled_rows_case():
+    """Four rows reading one token dimension (C = I, h = 1 per row). Rows 0 and 1 move the output the same way
+    (correlation 1), rows 2 and 3 independently; the concept's scores favour rows 0 and 1 a little."""
+    name = "down.attn2.to_v.weight"
+    weight = torch.ones(4, 2)
+    alpha = torch.tensor([[1.0, 0.1], [1.0, 0.1], [0.9, 0.1], [0.9, 0.1]])
+    sensitivity = weight.pow(2)  # h_i = Σ_j s_ij / Σ_j W_ij² C_jj = 1
+    moments = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    return name, weight, {name: alpha}, {name: sensitivity}, {name: moments}
+
+
+def test_row_moments_keep_an_edit_from_piling_up_on_rows_that_move_the_output_together():
+    from cad_lightning.editing.text_space import text_space_selection
+
+    name, weight, scores, sensitivity, moments = coupled_rows_case()
+    kwargs = dict(step=0.125, offset=1e-6, scope="global")
+    alone = text_space_selection(scores, sensitivity, {name: weight}, torch.eye(2), [0.25], **kwargs)[0.25][name]
+    coupled = text_space_selection(scores, sensitivity, {name: weight}, torch.eye(2), [0.25], row_moments=moments,
+                                   **kwargs)[0.25][name]
+
+    def output_change(mask):  # tr(P U C Uᵀ) with the true correlation: what the edit moves downstream
+        removed = weight * ~mask
+        return float((moments[name] * (removed @ removed.T)).sum())
+
+    assert (~alone).sum() == (~coupled).sum() == 2
+    assert (~alone[:2, 0]).all()  # without row moments: the two best scores, on the two coupled rows
+    assert (~coupled[:, 0]).sum() == 2 and (~coupled[:2, 0]).sum() == 1  # one coupled row and one independent row
+    assert output_change(coupled) == pytest.approx(2.0) and output_change(alone) == pytest.approx(4.0)
+    # no row moments, or rows that are independent, give the per-row selection
+    independent = {name: torch.eye(4)}
+    assert torch.equal(text_space_selection(scores, sensitivity, {name: weight}, torch.eye(2), [0.25],
+                                            row_moments=independent, **kwargs)[0.25][name], alone)
+
+
+def test_row_moments_bad_input():
+    from cad_lightning.editing.text_space import text_space_selection
+
+    name, weight, scores, sensitivity, moments = coupled_rows_case()
+    good = dict(scores=scores, sensitivity=sensitivity, weights={name: weight}, second_moment=torch.eye(2), ratios=[0.25])
+    with pytest.raises(ValueError, match="row moments"):
+        text_space_selection(**good, row_moments={name: torch.eye(3)})
+    with pytest.raises(ValueError, match="row_shrink"):
+        text_space_selection(**good, row_moments=moments, row_shrink=1.5)

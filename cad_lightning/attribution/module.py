@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from cad_lightning.attribution.components import ComponentSpace
 from cad_lightning.attribution.objectives import OBJECTIVES, ConceptObjective
 from cad_lightning.attribution.sensitivity import accumulate_sensitivity
+from cad_lightning.editing.text_space import reads_text_only
 from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
 from cad_lightning.errors import UserInputError
 
@@ -245,8 +246,9 @@ class CADModule(pl.LightningModule):
         """Add the output sensitivity (see cad_lightning/attribution/sensitivity.py) of the runs of prompts to preserve."""
         self._ensure_sensitivity_buffers()
         buffers = [getattr(self, f"sensitivity_{p}") for p in range(len(self.component_names))]
+        rows = {p: getattr(self, f"sensitivity_rows_{p}") for p in self._text_only_indices()}
         n = accumulate_sensitivity(self.backbone, self.component_names, prompts, seeds, buffers,
-                                   self.hparams.guidance_scale, self.hparams.num_inference_steps)
+                                   self.hparams.guidance_scale, self.hparams.num_inference_steps, rows)
         self.sensitivity_count.add_(n)
 
     def _ensure_sensitivity_buffers(self) -> None:
@@ -255,7 +257,14 @@ class CADModule(pl.LightningModule):
         params = dict(self.backbone.unet.named_parameters())
         for p, name in enumerate(self.component_names):
             self.register_buffer(f"sensitivity_{p}", torch.zeros(params[name].shape, dtype=torch.float32, device=self.device))
+        for p in self._text_only_indices():
+            rows = params[self.component_names[p]].shape[0]
+            self.register_buffer(f"sensitivity_rows_{p}", torch.zeros(rows, rows, dtype=torch.float32, device=self.device))
         self.register_buffer("sensitivity_count", torch.zeros((), dtype=torch.float64, device=self.device))
+
+    def _text_only_indices(self) -> list[int]:
+        """Components that read only the prompt (cross-attention keys and values): their row moments are kept."""
+        return [p for p, name in enumerate(self.component_names) if reads_text_only(name)]
 
     # --- results ------------------------------------------------------------------------------
     def reset_scores(self) -> None:
@@ -313,6 +322,17 @@ class CADModule(pl.LightningModule):
             return None
         return {name: (self._reduced_sum(f"sensitivity_{p}") / count).float().cpu()
                 for p, name in enumerate(self.component_names)}
+
+    def reduced_row_moments(self) -> dict[str, torch.Tensor] | None:
+        """Mean row moments (rows × rows, see cad_lightning/attribution/sensitivity.py) of the components that read
+        only the prompt, over all preserved states of all ranks; None when there are none."""
+        if not hasattr(self, "sensitivity_count") or not self._text_only_indices():
+            return None
+        count = self._reduced_sum("sensitivity_count")
+        if float(count) == 0:
+            return None
+        return {self.component_names[p]: (self._reduced_sum(f"sensitivity_rows_{p}") / count).float().cpu()
+                for p in self._text_only_indices()}
 
     def mean_objective(self, concept_index: int = 0) -> float:
         count = self._reduced_sum(f"count_{concept_index}")
