@@ -236,8 +236,7 @@ class AttributionWriter(Callback):
         epoch = trainer.current_epoch
         if epoch == 0:
             self.scores = scores
-            self.sensitivity = pl_module.reduced_sensitivity()
-            self.row_moments = pl_module.reduced_row_moments()
+            self.sensitivity, self.row_moments = pl_module.reduced_sensitivity()
             self._log_objective(trainer, pl_module, epoch)
         if "iterative" in self.selections:
             schedule = self._iterative_schedule()
@@ -294,6 +293,8 @@ class AttributionWriter(Callback):
         }
         if "selective" in self.selections:
             report["collateral_space"] = self._space(scores)
+            # in text space, whether the rows' changes were combined through their output gradients' correlation
+            report["row_coupling"] = report["collateral_space"] == "text" and self.row_moments is not None
         if self.evaluate:
             report.update(self._evaluate(run_dir, trainer, pl_module, edits))
         report["wall_time_s"] = time.perf_counter() - self._start
@@ -549,7 +550,9 @@ def markdown_report(report: dict) -> str:
     estimator = f" ({report['estimator']} estimator)" if "estimator" in report else ""
     lines = [f"# CAD {report['mode']} of '{report['concept']}'{estimator}", "",
              f"objective: {report['objective']}, scope: {report['scope']}, "
-             + (f"selective collateral measured in {report['collateral_space']} space, " if "collateral_space" in report else "")
+             + (f"selective collateral measured in {report['collateral_space']} space"
+                + (" (rows coupled by their output gradients' correlation)" if report.get("row_coupling") else "")
+                + ", " if "collateral_space" in report else "")
              + (
                  f"base prompt: '{report['base_prompt']}'" if report.get("base_word") is None else
                  f"base prompts: each prompt without '{report['concept']}'"

@@ -38,12 +38,14 @@ def cad_fit(root: Path, *extra: str, check: bool = True) -> subprocess.Completed
 
 
 def latest_scores(root: Path) -> dict[str, torch.Tensor]:
-    """The scores of the latest run, and its output sensitivity (keys ``sensitivity::<parameter>``)."""
+    """The scores of the latest run, its output sensitivity and row moments (keys ``sensitivity::<parameter>``,
+    ``row_moments::<parameter>``)."""
     runs = sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     scores = load_file(runs[-1] / "attribution" / "scores.safetensors")
-    sensitivity = runs[-1] / "attribution" / "sensitivity.safetensors"
-    if sensitivity.is_file():
-        scores.update({f"sensitivity::{k}": v for k, v in load_file(sensitivity).items()})
+    for extra in ("sensitivity", "row_moments"):
+        path = runs[-1] / "attribution" / f"{extra}.safetensors"
+        if path.is_file():
+            scores.update({f"{extra}::{k}": v for k, v in load_file(path).items()})
     return scores
 
 

@@ -65,6 +65,8 @@ def test_artifacts(small_run):
     meta = json.loads((small_run / "attribution/meta.json").read_text())
     assert meta["concept"] == "square" and meta["estimator"] == "first_order" and meta["items"] == 2
     report = json.loads((small_run / "report.json").read_text())
+    assert report["collateral_space"] == "text" and report["row_coupling"] is True
+    assert "rows coupled by their output gradients' correlation" in (small_run / "report.md").read_text()
     total = sum(t.numel() for t in scores.values())
     for edit in report["edits"]:
         assert 0 < edit["ablated"] <= round(edit["ratio"] * total)  # fewer only when positive scores run out

@@ -312,27 +312,21 @@ class CADModule(pl.LightningModule):
             out[concept] = scores
         return out
 
-    def reduced_sensitivity(self) -> dict[str, torch.Tensor] | None:
+    def reduced_sensitivity(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
         """Mean output sensitivity per weight over all preserved states of all ranks, ``{parameter name: (shape)
-        fp32}``; None when no prompt to preserve was run (``data.preserve_samples`` 0)."""
+        fp32}``, and the mean row moments (rows × rows, see cad_lightning/attribution/sensitivity.py) of the
+        components that read only the prompt; each None when there is none (``data.preserve_samples`` 0, or no
+        cross-attention key or value weight scored)."""
         if not hasattr(self, "sensitivity_count"):
-            return None
+            return None, None
         count = self._reduced_sum("sensitivity_count")
         if float(count) == 0:
-            return None
-        return {name: (self._reduced_sum(f"sensitivity_{p}") / count).float().cpu()
-                for p, name in enumerate(self.component_names)}
-
-    def reduced_row_moments(self) -> dict[str, torch.Tensor] | None:
-        """Mean row moments (rows × rows, see cad_lightning/attribution/sensitivity.py) of the components that read
-        only the prompt, over all preserved states of all ranks; None when there are none."""
-        if not hasattr(self, "sensitivity_count") or not self._text_only_indices():
-            return None
-        count = self._reduced_sum("sensitivity_count")
-        if float(count) == 0:
-            return None
-        return {self.component_names[p]: (self._reduced_sum(f"sensitivity_rows_{p}") / count).float().cpu()
+            return None, None
+        sensitivity = {name: (self._reduced_sum(f"sensitivity_{p}") / count).float().cpu()
+                       for p, name in enumerate(self.component_names)}
+        rows = {self.component_names[p]: (self._reduced_sum(f"sensitivity_rows_{p}") / count).float().cpu()
                 for p in self._text_only_indices()}
+        return sensitivity, rows or None
 
     def mean_objective(self, concept_index: int = 0) -> float:
         count = self._reduced_sum(f"count_{concept_index}")
