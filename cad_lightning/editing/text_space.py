@@ -34,7 +34,8 @@ The round takes the weights with the highest ``α / max(charge + offset · mean,
 (``mean``: the mean diagonal charge), so a cancelling weight is preferred but its priority stays finite.
 The credit is safe here, unlike a cancellation predicted from a few sampled runs
 (:mod:`cad_lightning.editing.coherent`): the change in text space is exact for every token of every
-preserved prompt (only its downstream weighting H is estimated). Cost: a few D × D and rows × rows products per round; no UNet call.
+preserved prompt (only its downstream weighting H is estimated). Cost: a few D × D and rows × rows products
+per round; no UNet call.
 """
 
 from __future__ import annotations
@@ -78,10 +79,9 @@ def coupling(h: torch.Tensor, moments: torch.Tensor | None, shrink: float) -> to
         return torch.diag(h)
     P = moments.detach().double().cpu()
     scale = P.diagonal().clamp(min=0).sqrt()
-    live = scale > 0
-    rho = torch.zeros_like(P)
-    rho[live[:, None] & live[None, :]] = (P / scale[:, None].clamp(min=1e-300) / scale[None, :].clamp(min=1e-300))[
-        live[:, None] & live[None, :]]
+    live = (scale[:, None] > 0) & (scale[None, :] > 0)
+    safe = scale.clamp(min=1e-300)
+    rho = torch.where(live, P / safe[:, None] / safe[None, :], torch.zeros_like(P))  # a dead row: uncoupled
     rho = (1 - shrink) * rho + shrink * torch.eye(len(h), dtype=P.dtype)
     rho.diagonal().fill_(1.0)
     root = h.sqrt()
