@@ -66,6 +66,7 @@ from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_imag
 
 SELECTIONS = ("cad", "selective", "retain", "iterative", "random")
 COLLATERAL_SPACES = ("auto", "text", "states")
+EVALUATE_AT = ("all", "floor")
 STATES_STEP = 0.02  # rounds with sampled states cost a forward and backward pass each
 
 
@@ -108,11 +109,26 @@ class AttributionWriter(Callback):
         selective_step: fraction of components added per round of the ``selective`` selection (None: 0.005 in
             text space, 0.02 with states; with states, 1 gives one round, the per-weight ranking
             α / (s + collateral_offset · mean s)).
+        rescore_every: the ``selective`` edit in stages: after each ``rescore_every`` of the components it is
+            put on the model, the concept's trajectories are sampled again and scored on the edited model (one
+            more epoch, target items only), and the edit grows on the new scores, charged with the collateral
+            of all of it (text space only). None: one scoring, of the unedited model.
         collateral_runs: preserved runs (the first of ``data.preserve_samples``) on whose states the
             ``states`` collateral is measured.
         iterative_step: fraction of components ablated per round of the ``iterative`` selection.
         random_at: where the ``random`` control is written and evaluated: ``all`` ratios (each edit is read
             against random ablation of its own count) or only the ``largest``.
+        evaluate_at: which edits are written and evaluated: ``all`` ratios, or for each selection only the
+            ``floor`` edit: the smallest of ``ratios`` (the candidates; the edits are nested) whose target accuracy
+            is at most the floor plus ``search_margin``. It is found by bisection, about log2(len(ratios) + 1)
+            probes, each sampling the evaluation's target prompts with other seeds, and then evaluated in full
+            beside its random control. When no candidate reaches it, the largest is evaluated. Erase only.
+            Without an evaluation (``evaluate`` false, or free-text concepts that the shapes world's classifier
+            cannot read) there is nothing to search with, and every ratio's edit is written.
+        search_margin: the search's goal is target ≤ floor + ``search_margin``. Below the selective goal's 0.05:
+            the reading on the evaluation's images, which the edit was not chosen on, differs from the search's
+            by about 0.07 (one standard deviation, 64 images each).
+        search_images: images of the target prompts per probe of the search.
         random_draws: random controls evaluated per ratio (seeds 0, 1, ...); an edit is read against their
             mean SSIM. Same-seed SSIM of one random draw varies by about ±0.01 from draw to draw on the
             embedded model, as much as the differences being judged. Only draw 0 is written as edits.
@@ -132,10 +148,14 @@ class AttributionWriter(Callback):
         collateral_offset: float = 0.03,
         collateral_space: str = "auto",
         selective_step: float | None = None,
+        rescore_every: float | None = None,
         collateral_runs: int = 16,
         iterative_step: float = 0.005,
         random_at: str = "all",
         random_draws: int = 1,
+        evaluate_at: str = "all",
+        search_margin: float = 0.0,
+        search_images: int = 32,
         save_unet: bool = True,
         evaluate: bool = True,
         eval_target_images: int = 32,
@@ -166,6 +186,13 @@ class AttributionWriter(Callback):
         if isinstance(random_draws, bool) or not isinstance(random_draws, int) or random_draws < 1:
             raise UserInputError(f"AttributionWriter random_draws must be a whole number >= 1, got {random_draws!r}.")
         self.random_draws = random_draws
+        if evaluate_at not in EVALUATE_AT:
+            raise UserInputError(f"AttributionWriter evaluate_at must be one of {', '.join(EVALUATE_AT)}, got {evaluate_at!r}.")
+        if not (isinstance(search_margin, (int, float)) and 0 <= search_margin < 1):
+            raise UserInputError(f"AttributionWriter search_margin must be in [0, 1), got {search_margin!r}.")
+        if isinstance(search_images, bool) or not isinstance(search_images, int) or search_images < 1:
+            raise UserInputError(f"AttributionWriter search_images must be a whole number >= 1, got {search_images!r}.")
+        self.evaluate_at, self.search_margin, self.search_images = evaluate_at, float(search_margin), search_images
         self.scope, self.selections = scope, list(dict.fromkeys(selections))
         if not collateral_offset >= 0:
             raise UserInputError(f"AttributionWriter collateral_offset must be 0 or more, got {collateral_offset}.")
@@ -180,6 +207,20 @@ class AttributionWriter(Callback):
         if isinstance(collateral_runs, bool) or not isinstance(collateral_runs, int) or collateral_runs < 1:
             raise UserInputError(f"AttributionWriter collateral_runs must be a whole number >= 1, got {collateral_runs!r}.")
         self.selective_step = None if selective_step is None else float(selective_step)
+        if rescore_every is not None:
+            if isinstance(rescore_every, bool) or not (isinstance(rescore_every, (int, float)) and 0 < rescore_every < 1):
+                raise UserInputError(f"AttributionWriter rescore_every must be in (0, 1) or null, got {rescore_every!r}.")
+            if "selective" not in self.selections:
+                raise UserInputError("AttributionWriter rescore_every stages the 'selective' edit: add it to selections.")
+            if "iterative" in self.selections:
+                raise UserInputError("AttributionWriter rescore_every and the 'iterative' selection both edit the model "
+                                     "between epochs: use one of them.")
+            if collateral_space == "states":
+                raise UserInputError("AttributionWriter rescore_every grows the edit in text space: set it to null for "
+                                     "collateral_space states.")
+        self.rescore_every = None if rescore_every is None else float(rescore_every)
+        self._staged: dict[float, dict[str, torch.Tensor]] = {}  # the selective edit's masks, stage by stage
+        self._keep: dict[str, torch.Tensor] | None = None
         self.collateral_runs = collateral_runs
         self.sensitivity: dict[str, torch.Tensor] | None = None
         self.row_moments: dict[str, torch.Tensor] | None = None
@@ -191,6 +232,8 @@ class AttributionWriter(Callback):
         self._cumulative: dict[str, torch.Tensor] | None = None
         self._original: dict[str, torch.Tensor] = {}
         self._start = 0.0
+        self._detector_cache = None
+        self._floor_cache: dict[str, float] | None = None
 
     # --- set-up -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
@@ -209,16 +252,36 @@ class AttributionWriter(Callback):
         if "iterative" in self.selections:
             rounds = self._iterative_schedule()
             trainer.fit_loop.max_epochs = len(rounds)
+        if self.rescore_every is not None:
+            trainer.fit_loop.max_epochs = 1 + len(self._rescore_stops())
         self.mode = "erase" if pl_module.hparams.objective == "erase" else "amplify"
+        if self.evaluate_at == "floor" and self.mode != "erase":
+            raise UserInputError("AttributionWriter evaluate_at 'floor' searches the smallest edit that erases the "
+                                 "concept; with model.objective amplify use evaluate_at all.")
+        if self.evaluate_at == "floor" and not any(s != "random" for s in self.selections):
+            raise UserInputError("AttributionWriter evaluate_at 'floor' searches the edits of a selection other than "
+                                 "'random': add one to selections.")
         self._start = time.perf_counter()
 
     def _iterative_schedule(self) -> list[float]:
         """Cumulative ratios after each round: steps of ``iterative_step`` that also land on every ratio."""
         return round_schedule(self.ratios, self.iterative_step)
 
+    def _rescore_stops(self) -> list[float]:
+        """The ratios at which the staged ``selective`` edit is put on the model and the concept scored again."""
+        stops, k = [], 1
+        while k * self.rescore_every < max(self.ratios) - 1e-9:
+            stops.append(round(k * self.rescore_every, 9))
+            k += 1
+        return stops
+
     def on_train_start(self, trainer, pl_module) -> None:
         if "selective" in self.selections:
-            self._space(pl_module.component_names)  # refuse a collateral space that cannot serve, before any work
+            # refuse a collateral space that cannot serve, before any work
+            if self._space(pl_module.component_names) != "text" and self.rescore_every is not None:
+                raise UserInputError("AttributionWriter rescore_every grows the edit in text space, where every scored "
+                                     "component is a cross-attention key or value (model.components [cross_attn_kv]): "
+                                     "set it to null for other components.")
         params = dict(pl_module.backbone.unet.named_parameters())
         self._original = {n: params[n].detach().clone() for n in pl_module.component_names}
 
@@ -248,7 +311,24 @@ class AttributionWriter(Callback):
             self._apply(pl_module, self._cumulative)  # the next round scores the edited model
             if epoch > 0:
                 self._log_objective(trainer, pl_module, epoch)
+        if self.rescore_every is not None:
+            self._stage(pl_module, epoch, scores[pl_module.concepts[0]])
+            if epoch > 0:
+                self._log_objective(trainer, pl_module, epoch)
         pl_module.reset_scores()
+
+    def _stage(self, pl_module, epoch: int, scores: dict[str, torch.Tensor]) -> None:
+        """Grow the staged ``selective`` edit from the last stop to the next on this epoch's scores, keep the masks of
+        the ratios on the way, and put the edit on the model for the next epoch's scoring."""
+        stops = self._rescore_stops()
+        low = stops[epoch - 1] if epoch > 0 else 0.0
+        high = stops[epoch] if epoch < len(stops) else max(self.ratios)
+        wanted = sorted({r for r in self.ratios if low < r <= high} | {high})
+        grown = self._text_space(pl_module, scores, wanted, initial=self._keep)
+        self._staged.update({r: m for r, m in grown.items() if r in self.ratios})
+        self._keep = grown[high]
+        if epoch < len(stops):
+            self._apply(pl_module, self._keep)
 
     def _log_objective(self, trainer, pl_module, epoch: int) -> None:
         value = pl_module.mean_objective(0)
@@ -285,18 +365,25 @@ class AttributionWriter(Callback):
         scores = self.scores[target]
         self._write_scores(run_dir, trainer, pl_module, scores)
         edits = self._build_edits(pl_module)
+        search = None
+        if self.evaluate_at == "floor" and self.evaluate and trainer.datamodule.prompt_templates is None:
+            edits, search = self._search_floor(trainer, pl_module, edits)
+        self._add_random(edits)
         written = self._write_edits(run_dir, pl_module, edits)
         report = {
             "concept": target, "objective": pl_module.hparams.objective, "mode": self.mode, "scope": self.scope,
             "base_prompt": trainer.datamodule.base_prompt, "base_word": trainer.datamodule.base_word,
-            "ratios": self.ratios, "edits": written,
+            "ratios": self.ratios, "evaluate_at": self.evaluate_at, "edits": written,
         }
+        if search is not None:
+            report["search"] = search
         if "selective" in self.selections:
             report["collateral_space"] = self._space(scores)
             # in text space, whether the rows' changes were combined through their output gradients' correlation
             report["row_coupling"] = report["collateral_space"] == "text" and self.row_moments is not None
+            report["rescored_at"] = self._rescore_stops() if self.rescore_every is not None else []
         if self.evaluate:
-            report.update(self._evaluate(run_dir, trainer, pl_module, edits))
+            report.update(self._evaluate(run_dir, trainer, pl_module, edits, search))
         report["wall_time_s"] = time.perf_counter() - self._start
         write_json(run_dir / "report.json", report)
         write_text(run_dir / "report.md", markdown_report(report))
@@ -342,6 +429,7 @@ class AttributionWriter(Callback):
                     "meaning": "P = mean over preserved states of G_s G_s^T / elements, G_s = d(v.eps)/dW at one state "
                                "(rows x rows, cross-attention K/V weights)"},
                 "collateral_offset": self.collateral_offset, "selective_step": self.selective_step,
+                "rescore_every": self.rescore_every,
                 "collateral_runs": self.collateral_runs},
             "items": sum(i.get("role", "attribute") == "attribute" for i in datamodule.items()),
             "preserve_items": sum(i.get("role") == "preserve" for i in datamodule.items()),
@@ -378,13 +466,60 @@ class AttributionWriter(Callback):
                 source = retain_adjusted_scores(scores, [self.scores[c] for c in pl_module.concepts[1:]],
                                                 weight=self.retain_weight, mode=self.mode)
             edits[selection] = {r: select_components(source, r, mode=self.mode, scope=self.scope) for r in self.ratios}
-        if "random" in self.selections:
-            reference = next(iter(edits.values()), None) or {
-                r: select_components(scores, r, mode=self.mode, scope=self.scope) for r in self.ratios}
-            self._control_reference = {r: m for r, m in reference.items()
-                                       if self.random_at == "all" or r == max(self.ratios)}
-            edits["random"] = self._random_draw(0)
         return edits
+
+    def _add_random(self, edits: dict[str, dict[float, dict[str, torch.Tensor]]]) -> None:
+        """The random control (draw 0) beside the edits, at every ratio they have (``random_at`` all) or the largest."""
+        if "random" not in self.selections:
+            return
+        reference: dict[float, dict[str, torch.Tensor]] = {}
+        for per_ratio in edits.values():  # a ratio's count is the same in every selection
+            for r, m in per_ratio.items():
+                reference.setdefault(r, m)
+        if not reference:
+            reference = {r: select_components(self.scores[next(iter(self.scores))], r, mode=self.mode, scope=self.scope)
+                         for r in self.ratios}
+        largest = max(reference)
+        self._control_reference = {r: reference[r] for r in sorted(reference) if self.random_at == "all" or r == largest}
+        edits["random"] = self._random_draw(0)
+
+    def _search_floor(self, trainer, pl_module, edits):
+        """Each selection's edits reduced to the smallest that reaches the floor (``evaluate_at`` floor); the
+        search's record for the report: ``{selection: {"goal", "images", "found", "probes"}}``."""
+        from cad_lightning.evaluation.edits import search_floor
+
+        concept = pl_module.concepts[0]
+        goal = self._floor(trainer, pl_module).get(concept, 0.0) + self.search_margin
+        record, kept = {}, {}
+        for selection, per_ratio in edits.items():
+            found, probes = search_floor(
+                pl_module.backbone, self._detector(pl_module), concept, per_ratio,
+                lambda masks: self._apply(pl_module, masks), goal, self.search_images, self.eval_batch_size,
+                progress=bool(trainer.progress_bar_callback))
+            chosen = found if found is not None else max(per_ratio)
+            kept[selection] = {chosen: per_ratio[chosen]}
+            record[selection] = {"goal": goal, "images": self.search_images, "found": found, "probes": probes}
+        return kept, record
+
+    def _detector(self, pl_module):
+        if self._detector_cache is None:
+            from cad_lightning.evaluation.classifier import load_concept_classifier
+
+            self._detector_cache = load_concept_classifier(pl_module.model_folder).to(pl_module.device)
+        return self._detector_cache
+
+    def _floor(self, trainer, pl_module) -> dict[str, float]:
+        """The floor of every concept: how often the target prompts without the concept are drawn as it."""
+        if self._floor_cache is None:
+            from cad_lightning.evaluation.concepts import empty_prompt_rates, evaluation_items
+
+            datamodule, concept = trainer.datamodule, pl_module.concepts[0]
+            base = datamodule.base_prompt
+            if datamodule.base_word is not None:  # each target prompt without the concept
+                items = evaluation_items(concept, [], self.eval_target_images, 0)
+                base = [datamodule.base_for(item.prompt, concept) for item in items]
+            self._floor_cache = empty_prompt_rates(pl_module.backbone, self._detector(pl_module), base, self.floor_images)
+        return self._floor_cache
 
     def _random_draw(self, draw: int) -> dict[float, dict[str, torch.Tensor]]:
         """Draw ``draw`` of the random control at every ratio that has one (draw 0 is the one written as edits).
@@ -407,16 +542,11 @@ class AttributionWriter(Callback):
     def _selective_edits(self, pl_module, scores: dict[str, torch.Tensor]) -> dict[float, dict[str, torch.Tensor]]:
         """The ``selective`` edits: grown in rounds, each charged with the collateral it adds (in text space,
         editing/text_space.py, or on sampled states, editing/coherent.py)."""
+        if self.rescore_every is not None:
+            return self._staged  # grown stage by stage as the epochs ended
         params = dict(pl_module.backbone.unet.named_parameters())
         if self._space(scores) == "text":
-            datamodule = pl_module.trainer.datamodule
-            # the unconditional branch of guidance ("") is preserved too
-            prompts = list(dict.fromkeys([*datamodule.prompts_to_preserve(), datamodule.base_prompt, ""]))
-            return text_space_selection(
-                scores, self.sensitivity, {n: params[n] for n in scores},
-                token_second_moment(pl_module.backbone, prompts), self.ratios,
-                step=self.selective_step or TEXT_SPACE_STEP, offset=self.collateral_offset, mode=self.mode,
-                scope=self.scope, row_moments=self.row_moments)
+            return self._text_space(pl_module, scores, self.ratios)
         preserve = [i for i in pl_module.trainer.datamodule.items() if i.get("role") == "preserve"]
         preserve = preserve[: self.collateral_runs]
         hparams = pl_module.hparams
@@ -427,6 +557,16 @@ class AttributionWriter(Callback):
             step=self.selective_step or STATES_STEP, offset=self.collateral_offset, mode=self.mode, scope=self.scope,
             progress=lambda rounds: tqdm(rounds, desc="selective edit rounds", leave=False,
                                          disable=not pl_module.trainer.progress_bar_callback))
+
+    def _text_space(self, pl_module, scores, ratios, initial=None) -> dict[float, dict[str, torch.Tensor]]:
+        datamodule = pl_module.trainer.datamodule
+        # the unconditional branch of guidance ("") is preserved too
+        prompts = list(dict.fromkeys([*datamodule.prompts_to_preserve(), datamodule.base_prompt, ""]))
+        return text_space_selection(
+            scores, self.sensitivity, {n: self._original[n] for n in scores},
+            token_second_moment(pl_module.backbone, prompts), ratios,
+            step=self.selective_step or TEXT_SPACE_STEP, offset=self.collateral_offset, mode=self.mode,
+            scope=self.scope, row_moments=self.row_moments, initial=initial)
 
     def _write_edits(self, run_dir: Path, pl_module, edits) -> list[dict]:
         written = []
@@ -449,22 +589,18 @@ class AttributionWriter(Callback):
                 written.append(entry)
         return written
 
-    def _evaluate(self, run_dir: Path, trainer, pl_module, edits) -> dict:
-        from cad_lightning.evaluation.classifier import load_concept_classifier
-        from cad_lightning.evaluation.concepts import empty_prompt_rates, evaluation_items
+    def _evaluate(self, run_dir: Path, trainer, pl_module, edits, search: dict | None = None) -> dict:
+        from cad_lightning.evaluation.concepts import evaluation_items
         from cad_lightning.evaluation.edits import evaluate_edits, selective
 
         datamodule = trainer.datamodule
         if datamodule.prompt_templates is not None:
             return {"evaluation": "skipped: the concept classifier reads only shapes-world concepts"}
-        detector = load_concept_classifier(pl_module.model_folder).to(pl_module.device)
+        detector = self._detector(pl_module)
         backbone = pl_module.backbone
         concept, retained = pl_module.concepts[0], datamodule.retain_concepts
         items = evaluation_items(concept, retained, self.eval_target_images, self.eval_retain_images)
-        base = datamodule.base_prompt
-        if datamodule.base_word is not None:  # each target prompt without the concept
-            base = [datamodule.base_for(item.prompt, concept) for item in items if item.group == "target"]
-        floor = empty_prompt_rates(backbone, detector, base, self.floor_images)
+        floor = self._floor(trainer, pl_module)
         draws_only = {}  # further draws of the random control: only their retained images' SSIM is read
         if "random" in edits:
             draws_only = {f"random draw {d}": self._random_draw(d) for d in range(1, self.random_draws)}
@@ -504,14 +640,16 @@ class AttributionWriter(Callback):
                                  ("retained_ssim", "retained_ssim"), ("retained_kid", "retained_kid")):
                     if r.get(key) is not None:
                         experiment.add_scalar(f"edit/{r['selection']}/{tag}", r[key], step)
-        plot_tradeoff(run_dir / "tradeoff.png", concept, before, floor.get(concept), results, retained)
+        plot_tradeoff(run_dir / "tradeoff.png", concept, before, floor.get(concept), results, retained, search)
         return {"floor": floor, "before": before, "results": results,
                 "eval": {"target_images": self.eval_target_images, "retain_images": self.eval_retain_images,
                          "sampler": backbone.sampler_settings()}}
 
 
-def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, results: list[dict], retained: list[str]) -> None:
-    """Ablated fraction → target accuracy and mean retained accuracy, one line per selection."""
+def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, results: list[dict], retained: list[str],
+                  search: dict | None = None) -> None:
+    """Ablated fraction → target accuracy, mean retained accuracy and retained SSIM, one line per selection (and
+    the floor search's probes of the target, when there was one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -525,6 +663,10 @@ def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, r
         axes[0].plot(x, [before[concept]] + [r["target"] for r in rows], marker="o", label=selection)
         axes[1].plot(x, [retained_before] + [r["retained_mean"] for r in rows], marker="o", label=selection)
         axes[2].plot(x, [1.0] + [r.get("retained_ssim", float("nan")) for r in rows], marker="o", label=selection)
+    for selection, search in (search or {}).items():
+        probes = search["probes"]
+        axes[0].plot([p["ratio"] for p in probes], [p["target"] for p in probes], linestyle="none", marker="x",
+                     label=f"{selection}: search probes")
     if floor is not None:
         axes[0].axhline(floor, color="grey", linestyle="--", label="floor (base prompt)")
     axes[0].set_title(f"target: {concept}")
@@ -552,6 +694,8 @@ def markdown_report(report: dict) -> str:
              f"objective: {report['objective']}, scope: {report['scope']}, "
              + (f"selective collateral measured in {report['collateral_space']} space"
                 + (" (rows coupled by their output gradients' correlation)" if report.get("row_coupling") else "")
+                + (f", grown on scores of the edited model from {', '.join(f'{r:g}' for r in report['rescored_at'])} on"
+                   if report.get("rescored_at") else "")
                 + ", " if "collateral_space" in report else "")
              + (
                  f"base prompt: '{report['base_prompt']}'" if report.get("base_word") is None else
@@ -579,6 +723,20 @@ def markdown_report(report: dict) -> str:
                          f"{r['retained_mean']:.3f} | {worst} | {_fmt(r.get('other_words_relative'), '.2f')} | "
                          f"{_fmt(r.get('retained_ssim'))} | {_fmt(r.get('retained_kid'), '.2f')} | "
                          f"{_fmt(r.get('random_retained_ssim'))} | {flag} |")
+        for selection, search in report.get("search", {}).items():
+            found = search["found"]
+            lines += ["", f"**{selection}: the smallest edit that reaches the floor** (goal: target ≤ floor + margin = "
+                      f"{search['goal']:.3f} on {search['images']} images of the target prompts with other seeds than the "
+                      "evaluation's; the edits are nested, so it is found by bisection): "
+                      + (f"{found:g}, evaluated above." if found is not None else
+                         f"none of the ratios reaches it; the largest, {max(p['ratio'] for p in search['probes']):g}, "
+                         "is evaluated above."), "",
+                      "| ratio | ablated weights | target accuracy (search prompts) | drawn instead | reaches the goal |",
+                      "|---|---|---|---|---|"]
+            for p in search["probes"]:
+                instead = ", ".join(f"{w} {v:.2f}" for w, v in list(p["drawn_instead"].items())[:2])
+                lines.append(f"| {p['ratio']:g} | {p['ablated']} | {p['target']:.3f} | {instead} | "
+                             f"{'yes' if p['reached'] else 'no'} |")
         lines += ["", "![trade-off](tradeoff.png)", ""]
         lines += [f"![{s}](samples/{s}-{report['mode']}.png)" for s in dict.fromkeys(r["selection"] for r in report["results"])]
         lines += [""]

@@ -19,7 +19,9 @@ Why not a Lightning checkpoint: Lightning writes checkpoints from rank 0 only (t
 would be lost), its SLURM handler saves inside the signal handler (possibly halfway through adding a batch to
 the buffers), its SIGTERM handler runs a broadcast inside the signal handler (which fails when rank 0 has
 already left, e.g. after a requeue), and it resumes a mid-epoch loop only with a stateful data loader. Runs with several epochs
-(the ``iterative`` selection) edit the model between epochs; they save nothing and start again.
+(the ``iterative`` selection, a staged ``selective`` edit) edit the model between epochs: their first epoch (the
+unedited model's scores, sensitivity and row moments: most of the work) is saved and resumed like a one-epoch
+run's; a signal in a later epoch saves nothing, and the restart begins again.
 """
 
 from __future__ import annotations
@@ -177,9 +179,9 @@ class Preemption(Callback):
         if self._saved or not self._fingerprint:
             return
         self._saved = True
-        if trainer.max_epochs != 1 or trainer.current_epoch > 0:
-            rank_zero_warn("This run has several epochs (iterative selection): its progress is not saved; "
-                           "a restart begins again.")
+        if trainer.current_epoch > 0:
+            rank_zero_warn("This run edits the model between epochs (iterative selection or a staged selective edit): "
+                           "progress after its first epoch is not saved; a restart begins again.")
             return
         tensors = pl_module.accumulated_state()
         if not tensors["items_done"].any():

@@ -130,6 +130,7 @@ class RegressionWriter(Callback):
         editor, datamodule = self.editor, trainer.datamodule
         editor.scores = {pl_module.concepts[0]: scores}
         edits = editor._build_edits(pl_module)
+        editor._add_random(edits)
         if self.random_control:  # random whole components (the first-order control shuffles within rows)
             edits["random"] = self._random_components(pl_module.layout, edits["cad"], editor.ratios)
         edits = {("regression" if k == "cad" else k): v for k, v in edits.items()}

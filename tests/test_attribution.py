@@ -100,6 +100,7 @@ def test_selective_collateral_on_sampled_states(small_run, tmp_path):
     code, run = attribute(tmp_path, "--data.concept", "square", "--trainer.callbacks.init_args.ratios", "[0.01, 0.03]",
                           "--trainer.callbacks.init_args.selections", "[selective]",
                           "--trainer.callbacks.init_args.collateral_space", "states",
+                          "--trainer.callbacks.init_args.rescore_every", "null",
                           "--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false")
     assert code == 0
     report = json.loads((run / "report.json").read_text())
@@ -171,6 +172,14 @@ def test_same_config_twice_gives_identical_scores(tmp_path):
     a, b = load_file(run_a / "attribution/scores.safetensors"), load_file(run_b / "attribution/scores.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a)
+    # every edit bitwise the same in both runs, the staged one too (past the config's rescore_every, grown on
+    # scores of the edited model)
+    report_a = json.loads((run_a / "report.json").read_text())
+    ratios = sorted(e["ratio"] for e in report_a["edits"] if e["selection"] == "selective")
+    assert ratios == report_a["ratios"] and report_a["rescored_at"] == [0.25] and max(ratios) > 0.25
+    for e in report_a["edits"]:
+        masks_a, masks_b = load_masks(run_a / e["masks"]), load_masks(run_b / e["masks"])
+        assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_a)
 
 
 def test_evaluate_an_edit(small_run, tmp_path):
@@ -196,6 +205,9 @@ def test_evaluate_an_edit(small_run, tmp_path):
         (["--trainer.callbacks.init_args.ratios", "[0]"], "ratios"),
         (["--trainer.callbacks.init_args.ratios", "null"], "ratios"),
         (["--model.components", "[no_such_layer]"], "model.components"),
+        (["--trainer.callbacks.init_args.evaluate_at", "nowhere"], "evaluate_at"),
+        (["--trainer.callbacks.init_args.evaluate_at", "floor", "--model.objective", "amplify"], "evaluate_at"),
+        (["--trainer.callbacks.init_args.search_images", "0"], "search_images"),
         (["--trainer.callbacks.init_args.collateral_space", "nowhere"], "collateral_space"),
         (["--trainer.callbacks.init_args.collateral_space", "text", "--model.components", "[ff]"], "collateral_space"),
         (["--data.base_word", "auto", "--data.base_prompt", "a shape"], "data.base_word"),
@@ -316,3 +328,38 @@ def test_erase_objective_uses_each_items_base_prompt():
     assert results["without"][0] > 0 and results["without"][1].abs().max() > 0
     assert results["without"][0] < results["empty"][0]
     assert not torch.allclose(results["without"][1], results["empty"][1])
+
+
+def test_floor_search_evaluates_the_smallest_edit_that_reaches_the_floor(tmp_path):
+    ratios = [0.01, 0.02, 0.05, 0.1, 0.3]
+    code, run = attribute(tmp_path, "--data.concept", "circle",
+                          "--trainer.callbacks.init_args.ratios", str(ratios),
+                          "--trainer.callbacks.init_args.evaluate_at", "floor",
+                          "--trainer.callbacks.init_args.random_draws", "1",
+                          "--trainer.callbacks.init_args.search_images", "8",
+                          "--trainer.callbacks.init_args.eval_target_images", "8",
+                          "--trainer.callbacks.init_args.eval_retain_images", "8",
+                          "--trainer.callbacks.init_args.floor_images", "8")
+    assert code == 0
+    report = json.loads((run / "report.json").read_text())
+    search = report["search"]["selective"]
+    assert search["goal"] == pytest.approx(report["floor"]["circle"]) and search["images"] == 8
+    probes = {p["ratio"]: p for p in search["probes"]}
+    assert 1 <= len(probes) <= 3 and set(probes) <= set(ratios)  # bisection: about log2(6) probes, not 5
+    for p in probes.values():
+        assert p["reached"] == (p["target"] <= search["goal"]) and abs(sum(p["drawn_instead"].values()) - 1) < 1e-9
+    found = search["found"]
+    # the scenario this checks: some edit reaches the floor, and not the smallest
+    assert found is not None and found > ratios[0]
+    assert probes[found]["reached"] and not probes[ratios[ratios.index(found) - 1]]["reached"]
+    # only the edit found is written and evaluated, beside its random control of equal count
+    assert {(r["selection"], r["ratio"]) for r in report["results"]} == {("selective", found), ("random", found)}
+    assert {(e["selection"], e["ratio"]) for e in report["edits"]} == {("selective", found), ("random", found)}
+    counts = {r["selection"]: r["ablated"] for r in report["results"]}
+    assert counts["selective"] == counts["random"] == probes[found]["ablated"]
+    markdown = (run / "report.md").read_text()
+    assert "the smallest edit that reaches the floor" in markdown
+    # past the config's rescore_every (0.25), the edit grew on scores of the edited model: one more epoch
+    assert report["rescored_at"] == [0.25] and "grown on scores of the edited model from 0.25 on" in markdown
+    meta = json.loads((run / "attribution/meta.json").read_text())
+    assert meta["sensitivity"]["rescore_every"] == 0.25

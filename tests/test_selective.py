@@ -437,3 +437,49 @@ def test_row_moments_bad_input():
         text_space_selection(**good, row_moments={name: torch.eye(3)})
     with pytest.raises(ValueError, match="row_shrink"):
         text_space_selection(**good, row_moments=moments, row_shrink=1.5)
+
+
+def test_floor_search_finds_the_first_ratio_that_reaches_in_few_probes():
+    from cad_lightning.evaluation.edits import first_reaching
+
+    ratios = [0.15 + 0.025 * i for i in range(9)]
+    for threshold in range(len(ratios) + 1):  # reaches from ratios[threshold] on (threshold 9: never)
+        asked = []
+
+        def reaches(ratio):
+            asked.append(ratio)
+            return ratios.index(ratio) >= threshold
+
+        found = first_reaching(ratios, reaches)
+        assert found == (ratios[threshold] if threshold < len(ratios) else None)
+        assert len(asked) == len(set(asked)) and len(asked) <= math.ceil(math.log2(len(ratios) + 1))
+        if found is not None:  # its own reading and the one just below it were both taken
+            assert found in asked and (threshold == 0 or ratios[threshold - 1] in asked)
+    with pytest.raises(ValueError, match="ascending"):
+        first_reaching([0.3, 0.2], lambda r: True)
+
+
+def test_text_space_selection_grows_an_edit_from_earlier_removals_and_charges_their_change():
+    from cad_lightning.editing.text_space import text_space_selection
+
+    tokens, weight, scores = cancelling_case()
+    name = "down.attn2.to_k.weight"
+    flat = tokens.reshape(-1, 4)
+    second_moment = flat.T @ flat / tokens.shape[0]
+    sensitivity = {name: weight.pow(2) * second_moment.diagonal()}
+    kwargs = dict(step=0.125, offset=1e-6, scope="global")
+    once = text_space_selection(scores, sensitivity, {name: weight}, second_moment, [0.125, 0.25], **kwargs)
+    first = once[0.125][name]
+    assert (~first).sum() == 1 and not first[0, 0]  # the concept's weight
+    rescored = {name: scores[name] * first}  # scores of the edited model: the removed weight scores 0
+    staged = text_space_selection(rescored, sensitivity, {name: weight}, second_moment, [0.25], initial={name: first},
+                                  **kwargs)[0.25][name]
+    # the earlier removal stays, and its change is charged: the next weight taken is the one that cancels it
+    assert torch.equal(staged, once[0.25][name]) and not staged[0, 0] and not staged[0, 1]
+    assert kv_change(weight, staged, tokens) < 1e-10
+    # the same scores without the earlier removal known take the cheapest weight on its own instead
+    fresh = text_space_selection(rescored, sensitivity, {name: weight}, second_moment, [0.125], **kwargs)[0.125][name]
+    assert fresh[0, 1] and (~fresh).sum() == 1
+    with pytest.raises(ValueError, match="initial mask"):
+        text_space_selection(rescored, sensitivity, {name: weight}, second_moment, [0.25],
+                             initial={name: torch.ones(3, 4, dtype=torch.bool)}, **kwargs)

@@ -100,6 +100,7 @@ def text_space_selection(
     scope: str = "matrix",
     row_moments: Mapping[str, torch.Tensor] | None = None,
     row_shrink: float = ROW_SHRINK,
+    initial: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[float, dict[str, torch.Tensor]]:
     """Nested masks (True = keep), one per ratio, grown in rounds of ``step`` (see the module docstring).
 
@@ -107,7 +108,10 @@ def text_space_selection(
     sensitivity on prompts to preserve (same shapes); ``weights``: their values; ``second_moment``: C (D × D)
     from :func:`token_second_moment`; ``row_moments``: optional rows × rows moments P of the output gradients
     (cad_lightning/attribution/sensitivity.py), which couple the rows: their correlation, shrunk towards the
-    identity by ``row_shrink``, scales the rows' changes against each other. Nothing is changed on the model.
+    identity by ``row_shrink``, scales the rows' changes against each other. ``initial``: masks of weights
+    already removed (True = keep), e.g. by an earlier round on the unedited model's scores: the edit grows from
+    them and their change is charged as part of the edit (``weights`` are the unedited values); a ratio at or
+    under their count gets them unchanged. Nothing is changed on the model.
     """
     names = list(scores)
     check_rounds(ratios, step, offset)
@@ -143,6 +147,11 @@ def text_space_selection(
     floor = max(offset, MIN_OFFSET) * mean if mean > 0 else 1.0
 
     keep = {n: torch.ones_like(alpha[n], dtype=torch.bool) for n in names}
+    if initial is not None:
+        for n in names:
+            if n not in initial or tuple(initial[n].shape) != tuple(alpha[n].shape):
+                raise ValueError(f"text_space_selection: the initial mask of {n!r} is missing or of another shape.")
+            keep[n] = initial[n].detach().cpu().bool().clone()
     out: dict[float, dict[str, torch.Tensor]] = {}
     ratios = sorted(float(r) for r in ratios)
     for mark in round_schedule(ratios, step):

@@ -8,6 +8,7 @@ collateral of :mod:`cad_lightning.evaluation.collateral`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,8 +17,8 @@ from tqdm.auto import tqdm
 from cad_lightning.backbones.backbone import DiffusionBackbone
 from cad_lightning.editing import count_ablated
 from cad_lightning.evaluation.classifier import ConceptDetector
-from cad_lightning.evaluation.collateral import ClassifierFeatures, collateral, image_ssim
-from cad_lightning.evaluation.concepts import EvalItem, accuracy_from_predictions
+from cad_lightning.evaluation.collateral import ClassifierFeatures, collateral, drawn_instead, image_ssim
+from cad_lightning.evaluation.concepts import EvalItem, accuracy_from_predictions, evaluation_items
 
 Masks = dict[str, torch.Tensor]
 
@@ -120,3 +121,67 @@ def selective(row: dict, control: dict | None, floor: float | None, margin: floa
             and (row["retained_min_relative"] is None or row["retained_min_relative"] >= keep)
             and (other is None or other >= keep)
             and row["retained_ssim"] >= control["retained_ssim"])
+
+
+SEARCH_SEED = 3_000_000  # the search's images: seeds apart from the evaluation's (1e6) and the floor's (2e6)
+
+
+def first_reaching(ratios: list[float], reaches: Callable[[float], bool]) -> float | None:
+    """The smallest of the ascending ``ratios`` for which ``reaches`` holds, by bisection, or None when it holds
+    for none. ``reaches`` is taken to be monotone (once it holds, it holds for every larger ratio: nested edits
+    of a growing size) and is called about log2(len(ratios) + 1) times; a ratio is never asked twice."""
+    if list(ratios) != sorted(ratios):
+        raise ValueError(f"first_reaching needs ascending ratios, got {ratios}.")
+    low, high = 0, len(ratios)  # ratios[high] reaches (high == len: none known to)
+    while low < high:
+        middle = (low + high) // 2
+        if reaches(ratios[middle]):
+            high = middle
+        else:
+            low = middle + 1
+    return ratios[high] if high < len(ratios) else None
+
+
+def search_floor(
+    backbone: DiffusionBackbone,
+    detector: ConceptDetector,
+    concept: str,
+    per_ratio: dict[float, Masks],
+    apply: Callable[[Masks | None], None],
+    goal: float,
+    images: int = 32,
+    batch_size: int = 96,
+    progress: bool = True,
+) -> tuple[float | None, list[dict]]:
+    """The smallest ratio of the nested edits ``per_ratio`` whose target accuracy is at most ``goal``.
+
+    Each probe samples the first ``images`` target prompts of the evaluation (:func:`evaluation_items`: the same
+    mix of prompts, so that a hard prompt form weighs the same in both) with other seeds (from
+    :data:`SEARCH_SEED`: the edit found is then read on images it was not chosen on) and reads the target's
+    accuracy. Returns the ratio (None when even the largest edit stays above ``goal``) and the probes, ascending:
+    ``{"ratio", "ablated", "target", "drawn_instead", "reached"}``. The model is left unedited.
+    """
+    items = [EvalItem(item.prompt, SEARCH_SEED + n, item.named, item.group)
+             for n, item in enumerate(evaluation_items(concept, [], images, 0))]
+    probes: dict[float, dict] = {}
+    bar = tqdm(total=math.ceil(math.log2(len(per_ratio) + 1)), desc="Searching the floor", unit="edit",
+               disable=not progress)
+
+    def reaches(ratio: float) -> bool:
+        bar.set_postfix_str(f"{ratio:g}")
+        apply(per_ratio[ratio])
+        try:
+            _, predicted = generate_and_read(backbone, detector, items, batch_size)
+        finally:
+            apply(None)
+        target = accuracy_from_predictions(items, predicted)[concept]
+        probes[ratio] = {"ratio": ratio, "ablated": count_ablated(per_ratio[ratio]), "target": target,
+                         "drawn_instead": drawn_instead(items, concept, predicted), "reached": target <= goal}
+        bar.update()
+        return target <= goal
+
+    try:
+        found = first_reaching(sorted(per_ratio), reaches)
+    finally:
+        bar.close()
+    return found, [probes[r] for r in sorted(probes)]
