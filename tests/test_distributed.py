@@ -63,7 +63,8 @@ def test_two_nodes_reduce_once_and_give_the_one_process_scores(tmp_path, referen
     port = str(free_port())
     out = tmp_path / "calls.json"
     args = [sys.executable, str(TESTS / "ddp_probe.py"), str(out), *TINY, "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp"]
+            "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp",
+            "--trainer.callbacks.init_args.rescore_every", "null"]  # one epoch: the calls counted below are its own
     procs = [subprocess.Popen(args, env=environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank),
                                                     LOCAL_RANK="0", WORLD_SIZE="2"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
