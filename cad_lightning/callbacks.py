@@ -544,9 +544,9 @@ class AttributionWriter(Callback):
         editing/text_space.py, or on sampled states, editing/coherent.py)."""
         if self.rescore_every is not None:
             return self._staged  # grown stage by stage as the epochs ended
-        params = dict(pl_module.backbone.unet.named_parameters())
         if self._space(scores) == "text":
             return self._text_space(pl_module, scores, self.ratios)
+        params = dict(pl_module.backbone.unet.named_parameters())  # live: the rounds differentiate through them
         preserve = [i for i in pl_module.trainer.datamodule.items() if i.get("role") == "preserve"]
         preserve = preserve[: self.collateral_runs]
         hparams = pl_module.hparams
