@@ -66,7 +66,7 @@ from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_imag
 
 SELECTIONS = ("cad", "selective", "retain", "iterative", "random")
 COLLATERAL_SPACES = ("auto", "text", "states")
-EVALUATE_AT = ("all", "floor")
+EVALUATE_AT = ("all", "goal", "floor")
 STATES_STEP = 0.02  # rounds with sampled states cost a forward and backward pass each
 
 
@@ -118,7 +118,11 @@ class AttributionWriter(Callback):
         iterative_step: fraction of components ablated per round of the ``iterative`` selection.
         random_at: where the ``random`` control is written and evaluated: ``all`` ratios (each edit is read
             against random ablation of its own count) or only the ``largest``.
-        evaluate_at: which edits are written and evaluated: ``all`` ratios, or for each selection only the
+        evaluate_at: which edits are written and evaluated: ``all`` ratios; ``goal``: ratio by ratio, smallest
+            first, each edit beside its random control, until every selection (other than ``random``) has an edit
+            that meets the selective-edit goal (target ≤ floor + 0.05, retained concepts and the target prompts'
+            other words ≥ 0.90 of unedited, retained SSIM ≥ the random control's); the larger ratios are neither
+            evaluated nor written, and with none meeting it every ratio is. Or, for each selection only the
             ``floor`` edit: the smallest of ``ratios`` (the candidates; the edits are nested) whose target accuracy
             is at most the floor plus ``search_margin``. It is found by bisection, about log2(len(ratios) + 1)
             probes, each sampling the evaluation's target prompts with other seeds, and then evaluated in full
@@ -255,12 +259,12 @@ class AttributionWriter(Callback):
         if self.rescore_every is not None:
             trainer.fit_loop.max_epochs = 1 + len(self._rescore_stops())
         self.mode = "erase" if pl_module.hparams.objective == "erase" else "amplify"
-        if self.evaluate_at == "floor" and self.mode != "erase":
-            raise UserInputError("AttributionWriter evaluate_at 'floor' searches the smallest edit that erases the "
-                                 "concept; with model.objective amplify use evaluate_at all.")
-        if self.evaluate_at == "floor" and not any(s != "random" for s in self.selections):
-            raise UserInputError("AttributionWriter evaluate_at 'floor' searches the edits of a selection other than "
-                                 "'random': add one to selections.")
+        if self.evaluate_at != "all" and self.mode != "erase":
+            raise UserInputError(f"AttributionWriter evaluate_at '{self.evaluate_at}' looks for the smallest edit that "
+                                 "erases the concept; with model.objective amplify use evaluate_at all.")
+        if self.evaluate_at != "all" and not any(s != "random" for s in self.selections):
+            raise UserInputError(f"AttributionWriter evaluate_at '{self.evaluate_at}' looks among the edits of a "
+                                 "selection other than 'random': add one to selections.")
         self._start = time.perf_counter()
 
     def _iterative_schedule(self) -> list[float]:
@@ -365,15 +369,15 @@ class AttributionWriter(Callback):
         scores = self.scores[target]
         self._write_scores(run_dir, trainer, pl_module, scores)
         edits = self._build_edits(pl_module)
+        evaluable = self.evaluate and trainer.datamodule.prompt_templates is None
         search = None
-        if self.evaluate_at == "floor" and self.evaluate and trainer.datamodule.prompt_templates is None:
+        if self.evaluate_at == "floor" and evaluable:
             edits, search = self._search_floor(trainer, pl_module, edits)
         self._add_random(edits)
-        written = self._write_edits(run_dir, pl_module, edits)
         report = {
             "concept": target, "objective": pl_module.hparams.objective, "mode": self.mode, "scope": self.scope,
             "base_prompt": trainer.datamodule.base_prompt, "base_word": trainer.datamodule.base_word,
-            "ratios": self.ratios, "evaluate_at": self.evaluate_at, "edits": written,
+            "ratios": self.ratios, "evaluate_at": self.evaluate_at,
         }
         if search is not None:
             report["search"] = search
@@ -382,8 +386,14 @@ class AttributionWriter(Callback):
             # in text space, whether the rows' changes were combined through their output gradients' correlation
             report["row_coupling"] = report["collateral_space"] == "text" and self.row_moments is not None
             report["rescored_at"] = self._rescore_stops() if self.rescore_every is not None else []
-        if self.evaluate:
-            report.update(self._evaluate(run_dir, trainer, pl_module, edits, search))
+        if self.evaluate_at == "goal" and evaluable:
+            # the edits are evaluated smallest first until one meets the goal; only those evaluated are written
+            report.update(self._evaluate(run_dir, trainer, pl_module, edits))
+            report["edits"] = self._write_edits(run_dir, pl_module, edits)
+        else:
+            report["edits"] = self._write_edits(run_dir, pl_module, edits)
+            if self.evaluate:
+                report.update(self._evaluate(run_dir, trainer, pl_module, edits, search))
         report["wall_time_s"] = time.perf_counter() - self._start
         write_json(run_dir / "report.json", report)
         write_text(run_dir / "report.md", markdown_report(report))
@@ -591,7 +601,7 @@ class AttributionWriter(Callback):
 
     def _evaluate(self, run_dir: Path, trainer, pl_module, edits, search: dict | None = None) -> dict:
         from cad_lightning.evaluation.concepts import evaluation_items
-        from cad_lightning.evaluation.edits import evaluate_edits, selective
+        from cad_lightning.evaluation.edits import evaluate_edits, goal_met, read_against_controls
 
         datamodule = trainer.datamodule
         if datamodule.prompt_templates is not None:
@@ -604,25 +614,16 @@ class AttributionWriter(Callback):
         draws_only = {}  # further draws of the random control: only their retained images' SSIM is read
         if "random" in edits:
             draws_only = {f"random draw {d}": self._random_draw(d) for d in range(1, self.random_draws)}
+        erase = self.mode == "erase"
+        until = None
+        if self.evaluate_at == "goal":  # ratio by ratio, smallest first, until an edit meets the goal
+            until = lambda rows: goal_met(read_against_controls(rows, floor.get(concept), erase))  # noqa: E731
         before, results, images = evaluate_edits(
             backbone, detector, concept, retained, items, edits, lambda masks: self._apply(pl_module, masks),
-            self.eval_batch_size, progress=bool(trainer.progress_bar_callback), ssim_only=draws_only)
-        draws: dict[float, list[float]] = {}
-        for r in results:
-            if r["selection"] == "random" or r["selection"].startswith("random draw "):
-                draws.setdefault(r["ratio"], []).append(r["retained_ssim"])
-        results = [r for r in results if not r["selection"].startswith("random draw ")]
-        controls = {r["ratio"]: {**r, "retained_ssim": sum(draws[r["ratio"]]) / len(draws[r["ratio"]])}
-                    for r in results if r["selection"] == "random"}
-        for r in results:
-            if r["selection"] == "random":
-                r["retained_ssim_draws"] = draws[r["ratio"]]
-            control = controls.get(r["ratio"]) if r["selection"] != "random" else None
-            r["random_retained_ssim"] = control["retained_ssim"] if control else None
-            r["random_retained_ssim_draws"] = draws[r["ratio"]] if control else None
-            # the goal of an erase edit; an amplify edit is read by its gain (and the same collateral)
-            erase_edit = r["selection"] != "random" and self.mode == "erase"
-            r["selective"] = selective(r, control, floor.get(concept)) if erase_edit else None
+            self.eval_batch_size, progress=bool(trainer.progress_bar_callback), ssim_only=draws_only, until=until)
+        results = read_against_controls(results, floor.get(concept), erase)
+        for selection in list(edits):  # what was not evaluated is not written either
+            edits[selection] = {r: m for r, m in edits[selection].items() if f"{selection} {r:g}" in images}
         n = len(items)  # the grids show the first six (target) and the last six (retained) images
         show = list(dict.fromkeys([*range(min(6, n)), *(n - 1 - i for i in range(min(6, n)))]))
         for selection in edits:
@@ -723,6 +724,13 @@ def markdown_report(report: dict) -> str:
                          f"{r['retained_mean']:.3f} | {worst} | {_fmt(r.get('other_words_relative'), '.2f')} | "
                          f"{_fmt(r.get('retained_ssim'))} | {_fmt(r.get('retained_kid'), '.2f')} | "
                          f"{_fmt(r.get('random_retained_ssim'))} | {flag} |")
+        if report.get("evaluate_at") == "goal":
+            evaluated = sorted({r["ratio"] for r in report["results"]})
+            skipped = [r for r in report["ratios"] if r > max(evaluated, default=0.0)]
+            met = sorted({r["ratio"] for r in report["results"] if r.get("selective")})
+            lines += ["", "Edits evaluated smallest first until one met the goal (evaluate_at goal): "
+                      + (f"{met[0]:g} meets it" if met else "none of the ratios meets it")
+                      + (f"; {', '.join(f'{r:g}' for r in skipped)} neither evaluated nor written." if skipped else ".")]
         for selection, search in report.get("search", {}).items():
             found = search["found"]
             lines += ["", f"**{selection}: the smallest edit that reaches the floor** (goal: target ≤ floor + margin = "

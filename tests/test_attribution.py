@@ -207,6 +207,7 @@ def test_evaluate_an_edit(small_run, tmp_path):
         (["--model.components", "[no_such_layer]"], "model.components"),
         (["--trainer.callbacks.init_args.evaluate_at", "nowhere"], "evaluate_at"),
         (["--trainer.callbacks.init_args.evaluate_at", "floor", "--model.objective", "amplify"], "evaluate_at"),
+        (["--trainer.callbacks.init_args.evaluate_at", "goal", "--model.objective", "amplify"], "evaluate_at"),
         (["--trainer.callbacks.init_args.search_images", "0"], "search_images"),
         (["--trainer.callbacks.init_args.collateral_space", "nowhere"], "collateral_space"),
         (["--trainer.callbacks.init_args.collateral_space", "text", "--model.components", "[ff]"], "collateral_space"),
@@ -328,6 +329,34 @@ def test_erase_objective_uses_each_items_base_prompt():
     assert results["without"][0] > 0 and results["without"][1].abs().max() > 0
     assert results["without"][0] < results["empty"][0]
     assert not torch.allclose(results["without"][1], results["empty"][1])
+
+
+def test_goal_evaluates_smallest_first_and_stops_at_the_first_edit_that_meets_the_goal(tmp_path):
+    ratios = [0.01, 0.02, 0.1, 0.3, 0.5]
+    code, run = attribute(tmp_path, "--data.concept", "circle",
+                          "--trainer.callbacks.init_args.ratios", str(ratios),
+                          "--trainer.callbacks.init_args.evaluate_at", "goal",
+                          "--trainer.callbacks.init_args.random_draws", "2",
+                          "--trainer.callbacks.init_args.eval_target_images", "8",
+                          "--trainer.callbacks.init_args.eval_retain_images", "8",
+                          "--trainer.callbacks.init_args.floor_images", "8")
+    assert code == 0
+    report = json.loads((run / "report.json").read_text())
+    evaluated = sorted({r["ratio"] for r in report["results"]})
+    assert evaluated == ratios[: len(evaluated)]  # smallest first, none skipped
+    met = {r["ratio"] for r in report["results"] if r["selection"] == "selective" and r["selective"]}
+    # the scenario this checks: an edit meets the goal, and not the largest, so the larger ratios are left out
+    assert met and evaluated[-1] < ratios[-1]
+    assert met == {evaluated[-1]}  # it stopped at the first that met it
+    for r in report["results"]:  # every evaluated edit beside its random control of equal count, 2 draws
+        control = next(c for c in report["results"] if c["selection"] == "random" and c["ratio"] == r["ratio"])
+        assert control["ablated"] == r["ablated"] and len(control["retained_ssim_draws"]) == 2
+    # only the evaluated edits are written, and the grid shows them
+    assert {(e["selection"], e["ratio"]) for e in report["edits"]} == {(r["selection"], r["ratio"]) for r in report["results"]}
+    assert len(list((run / "edits").glob("*.safetensors"))) == len(report["edits"])
+    markdown = (run / "report.md").read_text()
+    skipped = ", ".join(f"{r:g}" for r in ratios[len(evaluated):])
+    assert f"{evaluated[-1]:g} meets it; {skipped} neither evaluated nor written" in markdown
 
 
 def test_floor_search_evaluates_the_smallest_edit_that_reaches_the_floor(tmp_path):

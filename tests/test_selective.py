@@ -483,3 +483,28 @@ def test_text_space_selection_grows_an_edit_from_earlier_removals_and_charges_th
     with pytest.raises(ValueError, match="initial mask"):
         text_space_selection(rescored, sensitivity, {name: weight}, second_moment, [0.25],
                              initial={name: torch.ones(3, 4, dtype=torch.bool)}, **kwargs)
+
+
+def test_edits_are_read_against_the_mean_of_their_random_draws_and_the_goal_needs_every_selection():
+    from cad_lightning.evaluation.edits import goal_met, read_against_controls
+
+    def row(selection, ratio, target, ssim):
+        return {"selection": selection, "ratio": ratio, "target": target, "retained_min_relative": 1.0,
+                "other_words_relative": 1.0, "retained_ssim": ssim}
+
+    rows = [row("selective", 0.1, 0.2, 0.95), row("cad", 0.1, 0.2, 0.90), row("random", 0.1, 1.0, 0.96),
+            {"selection": "random draw 1", "ratio": 0.1, "retained_ssim": 0.90}]
+    read = read_against_controls([dict(r) for r in rows], floor=0.2)
+    assert [r["selection"] for r in read] == ["selective", "cad", "random"]  # the further draws are folded in
+    control = next(r for r in read if r["selection"] == "random")
+    assert control["retained_ssim_draws"] == [0.96, 0.90] and control["selective"] is None
+    by = {r["selection"]: r for r in read}
+    assert by["selective"]["random_retained_ssim"] == pytest.approx(0.93)
+    # 0.95 >= the draws' mean 0.93 (though below draw 0's 0.96); 0.90 is below it
+    assert by["selective"]["selective"] and not by["cad"]["selective"]
+    assert not goal_met(read)  # 'cad' has no edit that meets the goal yet
+    later = read_against_controls([dict(r) for r in rows] + [row("cad", 0.2, 0.2, 0.95), row("random", 0.2, 1.0, 0.94)],
+                                  floor=0.2)
+    assert goal_met(later)
+    assert not goal_met(read_against_controls([dict(r) for r in rows], floor=0.1))  # target 0.2 > 0.1 + 0.05
+    assert not goal_met(read_against_controls([dict(r) for r in rows], floor=0.2, erase=False))  # amplify: no goal

@@ -59,6 +59,7 @@ def evaluate_edits(
     batch_size: int = 96,
     progress: bool = True,
     ssim_only: dict[str, dict[float, Masks]] | None = None,
+    until: Callable[[list[dict]], bool] | None = None,
 ) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     """Evaluate the unedited model and every edit ``{selection: {ratio: masks}}``.
 
@@ -69,6 +70,10 @@ def evaluate_edits(
 
     ``ssim_only`` edits (e.g. further draws of a random control) are sampled on the retained items only: their
     rows hold ``selection``, ``ratio``, ``ablated`` and ``retained_ssim``, and no images are returned for them.
+
+    The edits are evaluated ratio by ratio, smallest first (every selection's edit of a ratio, then its
+    ``ssim_only`` edits); after each ratio ``until(rows so far)`` may end the evaluation (True), leaving the larger
+    ratios unevaluated. The rows come back in the order of ``edits`` (then ``ssim_only``), by ratio.
     """
     apply(None)
     reference_images, reference_predicted = generate_and_read(backbone, detector, items, batch_size)
@@ -78,11 +83,15 @@ def evaluate_edits(
     ssim_only = ssim_only or {}
     retain = [n for n, item in enumerate(items) if item.group == "retain"]
     total = sum(len(v) for v in edits.values()) + sum(len(v) for v in ssim_only.values())
+    ratios = sorted({r for per_ratio in [*edits.values(), *ssim_only.values()] for r in per_ratio})
     bar = tqdm(total=total, desc="Evaluating edits", unit="edit", disable=not progress)
     try:
-        for selection, per_ratio in edits.items():
-            for ratio, masks in sorted(per_ratio.items()):
+        for ratio in ratios:
+            for selection, per_ratio in edits.items():
+                if ratio not in per_ratio:
+                    continue
                 bar.set_postfix_str(f"{selection} {ratio:g}")
+                masks = per_ratio[ratio]
                 apply(masks)
                 try:
                     edited, predicted = generate_and_read(backbone, detector, items, batch_size)
@@ -93,9 +102,11 @@ def evaluate_edits(
                                         reference_predicted, features)})
                 images[f"{selection} {ratio:g}"] = edited
                 bar.update()
-        for selection, per_ratio in ssim_only.items():
-            for ratio, masks in sorted(per_ratio.items()):
+            for selection, per_ratio in ssim_only.items():
+                if ratio not in per_ratio:
+                    continue
                 bar.set_postfix_str(f"{selection} {ratio:g}")
+                masks = per_ratio[ratio]
                 apply(masks)
                 try:
                     edited = backbone.generate([items[n].prompt for n in retain], seed=[items[n].seed for n in retain],
@@ -105,9 +116,43 @@ def evaluate_edits(
                 rows.append({"selection": selection, "ratio": ratio, "ablated": count_ablated(masks),
                              "retained_ssim": image_ssim(edited, reference_images[retain])})
                 bar.update()
+            if until is not None and until(rows):
+                break
     finally:
         bar.close()
+    order = {selection: n for n, selection in enumerate([*edits, *ssim_only])}
+    rows.sort(key=lambda row: (order[row["selection"]], row["ratio"]))
     return before, rows, images
+
+
+def read_against_controls(rows: list[dict], floor: float | None, erase: bool = True) -> list[dict]:
+    """The rows of :func:`evaluate_edits` with the random control's draws folded in: the ``random`` rows (draw 0)
+    get the mean retained SSIM of all draws (``random draw N`` rows, dropped here) and its draws, every other
+    edit the control of its ratio (``random_retained_ssim`` and its draws) and, for an erase edit, whether it
+    meets the goal (:func:`selective` with ``floor``; None for amplify edits and for the controls)."""
+    draws: dict[float, list[float]] = {}
+    for r in rows:
+        if r["selection"] == "random" or r["selection"].startswith("random draw "):
+            draws.setdefault(r["ratio"], []).append(r["retained_ssim"])
+    rows = [r for r in rows if not r["selection"].startswith("random draw ")]
+    controls = {r["ratio"]: {**r, "retained_ssim": sum(draws[r["ratio"]]) / len(draws[r["ratio"]])}
+                for r in rows if r["selection"] == "random"}
+    for r in rows:
+        if r["selection"] == "random":
+            r["retained_ssim_draws"] = draws[r["ratio"]]
+        control = controls.get(r["ratio"]) if r["selection"] != "random" else None
+        r["random_retained_ssim"] = control["retained_ssim"] if control else None
+        r["random_retained_ssim_draws"] = draws[r["ratio"]] if control else None
+        # an amplify edit is read by its gain (and the same collateral), not by this goal
+        r["selective"] = selective(r, control, floor) if erase and r["selection"] != "random" else None
+    return rows
+
+
+def goal_met(rows: list[dict]) -> bool:
+    """Whether every edited selection among ``rows`` (read by :func:`read_against_controls`) has an edit that meets
+    the goal."""
+    selections = {r["selection"] for r in rows if r["selection"] != "random"}
+    return bool(selections) and all(any(r["selective"] for r in rows if r["selection"] == s) for s in selections)
 
 
 def selective(row: dict, control: dict | None, floor: float | None, margin: float = 0.05, keep: float = 0.9) -> bool:
