@@ -265,6 +265,9 @@ class AttributionWriter(Callback):
         if self.evaluate_at != "all" and not any(s != "random" for s in self.selections):
             raise UserInputError(f"AttributionWriter evaluate_at '{self.evaluate_at}' looks among the edits of a "
                                  "selection other than 'random': add one to selections.")
+        if self.evaluate and datamodule.prompt_templates is None:
+            with torch.random.fork_rng(devices=[]):  # its construction draws initial weights: leave the RNG as it was
+                self._detector(pl_module)  # a classifier that does not load is refused before any work
         self._start = time.perf_counter()
 
     def _iterative_schedule(self) -> list[float]:
@@ -515,8 +518,8 @@ class AttributionWriter(Callback):
         if self._detector_cache is None:
             from cad_lightning.evaluation.classifier import load_concept_classifier
 
-            self._detector_cache = load_concept_classifier(pl_module.model_folder).to(pl_module.device)
-        return self._detector_cache
+            self._detector_cache = load_concept_classifier(pl_module.model_folder)
+        return self._detector_cache.to(pl_module.device)
 
     def _floor(self, trainer, pl_module) -> dict[str, float]:
         """The floor of every concept: how often the target prompts without the concept are drawn as it."""

@@ -14,15 +14,60 @@ import importlib
 import sys
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cad_lightning.errors import UserInputError
 from cad_lightning.strategy import NAME as ATTRIBUTION_STRATEGY
 from cad_lightning.strategy import uses_gradient_sync
 
 
+MESSAGE_LINES = 8  # of a parse error (a union type's error lists every alternative)
+
+
+class CADArgumentParser(LightningArgumentParser):
+    """Parse errors in a few lines: the error and where to find the options, without the ~50 lines of usage."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # an inner parse whose failure the caller handles
+            return super().error(message, ex)
+        lines = [line.rstrip() for line in str(message).splitlines() if line.strip()]
+        text = "\n  ".join(lines[:MESSAGE_LINES]) + ("\n  ..." if len(lines) > MESSAGE_LINES else "")
+        sys.stderr.write(f"cad: error: {text}\n`{self.prog.replace(' [options]', '')} --help` lists every option.\n")
+        self.exit(2)
+
+
+def check_config_files(args: list[str]) -> None:
+    """Every ``--config``/``-c`` file exists and reads as YAML; else a UserInputError naming the file, the line
+    and the problem (the parser's own message names no file)."""
+    for n, arg in enumerate(args):
+        if arg in ("-c", "--config") and n + 1 < len(args):
+            path = args[n + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        if path.lstrip().startswith(("{", "[")) or "\n" in path:  # a config given inline, not a path
+            continue
+        try:
+            text = open(path, encoding="utf-8").read()
+        except OSError as error:
+            raise UserInputError(f"The config file '{path}' cannot be read ({error.strerror}).") from error
+        try:
+            yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            def at(mark) -> str:
+                return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+            problem = (getattr(error, "problem", None) or str(error).splitlines()[0]) + at(getattr(error, "problem_mark", None))
+            if getattr(error, "context", None):
+                problem = f"{error.context}{at(getattr(error, 'context_mark', None))}: {problem}"
+            raise UserInputError(f"The config file '{path}' is not valid YAML ({problem}).") from error
+
+
 class CADCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("parser_class", CADArgumentParser)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -57,6 +102,7 @@ def user_error_in(error: BaseException) -> UserInputError | None:
 
 def main(args: list[str] | None = None) -> None:
     try:
+        check_config_files(list(sys.argv[1:] if args is None else args))
         CADCLI(args=args)
     except Exception as error:
         user_error = user_error_in(error)

@@ -7,13 +7,15 @@ How it works:
   items it finished, all summed over exactly those items. After a barrier (every rank has saved) rank 0
   requeues the job under SLURM if the signal was SIGUSR1 (``scontrol requeue``, as Lightning's own SLURM
   handler does; Slurm then terminates every task), and every rank stops with Lightning's ``SIGTERMException``.
+  The files go to a folder of their own run, ``preemption/<fingerprint>/``, named by a hash of everything that
+  decides the scores (:func:`run_fingerprint`).
 - A rank whose peers are gone (the agreement or the barrier fails) still saves its own state; a rank that is
   killed before writing only loses its own unsaved work: its items are not marked done and are attributed again.
 - A run started with the same config and ``trainer.default_root_dir`` (a requeued SLURM job, or the same
-  command again) loads every state file: the union of the finished items is skipped, the saved sums are
-  added once in :meth:`CADModule.reduced_scores`. This works at any world size, also one different from the
-  preempted run's. A state written by a different config is refused.
-- When the artifacts are written the folder is removed.
+  command again) loads every state file of its folder: the union of the finished items is skipped, the saved
+  sums are added once in :meth:`CADModule.reduced_scores`. This works at any world size, also one different
+  from the preempted run's. Runs of other configs in the same root neither read nor remove that folder.
+- When the artifacts are written, the run's own folder is removed (and ``preemption/`` once it is empty).
 
 Why not a Lightning checkpoint: Lightning writes checkpoints from rank 0 only (the other ranks' partial sums
 would be lost), its SLURM handler saves inside the signal handler (possibly halfway through adding a batch to
@@ -51,8 +53,14 @@ STATE_FOLDER = "preemption"
 SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR1: 2}
 
 
-def state_folder(trainer: pl.Trainer) -> Path:
+def state_root(trainer: pl.Trainer) -> Path:
     return Path(trainer.default_root_dir) / STATE_FOLDER
+
+
+def state_folder(trainer: pl.Trainer, fingerprint: str) -> Path:
+    """Where the run with this fingerprint saves its progress: one folder per run, so that any number of runs
+    can share a ``default_root_dir``."""
+    return state_root(trainer) / fingerprint[:16]
 
 
 def run_fingerprint(pl_module, datamodule) -> str:
@@ -108,10 +116,15 @@ class Preemption(Callback):
     # --- resume -------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         self._fingerprint = run_fingerprint(pl_module, trainer.datamodule)
-        folder = state_folder(trainer)
+        folder = state_folder(trainer, self._fingerprint)
         # rank 0 decides which files make the resumed state, so every rank loads the same ones
         names = sorted(p.name for p in folder.glob("state-*.pt")) if trainer.is_global_zero else None
         names = trainer.strategy.broadcast(names, src=0)
+        if trainer.is_global_zero:
+            others = [p for p in state_root(trainer).glob("*/") if p.is_dir() and p != folder and any(p.glob("state-*.pt"))]
+            if others:
+                rank_zero_info(f"{state_root(trainer)} holds the saved progress of {len(others)} run(s) of other "
+                               "configs; this run leaves it for them.")
         if names:
             restored = load_states([folder / n for n in names], self._fingerprint)
             pl_module.restore_accumulated(restored)
@@ -146,7 +159,7 @@ class Preemption(Callback):
         if code == SIGNAL_CODES[signal.SIGUSR1] and trainer.is_global_zero and SLURMEnvironment.detect():
             requeue_slurm_job()
         name = next(s.name for s, c in SIGNAL_CODES.items() if c == code)
-        raise SIGTERMException(f"Stopped by signal {name}; progress saved in {state_folder(trainer)}.")
+        raise SIGTERMException(f"Stopped by signal {name}; progress saved in {state_folder(trainer, self._fingerprint)}.")
 
     @staticmethod
     def _agreed_signal(trainer: pl.Trainer, code: int) -> int:
@@ -186,17 +199,24 @@ class Preemption(Callback):
         tensors = pl_module.accumulated_state()
         if not tensors["items_done"].any():
             return
-        path = state_folder(trainer) / f"state-g{self._generation:04d}-rank{trainer.global_rank:05d}.pt"
+        path = state_folder(trainer, self._fingerprint) / f"state-g{self._generation:04d}-rank{trainer.global_rank:05d}.pt"
         save_rank_state(path, tensors, self._fingerprint)
         log.warning(f"[rank {trainer.global_rank}] saved {int(tensors['items_done'].sum())} attributed item(s) "
                     f"to {path}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        """The artifacts are written (callbacks of the trainer run before this one): the saved states are spent."""
+        """The artifacts are written (callbacks of the trainer run before this one): this run's saved states are
+        spent; the folders are removed once empty (other runs' states stay)."""
         self._restore_handlers()
-        if trainer.is_global_zero:
-            for path in state_folder(trainer).glob("state-*.pt"):
+        if trainer.is_global_zero and self._fingerprint:
+            folder = state_folder(trainer, self._fingerprint)
+            for path in folder.glob("state-*.pt"):
                 path.unlink()
+            for empty in (folder, state_root(trainer)):
+                try:
+                    empty.rmdir()
+                except OSError:  # absent, or holding other runs' progress
+                    break
 
     def teardown(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
         self._restore_handlers()

@@ -21,3 +21,22 @@ def test_unknown_key_is_refused(capsys):
     code = run_cli(["predict", "--config", str(config), "--model.no_such_key", "1", "--print_config"])
     assert code != 0
     assert "no_such_key" in capsys.readouterr().err
+
+
+def test_parse_errors_are_short_and_name_the_file(tmp_path, capsys):
+    attribute = str(Path(__file__).resolve().parent.parent / "configs" / "attribute.yaml")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  init_args:\n    no_such_key: 3\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_epochs: [1\n")
+    cases = [
+        (["--config", attribute, "--trainer.no_such_flag", "1"], "no_such_flag"),
+        (["--config", attribute, "--config", str(unknown)], "'no_such_key' is not accepted"),
+        (["--config", str(broken)], f"The config file '{broken}' is not valid YAML (while parsing a flow sequence at line 2"),
+        (["--config", str(tmp_path / "absent.yaml")], f"The config file '{tmp_path / 'absent.yaml'}' cannot be read"),
+    ]
+    for args, expected in cases:
+        assert run_cli(["fit", *args]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.startswith("cad: error:"), (args, err)
+        assert len(err.splitlines()) <= 12 and "usage:" not in err, err  # not the ~50 lines of usage

@@ -97,28 +97,30 @@ def test_two_nodes_reduce_once_and_give_the_one_process_scores(tmp_path, referen
 def test_preempted_two_process_run_resumes_on_one_process(tmp_path, reference):
     """SIGUSR1 reaches only rank 1, during its second batch: the ranks agree to stop, each saves its finished
     items; the same command on one process (another world size) resumes, attributes only the rest, and ends
-    with the scores of an uninterrupted run; a different config may not resume that state."""
+    with the scores of an uninterrupted run; a run of another config in the same root, in between, starts
+    afresh and leaves that saved state alone."""
     stopped = cad_fit(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",
                       "--trainer.callbacks+=signal_at.SignalAt", "--trainer.callbacks.init_args.batch", "1",
                       "--trainer.callbacks.init_args.ranks", "[1]", check=False)
     assert stopped.returncode != 0
-    states = sorted((tmp_path / "preemption").glob("state-*.pt"))
-    assert len(states) == 2, stopped.stderr[-3000:]
+    states = sorted((tmp_path / "preemption").glob("*/state-*.pt"))
+    assert len(states) == 2 and len({s.parent for s in states}) == 1, stopped.stderr[-3000:]
     assert not list(tmp_path.glob("lightning_logs/*/attribution/scores.safetensors"))
 
-    other = cad_fit(tmp_path, "--data.seed", "1", check=False)
-    assert other.returncode == 2 and "different config" in other.stderr
+    other = cad_fit(tmp_path, "--data.seed", "1")  # another config, the same root
+    assert "already attributed" not in other.stdout + other.stderr and "other configs" in other.stdout + other.stderr
+    assert sorted((tmp_path / "preemption").glob("*/state-*.pt")) == states
 
     resumed = cad_fit(tmp_path)
     assert "4 item(s) already attributed" in resumed.stdout + resumed.stderr
     assert max_relative_difference(latest_scores(tmp_path), reference) <= TOLERANCE
-    assert not list((tmp_path / "preemption").glob("state-*.pt"))  # spent once the artifacts are written
+    assert not (tmp_path / "preemption").exists()  # spent once the artifacts are written, its folders removed
 
 
 def test_sigterm_saves_and_resumes(tmp_path, reference):
     stopped = cad_fit(tmp_path, "--trainer.callbacks+=signal_at.SignalAt", "--trainer.callbacks.init_args.batch", "2",
                       "--trainer.callbacks.init_args.signum", "SIGTERM", check=False)
-    assert len(list((tmp_path / "preemption").glob("state-*.pt"))) == 1, stopped.stderr[-3000:]
+    assert len(list((tmp_path / "preemption").glob("*/state-*.pt"))) == 1, stopped.stderr[-3000:]
     assert not list(tmp_path.glob("lightning_logs/*/attribution/scores.safetensors"))
     resumed = cad_fit(tmp_path)
     assert "3 item(s) already attributed" in resumed.stdout + resumed.stderr

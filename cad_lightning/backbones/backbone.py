@@ -284,6 +284,28 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (its type when it has none), at most ``limit`` characters."""
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def load_part(folder: Path, part: str, load, **kwargs):
+    """``load(folder / part, **kwargs)``; a part that does not load (missing, truncated or corrupt weights, an
+    empty tokenizer folder, a broken config) is refused in one sentence naming the part, its files and why."""
+    try:
+        return load(folder / part, **kwargs)
+    except Exception as error:  # whatever a corrupt folder raises (OSError, SafetensorError, ValueError, ...)
+        files = sorted(p.name for p in (folder / part).iterdir() if p.is_file()) if (folder / part).is_dir() else []
+        root = error  # the loaders wrap the reason (e.g. a safetensors header error) in generic errors
+        while (root.__cause__ or root.__context__) is not None:
+            root = root.__cause__ or root.__context__
+        raise UserInputError(
+            f"The model folder '{folder}': {part}/ does not load ({first_line(root)}); it holds "
+            f"{', '.join(files) if files else 'no files'}. Copy that part again from a working model folder."
+        ) from error
+
+
 def load_backbone(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -300,14 +322,20 @@ def load_backbone(
         dtype = DTYPES[dtype]
     kwargs = {"local_files_only": True}
     model_kwargs = {**kwargs, "low_cpu_mem_usage": False}
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **model_kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", **kwargs)
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", **kwargs)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **model_kwargs) if (folder / "vae").is_dir() else None
+    unet = load_part(folder, "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype, **model_kwargs)
+    text_encoder = load_part(folder, "text_encoder", CLIPTextModel.from_pretrained, **kwargs)
+    tokenizer = load_part(folder, "tokenizer", AutoTokenizer.from_pretrained, **kwargs)
+    scheduler = load_part(folder, "scheduler", DDIMScheduler.from_pretrained, **kwargs)
+    vae = None
+    if (folder / "vae").is_dir():
+        vae = load_part(folder, "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype, **model_kwargs)
     defaults = {"num_inference_steps": 50, "guidance_scale": 7.5, "eta": 0.0, "use_clipped_model_output": False}
     if (folder / SAMPLER_DEFAULTS_FILE).is_file():
-        defaults.update(json.loads((folder / SAMPLER_DEFAULTS_FILE).read_text()))
+        try:
+            defaults.update(json.loads((folder / SAMPLER_DEFAULTS_FILE).read_text()))
+        except (OSError, ValueError) as error:
+            raise UserInputError(f"The model folder '{path}': {SAMPLER_DEFAULTS_FILE} does not read as JSON "
+                                 f"({first_line(error)}).") from error
     backbone = DiffusionBackbone(unet, text_encoder, tokenizer, scheduler, vae, name=folder.name, **defaults)
     backbone.requires_grad_(False)
     backbone.eval()

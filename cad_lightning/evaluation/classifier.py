@@ -95,4 +95,7 @@ def load_concept_classifier(path: str | os.PathLike) -> ConceptDetector:
         raise UserInputError(
             f"'{path}' holds no concept classifier: expected config.json and its weights in it or in its classifier/."
         )
-    return ConceptDetector(ConceptClassifier.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False))
+    from cad_lightning.backbones.backbone import load_part
+
+    return ConceptDetector(load_part(folder.parent, folder.name, ConceptClassifier.from_pretrained,
+                                     local_files_only=True, low_cpu_mem_usage=False))
