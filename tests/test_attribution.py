@@ -35,6 +35,7 @@ def small_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attribute")
     code, run = attribute(tmp, "--data.concept", "square", "--trainer.callbacks.init_args.ratios", "[0.01, 0.03]",
                           "--trainer.callbacks.init_args.selections", "[selective, cad, random]",
+                          "--trainer.callbacks.init_args.evaluate_at", "all",
                           "--trainer.callbacks.init_args.eval_target_images", "8",
                           "--trainer.callbacks.init_args.eval_retain_images", "8",
                           "--trainer.callbacks.init_args.floor_images", "8")
@@ -176,7 +177,7 @@ def test_same_config_twice_gives_identical_scores(tmp_path):
     # scores of the edited model)
     report_a = json.loads((run_a / "report.json").read_text())
     ratios = sorted(e["ratio"] for e in report_a["edits"] if e["selection"] == "selective")
-    assert ratios == report_a["ratios"] and report_a["rescored_at"] == [0.25] and max(ratios) > 0.25
+    assert ratios == report_a["ratios"] and report_a["rescored_at"] == [0.2] and max(ratios) > 0.2
     for e in report_a["edits"]:
         masks_a, masks_b = load_masks(run_a / e["masks"]), load_masks(run_b / e["masks"])
         assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_a)
@@ -221,6 +222,25 @@ def test_bad_input(tmp_path, capsys, args, field):
     err = capsys.readouterr().err
     assert code == 2
     assert "cad: error:" in err and field in err
+
+
+@pytest.mark.parametrize("damage, part, reason", [
+    (lambda d: (d / "unet/diffusion_pytorch_model.safetensors").write_bytes(
+        (d / "unet/diffusion_pytorch_model.safetensors").read_bytes()[:5000]), "unet/", "deserializing header"),
+    (lambda d: (d / "unet/diffusion_pytorch_model.safetensors").unlink(), "unet/", "no file named"),
+    (lambda d: [f.unlink() for f in (d / "tokenizer").iterdir()], "tokenizer/", "holds no files"),
+    (lambda d: (d / "classifier/config.json").write_text("{not json"), "classifier/", "Expecting property name"),
+], ids=["truncated weights", "missing weights", "empty tokenizer", "broken classifier config"])
+def test_a_model_folder_that_does_not_load_is_refused_in_one_sentence(tmp_path, capsys, damage, part, reason):
+    broken = tmp_path / "model"
+    shutil.copytree(SHIPPED_MODEL, broken)
+    damage(broken)
+    code, _ = attribute(tmp_path, "--model.model_path", str(broken))
+    err = capsys.readouterr().err
+    assert code == 2
+    message = next(line for line in err.splitlines() if "cad: error:" in line)
+    assert f"'{broken}': {part} does not load" in message and reason in message
+    assert "Traceback" not in err
 
 
 def test_non_finite_scores_are_refused(tmp_path, capsys):
@@ -388,7 +408,7 @@ def test_floor_search_evaluates_the_smallest_edit_that_reaches_the_floor(tmp_pat
     assert counts["selective"] == counts["random"] == probes[found]["ablated"]
     markdown = (run / "report.md").read_text()
     assert "the smallest edit that reaches the floor" in markdown
-    # past the config's rescore_every (0.25), the edit grew on scores of the edited model: one more epoch
-    assert report["rescored_at"] == [0.25] and "grown on scores of the edited model from 0.25 on" in markdown
+    # past the config's rescore_every (0.2), the edit grew on scores of the edited model: one more epoch
+    assert report["rescored_at"] == [0.2] and "grown on scores of the edited model from 0.2 on" in markdown
     meta = json.loads((run / "attribution/meta.json").read_text())
-    assert meta["sensitivity"]["rescore_every"] == 0.25
+    assert meta["sensitivity"]["rescore_every"] == 0.2
