@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import yaml
@@ -50,7 +51,7 @@ def check_config_files(args: list[str]) -> None:
         if path.lstrip().startswith(("{", "[")) or "\n" in path:  # a config given inline, not a path
             continue
         try:
-            text = open(path, encoding="utf-8").read()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as error:
             raise UserInputError(f"The config file '{path}' cannot be read ({error.strerror}).") from error
         try:

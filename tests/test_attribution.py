@@ -20,6 +20,8 @@ from cad_lightning.editing import load_masks, select_components
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAST = ["--model.num_inference_steps", "4", "--data.samples", "2", "--data.batch_size", "2"]
+EIGHT_IMAGES = ["--trainer.callbacks.init_args.eval_target_images", "8", "--trainer.callbacks.init_args.eval_retain_images",
+                "8", "--trainer.callbacks.init_args.floor_images", "8"]  # an evaluation on 8 images per group
 
 
 def attribute(tmp_path, *extra: str) -> tuple[int, Path]:
@@ -356,10 +358,7 @@ def test_goal_evaluates_smallest_first_and_stops_at_the_first_edit_that_meets_th
     code, run = attribute(tmp_path, "--data.concept", "circle",
                           "--trainer.callbacks.init_args.ratios", str(ratios),
                           "--trainer.callbacks.init_args.evaluate_at", "goal",
-                          "--trainer.callbacks.init_args.random_draws", "2",
-                          "--trainer.callbacks.init_args.eval_target_images", "8",
-                          "--trainer.callbacks.init_args.eval_retain_images", "8",
-                          "--trainer.callbacks.init_args.floor_images", "8")
+                          "--trainer.callbacks.init_args.random_draws", "2", *EIGHT_IMAGES)
     assert code == 0
     report = json.loads((run / "report.json").read_text())
     evaluated = sorted({r["ratio"] for r in report["results"]})
@@ -385,10 +384,7 @@ def test_floor_search_evaluates_the_smallest_edit_that_reaches_the_floor(tmp_pat
                           "--trainer.callbacks.init_args.ratios", str(ratios),
                           "--trainer.callbacks.init_args.evaluate_at", "floor",
                           "--trainer.callbacks.init_args.random_draws", "1",
-                          "--trainer.callbacks.init_args.search_images", "8",
-                          "--trainer.callbacks.init_args.eval_target_images", "8",
-                          "--trainer.callbacks.init_args.eval_retain_images", "8",
-                          "--trainer.callbacks.init_args.floor_images", "8")
+                          "--trainer.callbacks.init_args.search_images", "8", *EIGHT_IMAGES)
     assert code == 0
     report = json.loads((run / "report.json").read_text())
     search = report["search"]["selective"]
