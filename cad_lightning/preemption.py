@@ -12,9 +12,13 @@ How it works:
 - A rank whose peers are gone (the agreement or the barrier fails) still saves its own state; a rank that is
   killed before writing only loses its own unsaved work: its items are not marked done and are attributed again.
 - A run started with the same config and ``trainer.default_root_dir`` (a requeued SLURM job, or the same
-  command again) loads every state file of its folder: the union of the finished items is skipped, the saved
-  sums are added once in :meth:`CADModule.reduced_scores`. This works at any world size, also one different
-  from the preempted run's. Runs of other configs in the same root neither read nor remove that folder.
+  command again) loads every state file of its folder: the union of the finished items is skipped. At the
+  preempted run's world size each rank takes its own file into its buffers and adds the remaining batches in
+  the order of an uninterrupted run, so the scores are bit for bit equal; at another world size the saved sums
+  are added once in :meth:`CADModule.reduced_scores` (equal to the tolerance of runs at different world sizes,
+  whose batches hold other items anyway). A later save names the files it takes the place of (``covers``), so
+  a run preempted several times counts every item once. Runs of other configs in the same root neither read
+  nor remove that folder.
 - When the artifacts are written, the run's own folder is removed (and ``preemption/`` once it is empty).
 
 Why not a Lightning checkpoint: Lightning writes checkpoints from rank 0 only (the other ranks' partial sums
@@ -73,14 +77,19 @@ def run_fingerprint(pl_module, datamodule) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def save_rank_state(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> None:
+def save_rank_state(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str, rank: int, world_size: int,
+                    covers: list[str]) -> None:
+    """One rank's saved progress: its sums, the items they cover, and the earlier files it takes the place of
+    (``covers``: files whose sums it holds too)."""
     with atomic_path(path) as tmp:
-        torch.save({"fingerprint": fingerprint, "tensors": {k: v.detach().cpu() for k, v in tensors.items()}}, tmp)
+        torch.save({"fingerprint": fingerprint, "rank": rank, "world_size": world_size, "covers": list(covers),
+                    "tensors": {k: v.detach().cpu() for k, v in tensors.items()}}, tmp)
 
 
-def load_states(paths: list[Path], fingerprint: str) -> dict[str, torch.Tensor]:
-    """The sum of the saved tensors of all files (``items_done``: their union)."""
-    total: dict[str, torch.Tensor] = {}
+def load_states(paths: list[Path], fingerprint: str) -> dict[str, dict]:
+    """The saved states that hold progress of their own, ``{file name: state}``: files whose sums a later file
+    holds too (its ``covers``) are left out."""
+    states = {}
     for path in paths:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state["fingerprint"] != fingerprint:
@@ -88,12 +97,21 @@ def load_states(paths: list[Path], fingerprint: str) -> dict[str, torch.Tensor]:
                 f"{path.parent} holds the saved progress of a run with a different config; restart with the same "
                 "config, or remove that folder (or use another trainer.default_root_dir) to start afresh."
             )
+        states[path.name] = state
+    covered = {name for state in states.values() for name in state.get("covers", [])}
+    return {name: state for name, state in states.items() if name not in covered}
+
+
+def sum_states(states: list[dict]) -> dict[str, torch.Tensor]:
+    """The sum of the states' tensors (``items_done``: their union; an item in two states is an error)."""
+    total: dict[str, torch.Tensor] = {}
+    for state in states:
         for name, tensor in state["tensors"].items():
             if name not in total:
                 total[name] = tensor.clone()
             elif name == "items_done":
                 if (total[name] & tensor).any():
-                    raise RuntimeError(f"The saved states in {path.parent} mark the same item done twice.")
+                    raise RuntimeError("Two saved states of this run mark the same item done.")
                 total[name] |= tensor
             else:
                 total[name] += tensor
@@ -112,6 +130,8 @@ class Preemption(Callback):
         self._fingerprint = ""
         self._generation = 0
         self._saved = False
+        self._covers: list[str] = []  # the saved files whose sums this rank's buffers hold
+        self._inherited: torch.Tensor | None = None  # items whose sums are not in this rank's buffers
 
     # --- resume -------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
@@ -126,12 +146,29 @@ class Preemption(Callback):
                 rank_zero_info(f"{state_root(trainer)} holds the saved progress of {len(others)} run(s) of other "
                                "configs; this run leaves it for them.")
         if names:
-            restored = load_states([folder / n for n in names], self._fingerprint)
-            pl_module.restore_accumulated(restored)
-            rank_zero_info(f"Resumed from {len(names)} saved state(s) in {folder}: "
-                           f"{int(restored['items_done'].sum())} item(s) already attributed.")
+            self._resume(trainer, pl_module, load_states([folder / n for n in names], self._fingerprint))
         self._generation = 1 + max((int(n.split("-")[1][1:]) for n in names), default=-1)
         self._install_handlers()
+
+    def _resume(self, trainer: pl.Trainer, pl_module, states: dict[str, dict]) -> None:
+        """Same world size, one saved file per rank: each rank takes its own file into its buffers (the scores
+        are then bit for bit those of an uninterrupted run). Otherwise the saved sums are kept apart and added
+        once when reducing (equal to the tolerance of runs at different world sizes)."""
+        world, rank = trainer.world_size, trainer.global_rank
+        by_rank = {state["rank"]: name for name, state in states.items() if state.get("world_size") == world}
+        in_place = len(states) == world and sorted(by_rank) == list(range(world))
+        everything = sum_states(list(states.values()))
+        if in_place:
+            own = states[by_rank[rank]]["tensors"]
+            pl_module.restore_accumulated({**own, "items_done": everything["items_done"]}, in_place=True)
+            self._covers = [by_rank[rank]]
+            self._inherited = everything["items_done"] & ~own["items_done"]
+        else:
+            pl_module.restore_accumulated(everything)
+            self._inherited = everything["items_done"].clone()
+        rank_zero_info(f"Resumed from {len(states)} saved state(s) in {state_folder(trainer, self._fingerprint)}: "
+                       f"{int(everything['items_done'].sum())} item(s) already attributed"
+                       + (" (each rank continues its own sums)." if in_place else "."))
 
     # --- signals ------------------------------------------------------------------------------
     def _install_handlers(self) -> None:
@@ -196,11 +233,13 @@ class Preemption(Callback):
             rank_zero_warn("This run edits the model between epochs (iterative selection or a staged selective edit): "
                            "progress after its first epoch is not saved; a restart begins again.")
             return
-        tensors = pl_module.accumulated_state()
+        tensors = dict(pl_module.accumulated_state())
+        if self._inherited is not None:  # items whose sums another file holds are not this file's
+            tensors["items_done"] = tensors["items_done"] & ~self._inherited.to(tensors["items_done"].device)
         if not tensors["items_done"].any():
             return
         path = state_folder(trainer, self._fingerprint) / f"state-g{self._generation:04d}-rank{trainer.global_rank:05d}.pt"
-        save_rank_state(path, tensors, self._fingerprint)
+        save_rank_state(path, tensors, self._fingerprint, trainer.global_rank, trainer.world_size, self._covers)
         log.warning(f"[rank {trainer.global_rank}] saved {int(tensors['items_done'].sum())} attributed item(s) "
                     f"to {path}")
 

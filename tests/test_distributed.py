@@ -117,14 +117,21 @@ def test_preempted_two_process_run_resumes_on_one_process(tmp_path, reference):
     assert not (tmp_path / "preemption").exists()  # spent once the artifacts are written, its folders removed
 
 
-def test_sigterm_saves_and_resumes(tmp_path, reference):
-    stopped = cad_fit(tmp_path, "--trainer.callbacks+=signal_at.SignalAt", "--trainer.callbacks.init_args.batch", "2",
-                      "--trainer.callbacks.init_args.signum", "SIGTERM", check=False)
+def test_sigterm_twice_then_resume_gives_the_uninterrupted_scores_bit_for_bit(tmp_path, reference):
+    """Stopped by SIGTERM after 3 items, resumed and stopped again after 5: the second save takes the place of
+    the first (every item counted once), and the run that ends is bit for bit the uninterrupted run (one
+    process both times: each rank continues its own sums in their order)."""
+    signal_at = ["--trainer.callbacks+=signal_at.SignalAt", "--trainer.callbacks.init_args.signum", "SIGTERM"]
+    stopped = cad_fit(tmp_path, *signal_at, "--trainer.callbacks.init_args.batch", "2", check=False)
     assert len(list((tmp_path / "preemption").glob("*/state-*.pt"))) == 1, stopped.stderr[-3000:]
     assert not list(tmp_path.glob("lightning_logs/*/attribution/scores.safetensors"))
+    again = cad_fit(tmp_path, *signal_at, "--trainer.callbacks.init_args.batch", "4", check=False)
+    assert "3 item(s) already attributed" in again.stdout + again.stderr and again.returncode != 0
     resumed = cad_fit(tmp_path)
-    assert "3 item(s) already attributed" in resumed.stdout + resumed.stderr
-    assert max_relative_difference(latest_scores(tmp_path), reference) <= TOLERANCE
+    assert "5 item(s) already attributed" in resumed.stdout + resumed.stderr
+    scores = latest_scores(tmp_path)
+    assert set(scores) == set(reference)
+    assert all(torch.equal(scores[k], reference[k]) for k in reference)
 
 
 def test_regression_rows_and_coefficients_do_not_depend_on_the_world_size(tmp_path):

@@ -278,14 +278,23 @@ class CADModule(pl.LightningModule):
         return {name: buffer for name, buffer in self.named_buffers()
                 if name.startswith(ACCUMULATED)}
 
-    def restore_accumulated(self, state: dict[str, torch.Tensor]) -> None:
-        """Take the saved state of a preempted run: its items are skipped, its sums added once when reducing."""
+    def restore_accumulated(self, state: dict[str, torch.Tensor], in_place: bool = False) -> None:
+        """Take the saved state of a preempted run: its items are skipped. ``in_place``: the sums are this rank's
+        own saved buffers (same world size), copied into the buffers, so that the batches still to come are added
+        in the order of an uninterrupted run and the scores come out bit for bit equal; otherwise (sums of other
+        ranks, another world size) they are kept apart and added once when reducing."""
         own = self.accumulated_state()
         if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
             raise UserInputError("The saved progress does not match this run's concepts and components; restart "
                                  "with the same config, or remove the preemption folder to start afresh.")
         self.items_done.copy_(state["items_done"])
-        self.restored = {k: v.to(self.device) for k, v in state.items() if k != "items_done"}
+        sums = {k: v.to(self.device) for k, v in state.items() if k != "items_done"}
+        if in_place:
+            for name, tensor in sums.items():
+                getattr(self, name).copy_(tensor)
+            self.restored = {}
+        else:
+            self.restored = sums
 
     def _reduced_sum(self, name: str) -> torch.Tensor:
         """The sum of a buffer over all ranks, plus what a preempted run saved of it."""
