@@ -363,15 +363,40 @@ class AttributionWriter(Callback):
         restore_weights(pl_module.backbone.unet, self._original, masks)
 
     # --- end of fit ---------------------------------------------------------------------------
+    def _results(self) -> dict:
+        """What the artifacts are made from (saved when a run is stopped while writing them)."""
+        return {"scores": self.scores, "sensitivity": self.sensitivity, "row_moments": self.row_moments,
+                "staged": self._staged, "iterative": self.iterative_masks, "floor": self._floor_cache}
+
+    def _take_results(self, results: dict) -> None:
+        self.scores, self.sensitivity, self.row_moments = results["scores"], results["sensitivity"], results["row_moments"]
+        self._staged, self.iterative_masks, self._floor_cache = results["staged"], results["iterative"], results["floor"]
+
+    def _stop_point(self, trainer, pl_module, phase: str) -> None:
+        """Where a run stopped by a signal after its last batch saves its results and stops (see Preemption)."""
+        preemption = getattr(pl_module, "preemption", None)
+        if preemption is not None:
+            preemption.checkpoint(trainer, phase, self._results)
+
+    def _checked_apply(self, trainer, pl_module, masks) -> None:
+        """Put an edit on the model during evaluation, a safe point to stop at."""
+        self._stop_point(trainer, pl_module, "evaluation")
+        self._apply(pl_module, masks)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         self._apply(pl_module, None)
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast from rank 0: on every rank
         if not trainer.is_global_zero:
             return
+        saved = getattr(getattr(pl_module, "preemption", None), "results", None)
+        if saved is not None:  # a rerun of a run stopped after attribution
+            self._take_results(saved)
+        self._stop_point(trainer, pl_module, "writing")
         target = pl_module.concepts[0]
         scores = self.scores[target]
         self._write_scores(run_dir, trainer, pl_module, scores)
         edits = self._build_edits(pl_module)
+        self._stop_point(trainer, pl_module, "writing")
         evaluable = self.evaluate and trainer.datamodule.prompt_templates is None
         search = None
         if self.evaluate_at == "floor" and evaluable:
@@ -507,7 +532,7 @@ class AttributionWriter(Callback):
         for selection, per_ratio in edits.items():
             found, probes = search_floor(
                 pl_module.backbone, self._detector(pl_module), concept, per_ratio,
-                lambda masks: self._apply(pl_module, masks), goal, self.search_images, self.eval_batch_size,
+                lambda masks: self._checked_apply(trainer, pl_module, masks), goal, self.search_images, self.eval_batch_size,
                 progress=bool(trainer.progress_bar_callback))
             chosen = found if found is not None else max(per_ratio)
             kept[selection] = {chosen: per_ratio[chosen]}
@@ -622,7 +647,7 @@ class AttributionWriter(Callback):
         if self.evaluate_at == "goal":  # ratio by ratio, smallest first, until an edit meets the goal
             until = lambda rows: goal_met(read_against_controls(rows, floor.get(concept), erase))  # noqa: E731
         before, results, images = evaluate_edits(
-            backbone, detector, concept, retained, items, edits, lambda masks: self._apply(pl_module, masks),
+            backbone, detector, concept, retained, items, edits, lambda masks: self._checked_apply(trainer, pl_module, masks),
             self.eval_batch_size, progress=bool(trainer.progress_bar_callback), ssim_only=draws_only, until=until)
         results = read_against_controls(results, floor.get(concept), erase)
         for selection in list(edits):  # what was not evaluated is not written either

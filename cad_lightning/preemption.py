@@ -19,6 +19,10 @@ How it works:
   whose batches hold other items anyway). A later save names the files it takes the place of (``covers``), so
   a run preempted several times counts every item once. Runs of other configs in the same root neither read
   nor remove that folder.
+- After the last epoch only rank 0 works (the writer: scores, edits, evaluation, report). A signal then is
+  honoured at the writer's safe points (before each step, before each edit is evaluated): the results the
+  artifacts are made from (scores, sensitivity, staged edits) are saved as ``results.pt``, and a rerun skips
+  attribution altogether and writes (and evaluates) from them; the scores are never computed twice.
 - When the artifacts are written, the run's own folder is removed (and ``preemption/`` once it is empty).
 
 Why not a Lightning checkpoint: Lightning writes checkpoints from rank 0 only (the other ranks' partial sums
@@ -53,6 +57,7 @@ from cad_lightning.utils import atomic_path
 log = logging.getLogger(__name__)
 
 STATE_FOLDER = "preemption"
+RESULTS_FILE = "results.pt"  # what the artifacts are made from, saved by a run stopped while writing them
 # the signals that stop a run with its progress saved; a larger code wins when ranks disagree
 SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR1: 2}
 
@@ -132,20 +137,33 @@ class Preemption(Callback):
         self._saved = False
         self._covers: list[str] = []  # the saved files whose sums this rank's buffers hold
         self._inherited: torch.Tensor | None = None  # items whose sums are not in this rank's buffers
+        self.results: dict | None = None  # saved by a run stopped after attribution (rank 0), see checkpoint()
 
     # --- resume -------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         self._fingerprint = run_fingerprint(pl_module, trainer.datamodule)
         folder = state_folder(trainer, self._fingerprint)
         # rank 0 decides which files make the resumed state, so every rank loads the same ones
-        names = sorted(p.name for p in folder.glob("state-*.pt")) if trainer.is_global_zero else None
-        names = trainer.strategy.broadcast(names, src=0)
+        found = None
         if trainer.is_global_zero:
-            others = [p for p in state_root(trainer).glob("*/") if p.is_dir() and p != folder and any(p.glob("state-*.pt"))]
+            found = (sorted(p.name for p in folder.glob("state-*.pt")), (folder / RESULTS_FILE).is_file())
+        names, has_results = trainer.strategy.broadcast(found, src=0)
+        if trainer.is_global_zero:
+            others = [p for p in state_root(trainer).glob("*/") if p.is_dir() and p != folder
+                      and (any(p.glob("state-*.pt")) or (p / RESULTS_FILE).is_file())]
             if others:
                 rank_zero_info(f"{state_root(trainer)} holds the saved progress of {len(others)} run(s) of other "
                                "configs; this run leaves it for them.")
-        if names:
+        if has_results:  # attribution was complete: no epoch runs, the writer starts from the saved results
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                self.results = torch.load(folder / RESULTS_FILE, map_location="cpu", weights_only=True)
+                if self.results.get("fingerprint") != self._fingerprint:
+                    raise UserInputError(f"{folder / RESULTS_FILE} was saved by a run with a different config; "
+                                         "remove it to start afresh.")
+            rank_zero_info(f"Resumed after attribution from {folder / RESULTS_FILE}: the saved scores are used (none "
+                           "is computed again); the artifacts are written and evaluated again.")
+        elif names:
             self._resume(trainer, pl_module, load_states([folder / n for n in names], self._fingerprint))
         self._generation = 1 + max((int(n.split("-")[1][1:]) for n in names), default=-1)
         self._install_handlers()
@@ -198,6 +216,24 @@ class Preemption(Callback):
         name = next(s.name for s, c in SIGNAL_CODES.items() if c == code)
         raise SIGTERMException(f"Stopped by signal {name}; progress saved in {state_folder(trainer, self._fingerprint)}.")
 
+    def checkpoint(self, trainer: pl.Trainer, phase: str, results) -> None:
+        """A safe point after the last epoch, where only rank 0 works (writing the artifacts, evaluating the
+        edits): if a signal was received, save ``results()`` (what the artifacts are made from: the scores, the
+        staged edits; a dict of tensors, numbers and strings), remove the per-rank states it replaces, requeue
+        under SLURM for SIGUSR1, and stop. A rerun takes them instead of attributing again."""
+        if self.signal_received is None or not self._fingerprint:
+            return
+        self._saved = True  # nothing else to save on the way out
+        folder = state_folder(trainer, self._fingerprint)
+        with atomic_path(folder / RESULTS_FILE) as tmp:
+            torch.save({"fingerprint": self._fingerprint, **results()}, tmp)
+        for path in folder.glob("state-*.pt"):
+            path.unlink()
+        if self.signal_received == signal.SIGUSR1 and SLURMEnvironment.detect():
+            requeue_slurm_job()
+        raise SIGTERMException(f"Stopped by signal {signal.Signals(self.signal_received).name} during {phase}; the "
+                               f"scores are saved in {folder / RESULTS_FILE} and a rerun continues from them.")
+
     @staticmethod
     def _agreed_signal(trainer: pl.Trainer, code: int) -> int:
         """The strongest signal any rank received (0: none)."""
@@ -249,8 +285,8 @@ class Preemption(Callback):
         self._restore_handlers()
         if trainer.is_global_zero and self._fingerprint:
             folder = state_folder(trainer, self._fingerprint)
-            for path in folder.glob("state-*.pt"):
-                path.unlink()
+            for path in [*folder.glob("state-*.pt"), folder / RESULTS_FILE]:
+                path.unlink(missing_ok=True)
             for empty in (folder, state_root(trainer)):
                 try:
                     empty.rmdir()

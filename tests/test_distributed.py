@@ -134,6 +134,36 @@ def test_sigterm_twice_then_resume_gives_the_uninterrupted_scores_bit_for_bit(tm
     assert all(torch.equal(scores[k], reference[k]) for k in reference)
 
 
+EVALUATE_SMALL = ["--trainer.callbacks.init_args.evaluate", "true", "--trainer.callbacks.init_args.evaluate_at", "all",
+                  "--trainer.callbacks.init_args.eval_target_images", "4", "--trainer.callbacks.init_args.eval_retain_images",
+                  "4", "--trainer.callbacks.init_args.floor_images", "4", "--trainer.callbacks.init_args.random_draws", "1"]
+
+
+@pytest.mark.parametrize("moment, phase", [
+    (["--trainer.callbacks.init_args.after_last_epoch", "true"], "writing"),
+    (["--trainer.callbacks.init_args.when_written", "lightning_logs/*/edits/*.safetensors"], "evaluation"),
+])
+def test_a_signal_after_the_last_batch_saves_the_scores_and_the_rerun_attributes_nothing(tmp_path, reference, moment, phase):
+    """SIGTERM once every item is attributed (before anything is written, or while the edits are evaluated):
+    the run stops with its results saved; the rerun runs no training batch (a signal at its first batch would
+    stop it), writes the artifacts from the saved scores (bit for bit the uninterrupted run's) and removes them."""
+    evaluation = EVALUATE_SMALL if phase == "evaluation" else []  # the writer's options, before the callback is added
+    stopped = cad_fit(tmp_path, *evaluation, "--trainer.callbacks+=signal_at.SignalAt",
+                      "--trainer.callbacks.init_args.signum", "SIGTERM", *moment, check=False)
+    assert stopped.returncode != 0 and f"during {phase}" in stopped.stderr, stopped.stderr[-3000:]
+    assert len(list((tmp_path / "preemption").glob("*/results.pt"))) == 1
+    assert not list((tmp_path / "preemption").glob("*/state-*.pt"))
+    assert not list(tmp_path.glob("lightning_logs/*/report.json"))
+
+    rerun = cad_fit(tmp_path, *evaluation, "--trainer.callbacks+=signal_at.SignalAt", "--trainer.callbacks.init_args.batch", "0")
+    assert "Resumed after attribution" in rerun.stdout + rerun.stderr
+    scores = latest_scores(tmp_path)
+    assert set(scores) == set(reference) and all(torch.equal(scores[k], reference[k]) for k in reference)
+    report = json.loads(sorted(tmp_path.glob("lightning_logs/*/report.json"))[-1].read_text())
+    assert report["edits"] and (phase != "evaluation" or report["results"])
+    assert not (tmp_path / "preemption").exists()
+
+
 def test_regression_rows_and_coefficients_do_not_depend_on_the_world_size(tmp_path):
     """The regression estimator on 1 and on 2 processes (mask ids sharded, rows gathered on rank 0): the same
     mask scores and the same fitted coefficients."""

@@ -141,6 +141,7 @@ class CADModule(pl.LightningModule):
         self.objective: ConceptObjective | None = None
         self.restored: dict[str, torch.Tensor] = {}  # sums saved by a preempted run, see restore_accumulated
         self._items_start = (0.0, 0)
+        self.preemption: Preemption | None = None
 
     # --- set-up -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -163,7 +164,9 @@ class CADModule(pl.LightningModule):
         self.backbone.check_prompts(datamodule.all_prompts())  # fail before any work is done
 
     def configure_callbacks(self):
-        return [Preemption()]
+        # kept on the module: the writer asks it at the safe points of writing and evaluation (checkpoint)
+        self.preemption = Preemption()
+        return [self.preemption]
 
     def configure_concepts(self, concepts: list[str], base_prompt: str) -> None:
         """Create one fp32 score buffer per (concept, component) and the objective."""
