@@ -34,7 +34,6 @@ beside the random control of equal count.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import platform
 import time
@@ -62,22 +61,12 @@ from cad_lightning.editing import (
 from cad_lightning.editing.coherent import GuidedChange, coherent_selection, round_schedule
 from cad_lightning.editing.text_space import TEXT_SPACE_STEP, reads_text_only, text_space_selection, token_second_moment
 from cad_lightning.errors import UserInputError
-from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_image, save_image
+from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_image, save_image, write_json, write_text
 
 SELECTIONS = ("cad", "selective", "retain", "iterative", "random")
 COLLATERAL_SPACES = ("auto", "text", "states")
 EVALUATE_AT = ("all", "goal", "floor")
 STATES_STEP = 0.02  # rounds with sampled states cost a forward and backward pass each
-
-
-def write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def ratio_tag(ratio: float) -> str:

@@ -10,7 +10,10 @@ synchronisation of DistributedDataParallel (cad_lightning/strategy.py).
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +21,8 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from cad_lightning.errors import UserInputError
+from cad_lightning.errors import UserInputError, user_error_in
+from cad_lightning.run_status import check_output_folder, output_snapshot, remove_refused_run
 from cad_lightning.strategy import NAME as ATTRIBUTION_STRATEGY
 from cad_lightning.strategy import uses_gradient_sync
 
@@ -32,10 +36,45 @@ class CADArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:  # an inner parse whose failure the caller handles
             return super().error(message, ex)
-        lines = [line.rstrip() for line in str(message).splitlines() if line.strip()]
-        text = "\n  ".join(lines[:MESSAGE_LINES]) + ("\n  ..." if len(lines) > MESSAGE_LINES else "")
+        text = class_option_error(str(message))
+        if text is None:
+            lines = [line.rstrip() for line in str(message).splitlines() if line.strip()]
+            text = "\n  ".join(lines[:MESSAGE_LINES]) + ("\n  ..." if len(lines) > MESSAGE_LINES else "")
         sys.stderr.write(f"cad: error: {text}\n`{self.prog.replace(' [options]', '')} --help` lists every option.\n")
         self.exit(2)
+
+
+def class_option_error(message: str) -> str | None:
+    """A parse error of a class's option in one line, from the parser's union error (which lists every
+    alternative type): ``--data.sample: AttributionDataModule has no option 'sample'; did you mean 'samples'?``,
+    or the option and what was wrong with its value. None when the message is not of that kind."""
+    key = re.match(r'Parser key "([^"]+)"', message)
+    problem = re.search(r"Problem with given class_path '([^']+)':\s*\n(.*?)(?:\n\s*- |\Z)", message, re.S)
+    if key is None or problem is None:
+        return None
+    class_path, detail = problem.group(1), " ".join(problem.group(2).split())
+    name = class_path.rpartition(".")[2]
+    unknown = re.fullmatch(r"Option '([^']+)' is not accepted", detail)
+    if unknown:
+        option = unknown.group(1)
+        accepted = init_parameters(class_path)
+        close = difflib.get_close_matches(option, accepted, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else (f"; it accepts {', '.join(accepted)}." if accepted else ".")
+        return f"--{key.group(1)}.{option}: {name} has no option '{option}'{hint}"
+    inner = re.match(r'Parser key "([^"]+)": (.*)', detail)
+    if inner:
+        return f"--{key.group(1)}.{inner.group(1)} ({name}): {inner.group(2)}"
+    return f"--{key.group(1)} ({name}): {detail}"
+
+
+def init_parameters(class_path: str) -> list[str]:
+    """The options of a class given in a config (the names of its constructor's parameters)."""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
 
 
 def check_config_files(args: list[str]) -> None:
@@ -88,17 +127,18 @@ class CADCLI(LightningCLI):
         if trainer.strategy == "ddp" or several:
             trainer.strategy = ATTRIBUTION_STRATEGY
 
+    def before_fit(self) -> None:
+        check_output_folder(self.trainer.default_root_dir)  # before any work
+        self._outputs_before = output_snapshot(self.trainer)
 
-def user_error_in(error: BaseException) -> UserInputError | None:
-    """The UserInputError behind an exception (jsonargparse and Lightning wrap errors raised while building
-    or running the objects), or None for a genuine failure, which keeps its traceback."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, UserInputError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as error:
+            before = getattr(self, "_outputs_before", None)
+            if before is not None and user_error_in(error) is not None and self.trainer.is_global_zero:
+                remove_refused_run(self.trainer, before)  # a refused input leaves nothing behind
+            raise
 
 
 def main(args: list[str] | None = None) -> None:

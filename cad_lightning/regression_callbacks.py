@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 
 from cad_lightning.attribution.fidelity import first_order_fidelity, write_fidelity
 from cad_lightning.attribution.linear_fit import METHODS, fit_linear
-from cad_lightning.callbacks import AttributionWriter, file_sha256, markdown_report, write_json, write_text
+from cad_lightning.callbacks import AttributionWriter, file_sha256, markdown_report
+from cad_lightning.utils import write_json, write_text
 from cad_lightning.editing.select import count_ablated, select_components
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_path

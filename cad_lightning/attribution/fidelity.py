@@ -54,7 +54,7 @@ def plot_fidelity(path: Path, predicted, actual, title: str, xlabel: str, ylabel
 def write_fidelity(run_dir: Path, record: dict, predicted, actual, logger=None, xlabel="predicted", ylabel="measured") -> dict:
     """Correlations of ``predicted`` vs ``actual`` merged into ``record``, written to attribution/fidelity.json,
     attribution/fidelity.png and TensorBoard (scalars ``fidelity/pearson``, ``fidelity/spearman`` and the figure)."""
-    from cad_lightning.callbacks import write_json
+    from cad_lightning.utils import write_json
 
     record = {**record, **correlations(predicted, actual)}
     folder = Path(run_dir) / "attribution"

@@ -32,6 +32,7 @@ from cad_lightning.errors import UserInputError
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
 from cad_lightning.preemption import Preemption
+from cad_lightning.run_status import RunStatus
 from cad_lightning.strategy import NAME as ATTRIBUTION_STRATEGY
 from cad_lightning.strategy import AttributionStrategy
 
@@ -166,7 +167,7 @@ class CADModule(pl.LightningModule):
     def configure_callbacks(self):
         # kept on the module: the writer asks it at the safe points of writing and evaluation (checkpoint)
         self.preemption = Preemption()
-        return [self.preemption]
+        return [RunStatus(), self.preemption]
 
     def configure_concepts(self, concepts: list[str], base_prompt: str) -> None:
         """Create one fp32 score buffer per (concept, component) and the objective."""

@@ -27,6 +27,7 @@ from cad_lightning.attribution.objectives import OBJECTIVES
 from cad_lightning.attribution.store import MaskScoreStore
 from cad_lightning.errors import UserInputError
 from cad_lightning.generation import DEFAULT_MODEL
+from cad_lightning.run_status import RunStatus
 
 
 class RegressionCADModule(CADModule):
@@ -77,7 +78,8 @@ class RegressionCADModule(CADModule):
 
     # --- set-up -------------------------------------------------------------------------------
     def configure_callbacks(self):
-        return []  # interruptions are covered by the mask-score store, not by the first-order preemption state
+        # interruptions are covered by the mask-score store, not by the first-order preemption state
+        return [RunStatus()]
 
     def on_train_epoch_start(self) -> None:
         pass  # no first-order progress to track
