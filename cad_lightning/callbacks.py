@@ -227,6 +227,7 @@ class AttributionWriter(Callback):
         self._start = 0.0
         self._detector_cache = None
         self._floor_cache: dict[str, float] | None = None
+        self._taken = False  # whether the results of a stopped run were taken
 
     # --- set-up -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
@@ -280,9 +281,32 @@ class AttributionWriter(Callback):
                                      "set it to null for other components.")
         params = dict(pl_module.backbone.unet.named_parameters())
         self._original = {n: params[n].detach().clone() for n in pl_module.component_names}
+        preemption = getattr(pl_module, "preemption", None)
+        if preemption is not None:  # a signal in a later epoch saves what the earlier epochs made
+            preemption.provide_results(self._results)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.current_epoch == 0:
+            self._take_saved(pl_module)
+
+    def _take_saved(self, pl_module) -> None:
+        """Take the results a stopped run saved after whole epochs (once), and put its edit back on the model."""
+        preemption = getattr(pl_module, "preemption", None)
+        if self._taken or preemption is None or preemption.results is None:
+            return
+        self._taken = True
+        self._take_results(preemption.results)
+        self._apply(pl_module, self._keep if self.rescore_every is not None else self._cumulative)
+
+    def _skipped(self, trainer, pl_module) -> bool:
+        """Whether this epoch's results come from a stopped run (see Preemption)."""
+        preemption = getattr(pl_module, "preemption", None)
+        return preemption is not None and trainer.current_epoch < preemption.epochs_done
 
     # --- per round ----------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self._skipped(trainer, pl_module):
+            return
         scores = pl_module.reduced_scores()
         for concept, per_param in scores.items():
             for name, tensor in per_param.items():
@@ -355,11 +379,14 @@ class AttributionWriter(Callback):
     def _results(self) -> dict:
         """What the artifacts are made from (saved when a run is stopped while writing them)."""
         return {"scores": self.scores, "sensitivity": self.sensitivity, "row_moments": self.row_moments,
-                "staged": self._staged, "iterative": self.iterative_masks, "floor": self._floor_cache}
+                "staged": self._staged, "keep": self._keep, "iterative": self.iterative_masks,
+                "cumulative": self._cumulative, "floor": self._floor_cache}
 
     def _take_results(self, results: dict) -> None:
         self.scores, self.sensitivity, self.row_moments = results["scores"], results["sensitivity"], results["row_moments"]
-        self._staged, self.iterative_masks, self._floor_cache = results["staged"], results["iterative"], results["floor"]
+        self._staged, self._keep = results["staged"], results["keep"]
+        self.iterative_masks, self._cumulative = results["iterative"], results["cumulative"]
+        self._floor_cache = results["floor"]
 
     def _stop_point(self, trainer, pl_module, phase: str) -> None:
         """Where a run stopped by a signal after its last batch saves its results and stops (see Preemption)."""
@@ -373,13 +400,11 @@ class AttributionWriter(Callback):
         self._apply(pl_module, masks)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._take_saved(pl_module)  # a rerun of a run stopped after attribution (no epoch ran)
         self._apply(pl_module, None)
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast from rank 0: on every rank
         if not trainer.is_global_zero:
             return
-        saved = getattr(getattr(pl_module, "preemption", None), "results", None)
-        if saved is not None:  # a rerun of a run stopped after attribution
-            self._take_results(saved)
         self._stop_point(trainer, pl_module, "writing")
         target = pl_module.concepts[0]
         scores = self.scores[target]

@@ -25,13 +25,15 @@ How it works:
   attribution altogether and writes (and evaluates) from them; the scores are never computed twice.
 - When the artifacts are written, the run's own folder is removed (and ``preemption/`` once it is empty).
 
+Runs with several epochs (the ``iterative`` selection, a staged ``selective`` edit) edit the model between epochs.
+A signal in a later epoch saves the writer's results of the epochs before it (their scores, the edit so far)
+as ``results.pt``; the restart runs those epochs' batches as no-ops, puts the edit back on the model and
+attributes from the epoch that was stopped.
+
 Why not a Lightning checkpoint: Lightning writes checkpoints from rank 0 only (the other ranks' partial sums
 would be lost), its SLURM handler saves inside the signal handler (possibly halfway through adding a batch to
 the buffers), its SIGTERM handler runs a broadcast inside the signal handler (which fails when rank 0 has
-already left, e.g. after a requeue), and it resumes a mid-epoch loop only with a stateful data loader. Runs with several epochs
-(the ``iterative`` selection, a staged ``selective`` edit) edit the model between epochs: their first epoch (the
-unedited model's scores, sensitivity and row moments: most of the work) is saved and resumed like a one-epoch
-run's; a signal in a later epoch saves nothing, and the restart begins again.
+already left, e.g. after a requeue), and it resumes a mid-epoch loop only with a stateful data loader.
 """
 
 from __future__ import annotations
@@ -137,7 +139,9 @@ class Preemption(Callback):
         self._saved = False
         self._covers: list[str] = []  # the saved files whose sums this rank's buffers hold
         self._inherited: torch.Tensor | None = None  # items whose sums are not in this rank's buffers
-        self.results: dict | None = None  # saved by a run stopped after attribution (rank 0), see checkpoint()
+        self.results: dict | None = None  # what the writer saved when a run stopped after its first epoch
+        self.epochs_done = 0  # epochs of a stopped run that need not run again (their results are in ``results``)
+        self._results_provider = None
 
     # --- resume -------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
@@ -154,15 +158,19 @@ class Preemption(Callback):
             if others:
                 rank_zero_info(f"{state_root(trainer)} holds the saved progress of {len(others)} run(s) of other "
                                "configs; this run leaves it for them.")
-        if has_results:  # attribution was complete: no epoch runs, the writer starts from the saved results
-            trainer.should_stop = True
-            if trainer.is_global_zero:
-                self.results = torch.load(folder / RESULTS_FILE, map_location="cpu", weights_only=True)
-                if self.results.get("fingerprint") != self._fingerprint:
-                    raise UserInputError(f"{folder / RESULTS_FILE} was saved by a run with a different config; "
-                                         "remove it to start afresh.")
-            rank_zero_info(f"Resumed after attribution from {folder / RESULTS_FILE}: the saved scores are used (none "
-                           "is computed again); the artifacts are written and evaluated again.")
+        if has_results:  # the writer's results after whole epochs: those epochs do not run again
+            self.results = torch.load(folder / RESULTS_FILE, map_location="cpu", weights_only=True)
+            if self.results.get("fingerprint") != self._fingerprint:
+                raise UserInputError(f"{folder / RESULTS_FILE} was saved by a run with a different config; "
+                                     "remove it to start afresh.")
+            self.epochs_done = int(self.results["epochs_done"])
+            if self.epochs_done >= trainer.max_epochs:  # attribution was complete: no epoch runs
+                trainer.should_stop = True
+                rank_zero_info(f"Resumed after attribution from {folder / RESULTS_FILE}: the saved scores are used "
+                               "(none is computed again); the artifacts are written and evaluated again.")
+            else:
+                rank_zero_info(f"Resumed from {folder / RESULTS_FILE} after epoch {self.epochs_done} of "
+                               f"{trainer.max_epochs}: the scores of those epochs are used, the rest is attributed.")
         elif names:
             self._resume(trainer, pl_module, load_states([folder / n for n in names], self._fingerprint))
         self._generation = 1 + max((int(n.split("-")[1][1:]) for n in names), default=-1)
@@ -216,6 +224,11 @@ class Preemption(Callback):
         name = next(s.name for s, c in SIGNAL_CODES.items() if c == code)
         raise SIGTERMException(f"Stopped by signal {name}; progress saved in {state_folder(trainer, self._fingerprint)}.")
 
+    def provide_results(self, results) -> None:
+        """``results()``: what the writer has made of the epochs so far (a dict of tensors, numbers and strings),
+        saved by a signal in a later epoch so that the restart begins with the next epoch."""
+        self._results_provider = results
+
     def checkpoint(self, trainer: pl.Trainer, phase: str, results) -> None:
         """A safe point after the last epoch, where only rank 0 works (writing the artifacts, evaluating the
         edits): if a signal was received, save ``results()`` (what the artifacts are made from: the scores, the
@@ -225,14 +238,17 @@ class Preemption(Callback):
             return
         self._saved = True  # nothing else to save on the way out
         folder = state_folder(trainer, self._fingerprint)
-        with atomic_path(folder / RESULTS_FILE) as tmp:
-            torch.save({"fingerprint": self._fingerprint, **results()}, tmp)
-        for path in folder.glob("state-*.pt"):
-            path.unlink()
+        self._save_results(folder, results(), trainer.max_epochs)
         if self.signal_received == signal.SIGUSR1 and SLURMEnvironment.detect():
             requeue_slurm_job()
         raise SIGTERMException(f"Stopped by signal {signal.Signals(self.signal_received).name} during {phase}; the "
                                f"scores are saved in {folder / RESULTS_FILE} and a rerun continues from them.")
+
+    def _save_results(self, folder: Path, results: dict, epochs_done: int) -> None:
+        with atomic_path(folder / RESULTS_FILE) as tmp:
+            torch.save({"fingerprint": self._fingerprint, "epochs_done": epochs_done, **results}, tmp)
+        for path in folder.glob("state-*.pt"):  # their sums are in the results
+            path.unlink()
 
     @staticmethod
     def _agreed_signal(trainer: pl.Trainer, code: int) -> int:
@@ -265,9 +281,13 @@ class Preemption(Callback):
         if self._saved or not self._fingerprint:
             return
         self._saved = True
-        if trainer.current_epoch > 0:
-            rank_zero_warn("This run edits the model between epochs (iterative selection or a staged selective edit): "
-                           "progress after its first epoch is not saved; a restart begins again.")
+        if trainer.current_epoch > 0:  # a model edited between epochs: the results of the epochs before this one
+            if self._results_provider is None:
+                rank_zero_warn("Progress after the first epoch is not saved; a restart begins again.")
+            elif trainer.is_global_zero:  # the same on every rank
+                folder = state_folder(trainer, self._fingerprint)
+                self._save_results(folder, self._results_provider(), trainer.current_epoch)
+                log.warning(f"saved the results of {trainer.current_epoch} epoch(s) to {folder / RESULTS_FILE}")
             return
         tensors = dict(pl_module.accumulated_state())
         if self._inherited is not None:  # items whose sums another file holds are not this file's

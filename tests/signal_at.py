@@ -1,6 +1,6 @@
 """A callback for tests: the process sends itself a signal at a chosen moment of a run.
 
-- ``batch``: when that training batch starts (mid-attribution);
+- ``batch``: when that training batch of epoch ``epoch`` starts (mid-attribution);
 - ``after_last_epoch``: when the last epoch ends (all items attributed, nothing written yet);
 - ``when_written``: as soon as a file matching ``pattern`` (a glob under ``trainer.default_root_dir``) exists,
   watched from a thread started when the last epoch ends, e.g. ``lightning_logs/*/edits/*.safetensors`` to land
@@ -23,9 +23,9 @@ class SignalAt(Callback):
     (``after_last_epoch``, ``when_written``); under Slurm only in the job's first run (a requeued job runs the
     same command again)."""
 
-    def __init__(self, batch: int = 1, signum: str = "SIGUSR1", ranks: list[int] | None = None,
+    def __init__(self, batch: int = 1, signum: str = "SIGUSR1", ranks: list[int] | None = None, epoch: int = 0,
                  after_last_epoch: bool = False, when_written: str | None = None) -> None:
-        self.batch, self.signum, self.ranks = batch, signal.Signals[signum], ranks
+        self.batch, self.signum, self.ranks, self.epoch = batch, signal.Signals[signum], ranks, epoch
         self.after_last_epoch, self.when_written = after_last_epoch, when_written
 
     def _armed(self, trainer) -> bool:
@@ -34,7 +34,8 @@ class SignalAt(Callback):
         return int(os.environ.get("SLURM_RESTART_COUNT", "0")) == 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if not (self.after_last_epoch or self.when_written) and batch_idx == self.batch and self._armed(trainer):
+        if (not (self.after_last_epoch or self.when_written) and trainer.current_epoch == self.epoch
+                and batch_idx == self.batch and self._armed(trainer)):
             os.kill(os.getpid(), self.signum)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,11 +32,24 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
-    """The scores of the tiny run on one process."""
+def reference_run(tmp_path_factory) -> Path:
+    """The root of the tiny run on one process."""
     root = tmp_path_factory.mktemp("one_process")
     cad_fit(root)
-    return latest_scores(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict[str, torch.Tensor]:
+    """The scores of the tiny run on one process."""
+    return latest_scores(reference_run)
+
+
+def latest_edits(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    runs = sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return {path.name: load_file(path) for path in sorted((runs[-1] / "edits").glob("*.safetensors"))}
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 7])
@@ -161,6 +175,25 @@ def test_a_signal_after_the_last_batch_saves_the_scores_and_the_rerun_attributes
     assert set(scores) == set(reference) and all(torch.equal(scores[k], reference[k]) for k in reference)
     report = json.loads(sorted(tmp_path.glob("lightning_logs/*/report.json"))[-1].read_text())
     assert report["edits"] and (phase != "evaluation" or report["results"])
+    assert not (tmp_path / "preemption").exists()
+
+
+def test_a_signal_in_the_rescoring_epoch_resumes_at_that_epoch(tmp_path, reference, reference_run):
+    """The default config scores twice: the unedited model, then the model carrying the 20% edit. SIGTERM in the
+    second epoch saves the first epoch's results (scores, sensitivity, the edit so far); the rerun runs only the
+    second epoch's attribution and writes the uninterrupted run's scores and edits, bit for bit."""
+    stopped = cad_fit(tmp_path, "--trainer.callbacks+=signal_at.SignalAt", "--trainer.callbacks.init_args.signum",
+                      "SIGTERM", "--trainer.callbacks.init_args.epoch", "1", "--trainer.callbacks.init_args.batch", "1",
+                      check=False)
+    assert stopped.returncode != 0 and len(list((tmp_path / "preemption").glob("*/results.pt"))) == 1, stopped.stderr[-3000:]
+    rerun = cad_fit(tmp_path)
+    assert "after epoch 1 of 2" in rerun.stdout + rerun.stderr
+    scores = latest_scores(tmp_path)
+    assert set(scores) == set(reference) and all(torch.equal(scores[k], reference[k]) for k in reference)
+    edits, expected = latest_edits(tmp_path), latest_edits(reference_run)
+    assert set(edits) == set(expected) and len(expected) >= 2
+    for name, masks in expected.items():
+        assert all(torch.equal(edits[name][k], masks[k]) for k in masks), name
     assert not (tmp_path / "preemption").exists()
 
 

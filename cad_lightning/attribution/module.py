@@ -204,6 +204,8 @@ class CADModule(pl.LightningModule):
         self._items_start = (time.perf_counter(), int(self.items_done.sum()))
 
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        if self.preemption is not None and self.current_epoch < self.preemption.epochs_done:
+            return  # an epoch whose results a stopped run saved
         batch = [item for item in batch if not self.items_done[item["item_id"]]]  # finished before a preemption
         for c, concept in enumerate(self.concepts):
             if c > 0 and self.current_epoch > 0:
