@@ -52,3 +52,14 @@ class SignalAt(Callback):
                 os.kill(os.getpid(), self.signum)
 
             threading.Thread(target=watch, daemon=True).start()
+
+
+class FailAt(Callback):
+    """Raise a RuntimeError (a genuine failure, not a refused input) when training batch ``batch`` starts."""
+
+    def __init__(self, batch: int = 1) -> None:
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == self.batch:
+            raise RuntimeError("a failure injected by the test")

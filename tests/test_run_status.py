@@ -71,3 +71,13 @@ def test_a_killed_run_stays_marked_running_and_the_rerun_says_so(tmp_path):
     assert "already attributed" not in output  # nothing was saved: it starts afresh, by the stated rule
     assert json.loads((tmp_path / "lightning_logs" / "version_1" / "status.json").read_text())["status"] == "complete"
     assert json.loads((tmp_path / "lightning_logs" / "version_0" / "status.json").read_text())["status"] == "running"
+
+
+@pytest.mark.slow
+def test_a_crash_is_marked_failed_with_its_error(tmp_path):
+    from distributed_runs import cad_fit
+
+    crashed = cad_fit(tmp_path, "--trainer.callbacks+=signal_at.FailAt", check=False)
+    assert crashed.returncode == 1 and "Traceback" in crashed.stderr
+    status = json.loads((tmp_path / "lightning_logs" / "version_0" / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == "RuntimeError: a failure injected by the test"
