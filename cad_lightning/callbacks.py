@@ -46,6 +46,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from cad_lightning.attribution.localisation import localisation, top_components, unet_levels
 from cad_lightning.editing import (
     SCOPES,
     combine_masks,
@@ -61,6 +62,7 @@ from cad_lightning.editing import (
 from cad_lightning.editing.coherent import GuidedChange, coherent_selection, round_schedule
 from cad_lightning.editing.text_space import TEXT_SPACE_STEP, reads_text_only, text_space_selection, token_second_moment
 from cad_lightning.errors import UserInputError
+from cad_lightning.plots import localisation_figure, save_figure
 from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_image, save_image, write_json, write_text
 
 SELECTIONS = ("cad", "selective", "retain", "iterative", "random")
@@ -130,6 +132,8 @@ class AttributionWriter(Callback):
         eval_target_images / eval_retain_images: images of prompts naming the target / retained concepts.
         floor_images: images of the base prompt used to measure the floor.
         eval_batch_size: images per sampling batch during evaluation.
+        localise_top: the fraction of scored weights (by score, each sign) whose attribution mass the report's
+            localisation chart breaks down by UNet block and component kind.
     """
 
     def __init__(
@@ -155,8 +159,12 @@ class AttributionWriter(Callback):
         eval_retain_images: int = 64,
         floor_images: int = 64,
         eval_batch_size: int = 96,
+        localise_top: float = 0.01,
     ) -> None:
         super().__init__()
+        if not (isinstance(localise_top, (int, float)) and 0 < localise_top < 1):
+            raise UserInputError(f"AttributionWriter localise_top must be in (0, 1), got {localise_top!r}.")
+        self.localise_top = float(localise_top)
         if ratios is None or isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__"):
             raise UserInputError(f"AttributionWriter ratios must be a list of numbers in (0, 1), got {ratios!r}.")
         ratios = list(ratios)
@@ -409,6 +417,7 @@ class AttributionWriter(Callback):
         target = pl_module.concepts[0]
         scores = self.scores[target]
         self._write_scores(run_dir, trainer, pl_module, scores)
+        located = self._localise(run_dir, trainer, pl_module, scores)
         edits = self._build_edits(pl_module)
         self._stop_point(trainer, pl_module, "writing")
         evaluable = self.evaluate and trainer.datamodule.prompt_templates is None
@@ -421,6 +430,7 @@ class AttributionWriter(Callback):
             "base_prompt": trainer.datamodule.base_prompt, "base_word": trainer.datamodule.base_word,
             "ratios": self.ratios, "evaluate_at": self.evaluate_at,
         }
+        report.update(located)
         if search is not None:
             report["search"] = search
         if "selective" in self.selections:
@@ -499,6 +509,18 @@ class AttributionWriter(Callback):
         if experiment is not None and hasattr(experiment, "add_histogram"):
             for name, tensor in scores.items():
                 experiment.add_histogram(f"scores/{name}", tensor.flatten(), 0)
+
+    def _localise(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> dict:
+        """Where the concept's attribution sits, by block and by kind, and its top weights: for the report, as
+        ``localisation.png`` and as a TensorBoard figure."""
+        levels, size = unet_levels(pl_module.backbone.unet)
+        loc = localisation(scores, self.localise_top, levels, size)
+        fig = localisation_figure(loc, f"'{pl_module.concepts[0]}'")
+        save_figure(fig, run_dir / "localisation.png")
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            experiment.add_figure("attribution/localisation", fig, 0)
+        return {"localisation": loc, "top_components": top_components(scores, 20, levels, size)}
 
     def _build_edits(self, pl_module) -> dict[str, dict[float, dict[str, torch.Tensor]]]:
         target = pl_module.concepts[0]
@@ -792,5 +814,29 @@ def markdown_report(report: dict) -> str:
         lines += [""]
     else:
         lines += [str(report.get("evaluation", "not evaluated")), ""]
+    lines += localisation_lines(report)
     lines += ["## Edits", ""] + [f"- `{e['masks']}` ({e['ablated']} weights)" for e in report["edits"]]
     return "\n".join(lines) + "\n"
+
+
+def localisation_lines(report: dict) -> list[str]:
+    """The report's section on where the concept's attribution sits (see attribution/localisation.py)."""
+    loc = report.get("localisation")
+    if loc is None:
+        return []
+    lines = ["## Where the concept lives", "",
+             f"Shares of the top {loc['top_fraction']:.2%} of scored weights by score ({loc['k']} weights: *positive*, "
+             "they induce the concept; *negative*, they suppress it), of their attribution mass, against the share of "
+             "weights.", "", "![localisation](localisation.png)", ""]
+    for key, title in (("by_block", "UNet block (latent resolution)"), ("by_kind", "component kind")):
+        lines += [f"| {title} | weights | top-k positive mass | top-k negative mass |", "|---|---|---|---|"]
+        lines += [f"| {g} | {v['weights']:.3f} | {v['positive']:.3f} | {v['negative']:.3f} |" for g, v in loc[key].items()]
+        lines += [""]
+    top = report.get("top_components", [])
+    if top:
+        lines += [f"The {len(top)} weights with the largest scores:", "", "| # | parameter | index | block | kind | score |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {i + 1} | `{r['parameter']}` | {tuple(r['index'])} | {r['block']} | {r['kind']} | {r['score']:.3g} |"
+                  for i, r in enumerate(top)]
+        lines += [""]
+    return lines
