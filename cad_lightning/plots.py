@@ -40,8 +40,8 @@ def localisation_figure(loc: dict, title: str):
 
 
 def heatmap(ax, matrix: list[list[float]], rows: list[str], columns: list[str], title: str, vmin: float = 0.0,
-            vmax: float = 1.0, fmt: str = ".2f") -> None:
-    image = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap="viridis")
+            vmax: float = 1.0, fmt: str = ".2f", aspect: str = "equal") -> None:
+    image = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap="viridis", aspect=aspect)
     ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     for i, row in enumerate(matrix):
@@ -77,12 +77,12 @@ def localisation_atlas_figure(locs: dict[str, dict]):
     concepts = list(locs)
     first = locs[concepts[0]]
     blocks, kinds = list(first["by_block"]), list(first["by_kind"])
-    fig = Figure(figsize=(3 + 0.9 * (len(blocks) + len(kinds)), 1.5 + 0.4 * (len(concepts) + 1)))
+    fig = Figure(figsize=(4 + 0.75 * (len(blocks) + len(kinds)), 2.2 + 0.32 * (len(concepts) + 1)))
     axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [len(blocks), len(kinds)]})
     for ax, key, groups in ((axes[0], "by_block", blocks), (axes[1], "by_kind", kinds)):
         matrix = [[first[key][g]["weights"] for g in groups]]
         matrix += [[locs[c][key].get(g, {}).get("positive", 0.0) for g in groups] for c in concepts]
         heatmap(ax, matrix, ["(weights)", *concepts], groups,
-                "top-k positive mass by " + ("block" if key == "by_block" else "kind"))
+                "top-k positive mass by " + ("block" if key == "by_block" else "kind"), aspect="auto")
     fig.tight_layout()
     return fig

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from cad_lightning import apply_edit, load_backbone
 from cad_lightning.attribution.components import ComponentSpace
+from cad_lightning.attribution.localisation import localisation
 from cad_lightning.attribution.module import accumulate_first_order
 from cad_lightning.attribution.objectives import EraseObjective
 from cad_lightning.editing import load_masks, select_components
@@ -95,6 +96,12 @@ def test_artifacts(small_run):
     assert report["collateral_space"] == "text"  # cross-attention keys and values: measured exactly on the prompts
     markdown = (small_run / "report.md").read_text()
     assert "SSIM" in markdown and "other words" in markdown and "samples/selective-erase.png" in markdown
+    # where the concept lives: the report's localisation is that of the written scores
+    assert (small_run / "localisation.png").is_file() and "## Where the concept lives" in markdown
+    assert report["localisation"] == json.loads(json.dumps(localisation(scores, 0.01, 2, 16)))
+    top = report["top_components"]
+    assert len(top) == 20 and top[0]["score"] == max(float(t.max()) for t in scores.values())
+    assert all(scores[r["parameter"]][tuple(r["index"])].item() == r["score"] for r in top)
 
 
 def test_selective_collateral_on_sampled_states(small_run, tmp_path):

@@ -138,18 +138,21 @@ def overlap(scores: dict[str, dict[str, torch.Tensor]], others: dict[str, dict[s
     ``scores``: ``{concept: {parameter: scores}}``, all over the same parameters; ``others``: a second set to
     compare with (e.g. the same concepts scored with other seeds; default: ``scores`` itself). Returns
     ``{"rows", "columns", "jaccard": [[...]], "spearman": [[...]], "top_fraction"}``."""
-    from torchmetrics.functional import spearman_corrcoef
+    from scipy.stats import rankdata
+    from torchmetrics.functional import pearson_corrcoef
 
     others = scores if others is None else others
     rows, columns = list(scores), list(others)
-    flat = {("a", c): torch.cat([t.detach().flatten().double() for t in scores[c].values()]) for c in rows}
-    flat.update({("b", c): torch.cat([t.detach().flatten().double() for t in others[c].values()]) for c in columns})
-    sizes = {v.numel() for v in flat.values()}
-    if len(sizes) != 1:
+    names = list(next(iter(scores.values())))  # one order of the parameters for every concept of both sets
+    if any(set(per) != set(names) for per in [*scores.values(), *others.values()]):
         raise ValueError("overlap needs every concept scored over the same parameters.")
+    flat = {("a", c): torch.cat([scores[c][n].detach().flatten().double() for n in names]) for c in rows}
+    flat.update({("b", c): torch.cat([others[c][n].detach().flatten().double() for n in names]) for c in columns})
     tops = {key: set(top_set({"all": v}, top_fraction).tolist()) for key, v in flat.items()}
     jaccard = [[len(tops["a", r] & tops["b", c]) / len(tops["a", r] | tops["b", c]) for c in columns] for r in rows]
-    spearman = [[float(spearman_corrcoef(flat["a", r], flat["b", c])) for c in columns] for r in rows]
+    # Spearman's correlation is Pearson's of the ranks (ties share their mean rank): each vector ranked once
+    ranks = {key: torch.from_numpy(rankdata(v.numpy())) for key, v in flat.items()}
+    spearman = [[float(pearson_corrcoef(ranks["a", r], ranks["b", c])) for c in columns] for r in rows]
     return {"rows": rows, "columns": columns, "jaccard": jaccard, "spearman": spearman, "top_fraction": top_fraction}
 
 

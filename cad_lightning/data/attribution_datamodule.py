@@ -17,6 +17,7 @@ templates (the other kinds named or not at random); for other models a concept i
 
 from __future__ import annotations
 
+import csv
 import itertools
 from pathlib import Path
 
@@ -93,6 +94,8 @@ class AttributionDataModule(pl.LightningDataModule):
         prompt_templates: templates with ``{concept}`` for free-text concepts, e.g. "a photo of a {concept}".
         prompts_file: a text file of the concept's prompts, one per line (blank lines and lines starting
             with '#' are skipped), e.g. for an unsafe concept; used instead of templates, cycled.
+        concepts_file: a CSV file with a ``concept`` column (e.g. for an atlas of several concepts): its first
+            concept replaces ``concept`` and the others ``retain_concepts``.
         seed: seed of the prompts and of the runs (item i uses seed ``seed + i``).
         batch_size: items per training step.
     """
@@ -108,10 +111,13 @@ class AttributionDataModule(pl.LightningDataModule):
         preserve_samples: int = 0,
         prompt_templates: list[str] | None = None,
         prompts_file: str | None = None,
+        concepts_file: str | None = None,
         seed: int = 0,
         batch_size: int = 8,
     ) -> None:
         super().__init__()
+        if concepts_file is not None:
+            concept, *retain_concepts = read_concepts_file(concepts_file)
         if not isinstance(concept, str) or not concept.strip():
             raise UserInputError("data.concept is empty; give the concept to attribute.")
         if samples < 1:
@@ -235,3 +241,21 @@ class AttributionDataModule(pl.LightningDataModule):
         dataset = ItemList(self.items())
         sampler = ItemShardSampler(dataset, num_replicas=world_size, rank=rank)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_collate)
+
+
+def read_concepts_file(path: str) -> list[str]:
+    """The ``concept`` column of a CSV file, in order, without blanks and repeats."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserInputError(f"data.concepts_file '{path}' is not a file.")
+    with file.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "concept" not in [n.strip() for n in reader.fieldnames]:
+            raise UserInputError(f"data.concepts_file '{path}' has no 'concept' column (its header: "
+                                 f"{', '.join(reader.fieldnames or []) or 'none'}).")
+        column = next(n for n in reader.fieldnames if n.strip() == "concept")
+        concepts = [row[column].strip() for row in reader if (row.get(column) or "").strip()]
+    concepts = list(dict.fromkeys(concepts))
+    if not concepts:
+        raise UserInputError(f"data.concepts_file '{path}' lists no concept.")
+    return concepts
