@@ -141,6 +141,7 @@ class RegressionWriter(Callback):
             "base_prompt": datamodule.base_prompt, "base_word": datamodule.base_word, "ratios": editor.ratios,
             "edits": editor._write_edits(run_dir, pl_module, edits),
         }
+        report.update(editor._localise(run_dir, trainer, pl_module, scores))  # each weight: its component's share
         if editor.evaluate:
             report.update(editor._evaluate(run_dir, trainer, pl_module, edits))
         report["wall_time_s"] = time.perf_counter() - self._start
