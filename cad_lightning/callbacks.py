@@ -43,6 +43,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -449,7 +450,7 @@ class AttributionWriter(Callback):
         report["wall_time_s"] = time.perf_counter() - self._start
         write_json(run_dir / "report.json", report)
         write_text(run_dir / "report.md", markdown_report(report))
-        print(f"Attribution of '{target}' written to {run_dir}")
+        rank_zero_info(f"Attribution of '{target}' written to {run_dir}")
 
     def _write_scores(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:
         attribution = run_dir / "attribution"
@@ -715,12 +716,10 @@ def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, r
                   search: dict | None = None) -> None:
     """Ablated fraction → target accuracy, mean retained accuracy and retained SSIM, one line per selection (and
     the floor search's probes of the target, when there was one)."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3, sharex=True)
     retained_before = sum(before[c] for c in retained if c in before) / max(1, sum(c in before for c in retained))
     for selection in dict.fromkeys(r["selection"] for r in results):
         rows = sorted((r for r in results if r["selection"] == selection), key=lambda r: r["ratio"])
@@ -744,9 +743,7 @@ def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, r
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _fmt(value, spec: str = ".3f") -> str:

@@ -8,23 +8,40 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
 from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import labelled_grid, save_image
 
-SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_MODEL = "tiny-shapes"
 
 
+def shipped_models() -> Path:
+    """Where the shipped models are: package data of an installed wheel (``cad_lightning/checkpoints``), or the
+    repository's ``checkpoints/`` for a checkout (an editable install)."""
+    installed = Path(__file__).resolve().parent / "checkpoints"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+SHIPPED_MODELS = shipped_models()
+
+
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A model folder: the path itself when it exists, else the shipped model of that name under checkpoints/."""
+    """A model folder: the path itself when it exists, else the shipped model of that name (``tiny-shapes``),
+    from any working directory."""
     candidate = Path(path)
     if candidate.exists() or candidate.is_absolute():
         return candidate
     shipped = SHIPPED_MODELS / candidate
-    return shipped if shipped.exists() else candidate
+    if shipped.exists():
+        return shipped
+    if candidate.parts[:1] == ("checkpoints",):  # a shipped model named by its place in the repository
+        shipped = SHIPPED_MODELS / Path(*candidate.parts[1:])
+        if shipped.exists():
+            return shipped
+    return candidate
 
 
 class PromptDataModule(pl.LightningDataModule):
@@ -137,4 +154,4 @@ class ImageGridWriter(BasePredictionWriter):
         grid = labelled_grid(images[order], datamodule.prompts, ncol=datamodule.images_per_prompt, scale=self.scale)
         save_image(grid, path)
         self.written = path
-        print(f"Wrote {len(items)} images to {path}")
+        rank_zero_info(f"Wrote {len(items)} images to {path}")

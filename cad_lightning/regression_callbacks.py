@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from safetensors.torch import save_file
 
 from cad_lightning.attribution.fidelity import first_order_fidelity, write_fidelity
@@ -124,7 +125,7 @@ class RegressionWriter(Callback):
             trainer.logger.log_metrics({"regression/train_r2": fit.train_r2, "regression/fit_time_s": fit.fit_time_s}, step=0)
         if self.editor is not None:
             self._edit(run_dir, trainer, pl_module, per_weight)
-        print(f"Regression attribution of '{concept}' written to {run_dir} (fit {fit.fit_time_s:.2f} s"
+        rank_zero_info(f"Regression attribution of '{concept}' written to {run_dir} (fit {fit.fit_time_s:.2f} s"
               + (f", held-out Spearman {record['spearman']:.3f})" if heldout_ids else ")"))
 
     def _edit(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:
@@ -239,4 +240,4 @@ class FirstOrderFidelity(Callback):
                   "granularity": "weight", "density": self.density}
         self.record = write_fidelity(run_dir, record, predicted, measured, trainer.logger,
                                      xlabel="predicted ΔJ (−Σ α over ablated weights)", ylabel="measured ΔJ")
-        print(f"First-order fidelity: Pearson {self.record['pearson']:.3f}, Spearman {self.record['spearman']:.3f}")
+        rank_zero_info(f"First-order fidelity: Pearson {self.record['pearson']:.3f}, Spearman {self.record['spearman']:.3f}")

@@ -313,16 +313,19 @@ def test_gradient_checkpointing_gives_the_same_scores():
 
 
 def test_fp32_on_cuda_switches_tf32_off():
-    from cad_lightning.attribution.module import use_ieee_fp32
+    from cad_lightning.attribution.module import restore_fp32, use_ieee_fp32
 
     saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     try:
         torch.backends.cudnn.conv.fp32_precision = "tf32"
         assert not use_ieee_fp32(torch.device("cpu"))
         assert torch.backends.cudnn.conv.fp32_precision == "tf32"
-        assert use_ieee_fp32(torch.device("cuda", 0))
+        previous = use_ieee_fp32(torch.device("cuda", 0))
+        assert previous is not None and previous[1] == "tf32"
         assert torch.backends.cudnn.conv.fp32_precision == "ieee"
         assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        restore_fp32(previous)  # what a run's teardown does
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
 

@@ -18,7 +18,7 @@ from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
 from cad_lightning.attribution.mask_scores import freeze_base, objective_scores
 from cad_lightning.attribution.masks import MaskLayout, sample_masks
-from cad_lightning.utils import atomic_path
+from cad_lightning.plots import save_figure
 
 
 def correlations(predicted, actual) -> dict[str, float]:
@@ -28,15 +28,13 @@ def correlations(predicted, actual) -> dict[str, float]:
 
 
 def plot_fidelity(path: Path, predicted, actual, title: str, xlabel: str, ylabel: str):
-    """Scatter of predicted vs measured, with the diagonal's direction; returns the matplotlib figure (closed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Scatter of predicted vs measured, with the diagonal's direction; returns the matplotlib figure."""
+    from matplotlib.figure import Figure
 
     p = torch.as_tensor(predicted, dtype=torch.float64).numpy()
     a = torch.as_tensor(actual, dtype=torch.float64).numpy()
-    fig, ax = plt.subplots(figsize=(4.2, 4))
+    fig = Figure(figsize=(4.2, 4))
+    ax = fig.subplots()
     ax.scatter(p, a, s=10, alpha=0.7)
     lo, hi = float(min(p.min(), a.min())), float(max(p.max(), a.max()))
     ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1)
@@ -45,9 +43,7 @@ def plot_fidelity(path: Path, predicted, actual, title: str, xlabel: str, ylabel
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return fig
 
 

@@ -28,8 +28,6 @@ from cad_lightning.editing.text_space import reads_text_only
 from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
 from cad_lightning.errors import UserInputError
 
-# Attribution trains nothing: the frozen model is in eval mode on purpose, which Lightning would warn about.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
 from cad_lightning.preemption import Preemption
 from cad_lightning.run_status import RunStatus
@@ -70,19 +68,28 @@ def accumulate_first_order(
     return total_j, n
 
 
-def use_ieee_fp32(device: torch.device) -> bool:
-    """Make fp32 convolutions and matrix products on a CUDA device exact fp32 (no TF32). Returns whether the
-    process-wide settings were changed (only for CUDA devices).
+def use_ieee_fp32(device: torch.device) -> tuple[str, str] | None:
+    """Make fp32 convolutions and matrix products on a CUDA device exact fp32 (no TF32). Returns the previous
+    process-wide settings to put back with :func:`restore_fp32` (None when nothing changed: not a CUDA device).
 
     The erase objective is the squared difference of two nearly equal noise predictions, so the 10-bit
     mantissa of TF32 (PyTorch's default for cuDNN convolutions) is amplified into the scores: on an H200 the
     default attribution run's scores correlated only 0.83 with the CPU scores under TF32, 0.99999 without.
     """
     if device.type != "cuda":
-        return False
+        return None
+    previous = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
     torch.backends.cuda.matmul.fp32_precision = "ieee"
     torch.backends.cudnn.conv.fp32_precision = "ieee"
-    return True
+    return previous
+
+
+def restore_fp32(previous: tuple[str, str] | None) -> None:
+    if previous is not None:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = previous
+
+
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
 class CADModule(pl.LightningModule):
@@ -143,6 +150,8 @@ class CADModule(pl.LightningModule):
         self.restored: dict[str, torch.Tensor] = {}  # sums saved by a preempted run, see restore_accumulated
         self._items_start = (0.0, 0)
         self.preemption: Preemption | None = None
+        self._fp32_before: tuple[str, str] | None = None  # TF32 settings to put back, see teardown
+        self._quiet = None  # the warning filters of this run, see quiet_eval_mode_warning
 
     # --- set-up -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -159,10 +168,27 @@ class CADModule(pl.LightningModule):
         if getattr(datamodule, "preserve_samples", 0) > 0:
             self._ensure_sensitivity_buffers()  # before a preempted run's saved sums are restored
         if self.hparams.dtype == "fp32" and not self.hparams.allow_tf32:
-            use_ieee_fp32(self.trainer.strategy.root_device)
+            self._fp32_before = use_ieee_fp32(self.trainer.strategy.root_device)
+        self.quiet_eval_mode_warning()
         if not hasattr(self, "items_done"):
             self.register_buffer("items_done", torch.zeros(len(datamodule.items()), dtype=torch.bool, device=self.device))
         self.backbone.check_prompts(datamodule.all_prompts())  # fail before any work is done
+
+    def quiet_eval_mode_warning(self) -> None:
+        """Attribution trains nothing: the frozen model is in eval mode on purpose, which Lightning warns about at
+        the start of training. The warning is silenced for this run only (until :meth:`teardown`)."""
+        if self._quiet is None:
+            self._quiet = warnings.catch_warnings()
+            self._quiet.__enter__()
+            warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
+
+    def teardown(self, stage: str) -> None:
+        """Put back the process-wide settings this run changed (TF32, warning filters)."""
+        restore_fp32(self._fp32_before)
+        self._fp32_before = None
+        if self._quiet is not None:
+            self._quiet.__exit__(None, None, None)
+            self._quiet = None
 
     def configure_callbacks(self):
         # kept on the module: the writer asks it at the safe points of writing and evaluation (checkpoint)

@@ -101,7 +101,8 @@ class RegressionCADModule(CADModule):
         self.backbone.check_prompts(datamodule.all_prompts())
         self.backbone.requires_grad_(False)
         if self.hparams.dtype == "fp32":
-            use_ieee_fp32(self.trainer.strategy.root_device)
+            self._fp32_before = use_ieee_fp32(self.trainer.strategy.root_device)
+        self.quiet_eval_mode_warning()
         if self.hparams.score == "classifier":
             from cad_lightning.evaluation.classifier import load_concept_classifier
 
