@@ -263,6 +263,43 @@ def test_load_errors(tmp_path):
         load_masks(scores_file)
 
 
+def test_mask_files_grow_with_the_ablated_weights_not_with_the_model(tmp_path):
+    """Sparse files: 1% of a 4M-weight parameter ablated takes about 4 bytes per ablated weight, not a byte per
+    weight; a parameter with nothing ablated and one with everything ablated both round-trip."""
+    generator = torch.Generator().manual_seed(0)
+    big = torch.ones(2048, 2048, dtype=torch.bool)
+    big.view(-1)[torch.randperm(big.numel(), generator=generator)[: big.numel() // 100]] = False
+    masks = {"big": big, "untouched": torch.ones(7, 3, dtype=torch.bool), "gone": torch.zeros(5, dtype=torch.bool)}
+    path = save_masks(tmp_path / "edit.safetensors", masks)
+    ablated = big.numel() // 100 + 5
+    assert path.stat().st_size < 4 * ablated + 1024  # the dense format: > 4,194,304 bytes
+    loaded = load_masks(path)
+    assert set(loaded) == set(masks) and all(torch.equal(loaded[n], masks[n]) for n in masks)
+    assert read_mask_metadata(path)["cad_lightning_format"] == "ablation-masks/2"
+
+
+def test_dense_mask_files_of_earlier_runs_still_apply(tmp_path):
+    from safetensors.torch import save_file
+
+    masks = select_components(make_scores(positive_only=True), 0.1)
+    dense = tmp_path / "dense.safetensors"
+    save_file({n: m.to(torch.uint8) for n, m in masks.items()}, str(dense),
+              metadata={"cad_lightning_format": "ablation-masks/1"})
+    sparse = save_masks(tmp_path / "sparse.safetensors", masks)
+    a, b = load_masks(dense), load_masks(sparse)
+    assert set(a) == set(b) == set(masks) and all(torch.equal(a[n], masks[n]) and torch.equal(b[n], masks[n]) for n in masks)
+
+
+def test_a_sparse_file_with_indices_out_of_range_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"w": torch.tensor([0, 12], dtype=torch.int32)}, str(bad),
+              metadata={"cad_lightning_format": "ablation-masks/2", "shapes": '{"w": [3, 4]}'})
+    with pytest.raises(UserInputError, match=r"outside its shape \(3, 4\)"):
+        load_masks(bad)
+
+
 def test_combine_masks():
     a = {"x": torch.tensor([True, False, True]), "y": torch.tensor([False])}
     b = {"x": torch.tensor([True, True, False]), "z": torch.tensor([True, False])}

@@ -1,13 +1,21 @@
 """Read, write, combine and apply ablation masks; write an edited UNet as a plain diffusers folder.
 
-Mask files are safetensors (never pickle): one uint8 0/1 tensor per parameter name (1 = keep, 0 = ablate)
-plus str→str metadata, with the key ``cad_lightning_format`` = ``ablation-masks/1`` marking the format.
+Mask files are safetensors (never pickle) with str→str metadata; the key ``cad_lightning_format`` names the
+format:
+
+- ``ablation-masks/2`` (written): per parameter name, the flat indices of its ablated weights (int32, or int64
+  for parameters of 2**31 weights or more), sorted; the metadata key ``shapes`` holds the parameters' shapes
+  (JSON). The file grows with the number of ablated weights, not with the model: an edit of 1% of
+  Stable Diffusion 1.4's FF weights takes about 6 MB instead of 149 MB.
+- ``ablation-masks/1`` (read): one dense uint8 0/1 tensor per parameter name (1 = keep, 0 = ablate).
+
 Every file and folder is written atomically (temp path beside it, then rename).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Mapping
@@ -20,7 +28,9 @@ from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_folder, atomic_path
 
 FORMAT_KEY = "cad_lightning_format"
-FORMAT_VALUE = "ablation-masks/1"
+FORMAT_VALUE = "ablation-masks/2"  # sparse: the indices of the ablated weights
+DENSE_FORMAT = "ablation-masks/1"  # dense uint8 0/1 masks, still read
+SHAPES_KEY = "shapes"
 
 
 def _check_masks(masks, field: str = "masks") -> None:
@@ -35,14 +45,19 @@ def _check_masks(masks, field: str = "masks") -> None:
 
 
 def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """Write ``masks`` (bool, True = keep) to a safetensors file as uint8 0/1, atomically; returns the path."""
+    """Write ``masks`` (bool, True = keep) to a safetensors file as the indices of the ablated weights
+    (``ablation-masks/2``), atomically; returns the path."""
     _check_masks(masks)
     metadata = dict(metadata or {})
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise UserInputError(f"metadata must map str to str (safetensors metadata), got {key!r}: {value!r}.")
     metadata[FORMAT_KEY] = FORMAT_VALUE
-    tensors = {name: mask.detach().to("cpu", torch.uint8).contiguous() for name, mask in masks.items()}
+    metadata[SHAPES_KEY] = json.dumps({name: list(mask.shape) for name, mask in masks.items()})
+    tensors = {}
+    for name, mask in masks.items():
+        dtype = torch.int32 if mask.numel() < 2**31 else torch.int64
+        tensors[name] = torch.nonzero(~mask.detach().cpu().flatten()).flatten().to(dtype).contiguous()
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -67,9 +82,13 @@ def read_mask_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Bool masks (True = keep) from a safetensors mask file; UserInputError if missing or not a mask file."""
+    """Bool masks (True = keep) from a safetensors mask file of either format; UserInputError if missing or not
+    a mask file."""
     masks = {}
     with _open(path) as f:
+        metadata = dict(f.metadata() or {})
+        if metadata.get(FORMAT_KEY) == FORMAT_VALUE:
+            return _sparse_masks(path, f, metadata)
         for name in f.keys():
             t = f.get_tensor(name)
             if t.dtype != torch.uint8 or bool((t > 1).any()):
@@ -77,6 +96,24 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                     f"{str(path)!r} is not a mask file: tensor {name!r} has dtype {t.dtype}"
                     f"{' with values other than 0/1' if t.dtype == torch.uint8 else ''}; mask files hold uint8 0/1 tensors.")
             masks[name] = t.bool()
+    return masks
+
+
+def _sparse_masks(path, f, metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    try:
+        shapes = json.loads(metadata[SHAPES_KEY])
+    except (KeyError, ValueError) as error:
+        raise UserInputError(f"{str(path)!r} is a sparse mask file without readable shapes ({error}).") from None
+    masks = {}
+    for name in f.keys():
+        indices = f.get_tensor(name)
+        if name not in shapes or indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
+            raise UserInputError(f"{str(path)!r} is not a mask file: {name!r} is not a list of indices with a shape.")
+        mask = torch.ones(shapes[name], dtype=torch.bool)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= mask.numel()):
+            raise UserInputError(f"{str(path)!r}: the indices of {name!r} fall outside its shape {tuple(shapes[name])}.")
+        mask.view(-1)[indices.long()] = False
+        masks[name] = mask
     return masks
 
 
