@@ -273,7 +273,7 @@ def test_stable_diffusion_folder_end_to_end(tiny_sd_folder, tmp_path):
     code = run_cli(["fit", "--config", str(CONFIGS / "sd" / "erase_object.yaml"), "--model.model_path", str(tiny_sd_folder),
                     "--model.dtype", "fp32", "--model.num_inference_steps", "3", "--data.concept", "cat",
                     "--data.samples", "2", "--data.batch_size", "2", "--trainer.default_root_dir", str(tmp_path),
-                    "--trainer.callbacks.init_args.ratios", "[0.05]"])
+                    "--trainer.callbacks.init_args.ratios", "[0.05]", "--trainer.callbacks.init_args.save_unet", "true"])
     assert code == 0
     run = sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
     report = json.loads((run / "report.json").read_text())
