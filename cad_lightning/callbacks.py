@@ -1,6 +1,6 @@
 """AttributionWriter: turns the accumulated scores into attribution and editing artifacts at the end of ``fit``.
 
-Run directory (``trainer.log_dir``, under ``trainer.default_root_dir``), formats as in DESIGN.md:
+Run directory (``trainer.log_dir``, under ``trainer.default_root_dir``; every file is listed in the README):
 ``config.yaml`` (written by LightningCLI), ``attribution/scores.safetensors`` and ``meta.json``,
 ``edits/<selection>-<mode>-<ratio>.safetensors`` (ablation masks) with ``edits/<...>/unet/`` (the edited UNet),
 ``report.json``, ``report.md``, ``samples/*.png``, ``tradeoff.png`` and TensorBoard events. Every file is

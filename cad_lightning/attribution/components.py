@@ -62,7 +62,3 @@ class ComponentSpace:
                 f"'{next(iter(dict(module.named_parameters())), '')}'."
             )
         return selected
-
-    def select(self, module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        params = dict(module.named_parameters())
-        return {name: params[name] for name in self.names(module)}

@@ -136,13 +136,6 @@ class MaskLayout:
             return block.name, tuple(int(i) for i in np.unravel_index(k, block.shape))
         return block.name, (slice(None),)
 
-    def index_of(self, name: str, position: int = 0) -> int:
-        """Flat index of component ``position`` of parameter ``name``."""
-        block = next((b for b in self.blocks if b.name == name), None)
-        if block is None or not 0 <= position < block.size:
-            raise IndexError(f"no component {position} of '{name}'")
-        return block.offset + position
-
     def expand(self, block: Block, values: torch.Tensor) -> torch.Tensor:
         """Per-component values (B, block.size) → per-weight values (B, *block.shape)."""
         b = values.shape[0]

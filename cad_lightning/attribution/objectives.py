@@ -27,6 +27,9 @@ from cad_lightning.backbones.backbone import DiffusionBackbone
 from cad_lightning.data.world import CONCEPT_KINDS, ShapesWorld
 from cad_lightning.errors import UserInputError
 
+# the noise of state k of an item with seed s is drawn with seed s * this + k (a prime: no two (s, k) collide for k < it)
+NOISE_SEED_STRIDE = 10_007
+
 
 @dataclass
 class ObjectiveInputs:
@@ -147,7 +150,7 @@ class AmplifyObjective(ConceptObjective):
         x0 = x0_items.repeat(steps, 1, 1, 1)
         # the noise of each state is seeded by its item's seed, so an item's J does not depend on batching
         noise = torch.stack([
-            torch.randn(x0_items.shape[1:], generator=torch.Generator().manual_seed(10_007 * s + k))
+            torch.randn(x0_items.shape[1:], generator=torch.Generator().manual_seed(NOISE_SEED_STRIDE * s + k))
             for k in range(steps) for s in seeds
         ]).to(x0)
         t = timesteps.repeat_interleave(n)

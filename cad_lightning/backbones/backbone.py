@@ -145,9 +145,6 @@ class DiffusionBackbone(torch.nn.Module):
         noise = [torch.randn(self.latent_shape, generator=g) for g in generators]
         return torch.stack(noise).to(self.device, self.dtype)
 
-    def initial_noise(self, n: int, seed: Seeds) -> torch.Tensor:
-        return self.draw_noise(self.generators(n, seed))
-
     def denoise_step(
         self, scheduler: DDIMScheduler, eps: torch.Tensor, t: torch.Tensor | int, x: torch.Tensor, eta: float,
         generators: Sequence[torch.Generator] | None = None,

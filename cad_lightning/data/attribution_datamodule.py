@@ -37,6 +37,7 @@ from cad_lightning.errors import UserInputError
 
 
 PADDING = -1  # the sampler's index of an empty slot
+CONCEPT_SEED_STRIDE = 7919  # a prime: concept c's prompts are drawn with seed + c * this, apart from the others'
 PRESERVE_SEED_OFFSET = 104_729  # the generator of the preserved prompts: seed + this, apart from the concepts' ones
 
 
@@ -181,7 +182,7 @@ class AttributionDataModule(pl.LightningDataModule):
         out = []
         for c, concept in enumerate(self.concepts):
             n = self.samples if c == 0 else self.retain_samples
-            for prompt in self.prompts_for(concept, n, self.seed + 7919 * c):
+            for prompt in self.prompts_for(concept, n, self.seed + CONCEPT_SEED_STRIDE * c):
                 out.append({"item_id": len(out), "role": "attribute", "concept": concept, "prompt": prompt,
                             "base_prompt": self.base_for(prompt, concept), "seed": None, "mask": None})
         for prompt in self.preserve_prompts():

@@ -1,6 +1,6 @@
 """MaskDataModule: the (ablation-mask, prompts) items of a regression attribution run.
 
-An item is one ablation mask, ``{"item_id", "concept", "prompt": None, "seed", "mask": mask id, "split"}``;
+An item is one ablation mask, ``{"item_id", "concept", "prompt": None, "seed", "mask": mask id}``;
 the module regenerates the mask from (``mask_seed``, mask id) and scores the masked model on the evaluation
 prompts (the ``samples`` prompts of the concept with their seeds, the same for every mask). Training masks
 have ids 0, 1, …; held-out masks (fidelity) have ids from ``HELDOUT_BASE`` on, so asking for more training
@@ -65,9 +65,9 @@ class MaskDataModule(AttributionDataModule):
         return super().items()
 
     def items(self) -> list[dict]:
-        ids = [(i, "train") for i in self.train_ids()] + [(i, "heldout") for i in self.heldout_ids()]
-        return [{"item_id": k, "concept": self.concept, "prompt": None, "seed": self.mask_seed, "mask": i, "split": split}
-                for k, (i, split) in enumerate(ids)]
+        ids = self.train_ids() + self.heldout_ids()
+        return [{"item_id": k, "concept": self.concept, "prompt": None, "seed": self.mask_seed, "mask": i}
+                for k, i in enumerate(ids)]
 
     def all_prompts(self) -> list[str]:
         return [i["prompt"] for i in self.evaluation_items()] + [self.base_prompt]

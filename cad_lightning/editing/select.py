@@ -1,6 +1,6 @@
 """Choose which weights to ablate from attribution scores: erase / amplify, per row, matrix or globally.
 
-Conventions (see docs/DESIGN): a *score* dict maps UNet parameter names to fp32 tensors of the parameter's
+Conventions: a *score* dict maps UNet parameter names to fp32 tensors of the parameter's
 shape (α > 0: the weight induces the concept); a *mask* dict maps the same names to bool tensors of that shape,
 True = keep, False = ablate (zero).
 
