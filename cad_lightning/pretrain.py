@@ -164,10 +164,12 @@ class TextToImagePretrain(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, prompts, _ = batch
-        generator_state = torch.get_rng_state()
-        torch.manual_seed(batch_idx)  # the same noise at every validation, so the curve is comparable
-        loss = self.denoising_loss(images, prompts)
-        torch.set_rng_state(generator_state)
+        # the same noise at every validation, so the curve is comparable; the training noise after it goes on as
+        # if there had been no validation (the CPU's and this GPU's generators are put back)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(batch_idx)
+            loss = self.denoising_loss(images, prompts)
         self.log("val/loss", loss, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
