@@ -46,7 +46,7 @@ class ComponentSpace:
             try:
                 self._compiled.append((re.compile(PRESETS.get(p, p)), MIN_NDIM.get(p, 1)))
             except re.error as error:
-                raise UserInputError(f"model.components pattern '{p}' is not a valid regular expression: {error}.") from None
+                raise UserInputError(f"model.components pattern '{p}' is not a valid regular expression: {error}.") from error
 
     def names(self, module: torch.nn.Module) -> list[str]:
         """Selected parameter names in the module's order; a UserInputError when nothing matches."""

@@ -68,11 +68,11 @@ def concept_index(detector, concept: str) -> tuple[str, int]:
     """(kind, class index) of a shapes-world concept in the classifier's heads."""
     try:
         kind = concept_kind(concept)
-    except UserInputError:
+    except UserInputError as error:
         raise UserInputError(
             f"model.score 'classifier' needs a concept the concept classifier knows (a shapes-world word); "
             f"'{concept}' is not one: use model.score objective."
-        ) from None
+        ) from error
     return kind, detector.concepts[kind].index(concept)
 
 

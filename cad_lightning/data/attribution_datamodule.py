@@ -149,7 +149,7 @@ class AttributionDataModule(pl.LightningDataModule):
             try:
                 concept_kind(self.concept)
             except UserInputError as error:
-                raise UserInputError(f"data.concept: {error} For free text, give data.prompt_templates.") from None
+                raise UserInputError(f"data.concept: {error} For free text, give data.prompt_templates.") from error
             if retain_concepts is None:
                 retain_concepts = [w for words in CONCEPT_KINDS.values() for w in words if w != self.concept]
             for word in retain_concepts:

@@ -72,7 +72,7 @@ def _open(path: str | os.PathLike):
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as error:  # safetensors raises its own error types for malformed headers
         raise UserInputError(
-            f"mask file {str(path)!r} is not a safetensors file ({type(error).__name__}: {error}).") from None
+            f"mask file {str(path)!r} is not a safetensors file ({type(error).__name__}: {error}).") from error
 
 
 def read_mask_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -103,7 +103,7 @@ def _sparse_masks(path, f, metadata: dict[str, str]) -> dict[str, torch.Tensor]:
     try:
         shapes = json.loads(metadata[SHAPES_KEY])
     except (KeyError, ValueError) as error:
-        raise UserInputError(f"{str(path)!r} is a sparse mask file without readable shapes ({error}).") from None
+        raise UserInputError(f"{str(path)!r} is a sparse mask file without readable shapes ({error}).") from error
     masks = {}
     for name in f.keys():
         indices = f.get_tensor(name)

@@ -327,7 +327,7 @@ def random_like(masks: Mapping[str, torch.Tensor], generator: torch.Generator) -
     uniform at random within the row (so per-parameter and total counts match too), drawn from ``generator``.
     """
     if not isinstance(generator, torch.Generator):
-        raise UserInputError(f"generator must be a torch.Generator (for a reproducible control), got {type(generator).__name__}.")
+        raise TypeError(f"generator must be a torch.Generator (for a reproducible control), got {type(generator).__name__}.")
     if not isinstance(masks, Mapping) or len(masks) == 0:
         raise UserInputError("masks is empty, so the random control selects nothing; pass a dict of parameter name -> bool mask.")
     out = {}

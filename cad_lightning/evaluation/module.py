@@ -42,7 +42,7 @@ class EvaluationDataModule(pl.LightningDataModule):
         try:
             concept_kind(concept)
         except UserInputError as error:
-            raise UserInputError(f"data.concept: {error}") from None
+            raise UserInputError(f"data.concept: {error}") from error
         if retain_concepts is None:
             retain_concepts = [w for words in CONCEPT_KINDS.values() for w in words if w != concept]
         self.concept, self.retain_concepts = concept, list(retain_concepts)

@@ -66,9 +66,9 @@ def read_prompt_set(path: str | os.PathLike, field: str = "data.prompts_file") -
             seed_text = values["seed"]
             try:
                 seed = int(seed_text)
-            except ValueError:
+            except ValueError as error:
                 raise UserInputError(
-                    f"{field} '{path}' line {line}: seed '{seed_text}' is not an integer.") from None
+                    f"{field} '{path}' line {line}: seed '{seed_text}' is not an integer.") from error
             if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
                 raise UserInputError(
                     f"{field} '{path}' line {line}: seed {seed} is outside {SEED_RANGE[0]}..{SEED_RANGE[1]}.")

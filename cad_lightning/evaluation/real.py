@@ -76,7 +76,7 @@ def load_image_classifier(path: str, field: str = "model.classifier"):
         model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
-        raise UserInputError(f"{field} '{path}' could not be loaded as an image classifier: {_first_line(error)}") from None
+        raise UserInputError(f"{field} '{path}' could not be loaded as an image classifier: {_first_line(error)}") from error
     return model.eval().requires_grad_(False), processor
 
 
@@ -90,7 +90,7 @@ def load_clip(path: str, field: str = "model.clip"):
         model = CLIPModel.from_pretrained(folder, local_files_only=True)
         processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserInputError(f"{field} '{path}' could not be loaded as a CLIP model: {_first_line(error)}") from None
+        raise UserInputError(f"{field} '{path}' could not be loaded as a CLIP model: {_first_line(error)}") from error
     return model.eval().requires_grad_(False), processor
 
 
@@ -166,7 +166,7 @@ def load_reference_images(path: str, size: int, field: str = "model.reference_im
             with Image.open(file) as image:
                 array = np.asarray(image.convert("RGB"), dtype=np.uint8)
         except OSError as error:
-            raise UserInputError(f"{field}: '{file}' is not a readable image ({_first_line(error)}).") from None
+            raise UserInputError(f"{field}: '{file}' is not a readable image ({_first_line(error)}).") from error
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
         images.append(square_resize(tensor, size))
     return torch.cat(images)
