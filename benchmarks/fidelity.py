@@ -39,7 +39,7 @@ import torch
 from cad_lightning import load_backbone
 from cad_lightning.attribution.components import ComponentSpace
 from cad_lightning.attribution.fidelity import correlations, first_order_fidelity
-from cad_lightning.attribution.module import accumulate_first_order
+from cad_lightning.attribution.scoring import first_order_scores
 from cad_lightning.attribution.objectives import EraseObjective
 from cad_lightning.cli import main as cad
 from cad_lightning.data.world import prompts_naming
@@ -55,16 +55,11 @@ def first_order(args) -> None:
         backbone.use_clipped_model_output = args.fo_clipped_eps == "on"
     names = ComponentSpace(args.fo_components).names(backbone.unet)
     params = dict(backbone.unet.named_parameters())
-    for n in names:
-        params[n].requires_grad_(True)
     objective = EraseObjective(num_inference_steps=args.fo_steps)
     prompts = prompts_naming(args.concept, args.fo_samples, torch.Generator().manual_seed(0))
     seeds = list(range(len(prompts)))
     start = time.perf_counter()
-    buffers = [torch.zeros_like(params[n]) for n in names]
-    _, states = accumulate_first_order(backbone, objective, names, prompts, seeds, buffers)
-    backbone.requires_grad_(False)
-    scores = {n: b / states for n, b in zip(names, buffers)}
+    scores, _ = first_order_scores(backbone, objective, names, prompts, seeds)
     scored = time.perf_counter() - start
     print(f"first order: {'+'.join(args.fo_components)} weights ({sum(params[n].numel() for n in names)}), erase J of '{args.concept}', "
           f"{len(prompts)} runs x {args.fo_steps} DDIM steps, {args.fo_masks} held-out masks per density; "

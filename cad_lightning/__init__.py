@@ -7,8 +7,15 @@ Python API for scripts and notebooks::
     images = model.generate(["a red circle"], seed=0)          # (1, 3, 16, 16) in [0, 1]
     load_concept_classifier("checkpoints/tiny-shapes")(images)  # {"shape": ["circle"], ...}
     apply_edit(model.unet, "run/edits/erase-0.01.safetensors")  # zero the ablated weights in place
+
+    from cad_lightning import EraseObjective, first_order_scores
+    names = ComponentSpace(["cross_attn_kv"]).names(model.unet)
+    scores, mean_j = first_order_scores(model, EraseObjective(), names, ["a red circle"], [0])
 """
 
+from cad_lightning.attribution.components import ComponentSpace
+from cad_lightning.attribution.objectives import AmplifyObjective, EraseObjective
+from cad_lightning.attribution.scoring import first_order_scores
 from cad_lightning.backbones.backbone import DiffusionBackbone, Trajectory, load_backbone
 from cad_lightning.editing.artifacts import apply_edit
 from cad_lightning.errors import UserInputError
@@ -22,5 +29,9 @@ __all__ = [
     "ConceptDetector",
     "UserInputError",
     "apply_edit",
+    "ComponentSpace",
+    "EraseObjective",
+    "AmplifyObjective",
+    "first_order_scores",
 ]
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from cad_lightning.attribution.components import ComponentSpace
 from cad_lightning.attribution.objectives import OBJECTIVES, ConceptObjective
+from cad_lightning.attribution.scoring import accumulate_first_order
 from cad_lightning.attribution.sensitivity import accumulate_sensitivity
 from cad_lightning.editing.text_space import reads_text_only
 from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
@@ -35,37 +36,6 @@ from cad_lightning.strategy import NAME as ATTRIBUTION_STRATEGY
 from cad_lightning.strategy import AttributionStrategy
 
 ACCUMULATED = ("alpha_", "count_", "objective_sum_", "sensitivity_", "items_done")  # the per-epoch sums
-
-
-def accumulate_first_order(
-    backbone: DiffusionBackbone,
-    objective: ConceptObjective,
-    names: list[str],
-    prompts: list[str],
-    seeds: list[int],
-    buffers: list[torch.Tensor],
-    chunk_size: int = 128,
-    base_prompts: list[str] | None = None,
-) -> tuple[float, int]:
-    """Sample each item's trajectory once, then add Σ over its states of w·∂J/∂w (fp32) to ``buffers``
-    (one per parameter in ``names``). ``base_prompts``: each item's base prompt, if not the objective's.
-    Returns (Σ J, number of states)."""
-    params = dict(backbone.unet.named_parameters())
-    selected = [params[n] for n in names]
-    inputs = objective.inputs(backbone, prompts, seeds, base_prompts)
-    n = inputs.x_t.shape[0]
-    total_j = 0.0
-    with torch.enable_grad():
-        for start in range(0, n, chunk_size):
-            part = slice(start, start + chunk_size)
-            chunk = type(inputs)(**{k: (v[part] if v is not None else None) for k, v in vars(inputs).items()})
-            j = objective.value(backbone, chunk)
-            grads = torch.autograd.grad(j.sum(), selected)
-            with torch.no_grad():
-                for buffer, param, grad in zip(buffers, selected, grads):
-                    buffer.add_(param.float() * grad.float())
-            total_j += float(j.detach().sum())
-    return total_j, n
 
 
 def use_ieee_fp32(device: torch.device) -> tuple[str, str] | None:
