@@ -71,10 +71,15 @@ def _block_order(label: str) -> tuple:
     return (3, 0)
 
 
+def top_count(n: int, top_fraction: float) -> int:
+    """k: the size of a top-k set of ``n`` weights (at least one)."""
+    return max(1, round(top_fraction * n))
+
+
 def top_k_threshold(scores: dict[str, torch.Tensor], top_fraction: float) -> tuple[int, float, float]:
     """``k`` and the k-th largest and k-th most negative score over all weights (the top-k sets' edges)."""
     flat = torch.cat([t.detach().flatten().float() for t in scores.values()])
-    k = max(1, round(top_fraction * flat.numel()))
+    k = top_count(flat.numel(), top_fraction)
     positive = float(torch.topk(flat, k).values[-1])
     negative = float(torch.topk(-flat, k).values[-1])
     return k, positive, negative
@@ -124,13 +129,6 @@ def top_components(scores: dict[str, torch.Tensor], n: int = 20, levels: int | N
     return rows
 
 
-def top_set(scores: dict[str, torch.Tensor], top_fraction: float) -> torch.Tensor:
-    """The flat indices of the ``top_fraction`` largest scores (exactly k, ties broken by position)."""
-    flat = torch.cat([t.detach().flatten().float() for t in scores.values()])
-    k = max(1, round(top_fraction * flat.numel()))
-    return torch.topk(flat, k).indices
-
-
 def overlap(scores: dict[str, dict[str, torch.Tensor]], others: dict[str, dict[str, torch.Tensor]] | None = None,
             top_fraction: float = 0.01) -> dict:
     """Concept × concept overlap: Jaccard of the top-k positive sets and Spearman correlation of all scores.
@@ -148,7 +146,8 @@ def overlap(scores: dict[str, dict[str, torch.Tensor]], others: dict[str, dict[s
         raise ValueError("overlap needs every concept scored over the same parameters.")
     flat = {("a", c): torch.cat([scores[c][n].detach().flatten().double() for n in names]) for c in rows}
     flat.update({("b", c): torch.cat([others[c][n].detach().flatten().double() for n in names]) for c in columns})
-    tops = {key: set(top_set({"all": v}, top_fraction).tolist()) for key, v in flat.items()}
+    # the top-k sets: exactly k weights each, ties broken by position
+    tops = {key: set(torch.topk(v, top_count(v.numel(), top_fraction)).indices.tolist()) for key, v in flat.items()}
     jaccard = [[len(tops["a", r] & tops["b", c]) / len(tops["a", r] | tops["b", c]) for c in columns] for r in rows]
     # Spearman's correlation is Pearson's of the ranks (ties share their mean rank): each vector ranked once
     ranks = {key: torch.from_numpy(rankdata(v.numpy())) for key, v in flat.items()}
