@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from cad_lightning.errors import UserInputError, user_error_in
+from cad_lightning.errors import UserInputError, first_line, user_error_in
 from cad_lightning.utils import write_json
 
 STATUS_FILE = "status.json"
@@ -102,9 +102,9 @@ class RunStatus(Callback):
         elif isinstance(exception, KeyboardInterrupt):
             self._write("interrupted")
         elif user_error_in(exception) is not None:
-            self._write("refused", first_line(exception))
+            self._write("refused", f"{type(exception).__name__}: {first_line(exception)}")
         else:
-            self._write("failed", first_line(exception))
+            self._write("failed", f"{type(exception).__name__}: {first_line(exception)}")
 
     def _write(self, status: str, detail: str | None = None) -> None:
         if self.folder is None:  # not rank 0, or training never started
@@ -120,9 +120,6 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 # --- before a run and after a refusal (used by the cad command line) --------------------------------------

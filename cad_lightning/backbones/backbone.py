@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
 from cad_lightning.backbones.tokenizer import check_prompts
-from cad_lightning.errors import UserInputError
+from cad_lightning.errors import UserInputError, first_line
 
 REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 SAMPLER_DEFAULTS_FILE = "sampler_defaults.json"
@@ -279,12 +279,6 @@ def check_model_folder(path: str | os.PathLike) -> Path:
             f"(a model folder holds {', '.join(p + '/' for p in REQUIRED_PARTS)} and, for latent models, vae/)."
         )
     return folder
-
-
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """The first line of an error's message (its type when it has none), at most ``limit`` characters."""
-    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_part(folder: Path, part: str, load, **kwargs):

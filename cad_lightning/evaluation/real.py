@@ -44,7 +44,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.multimodal import CLIPScore
 
 from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
-from cad_lightning.errors import UserInputError
+from cad_lightning.errors import UserInputError, first_line
 from cad_lightning.evaluation.prompt_sets import PromptRow, read_prompt_set
 from cad_lightning.generation import resolve_model_path
 from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_image, save_image, to_pil
@@ -62,10 +62,6 @@ def _local_folder(path: str, field: str, what: str) -> Path:
     return folder
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def load_image_classifier(path: str, field: str = "model.classifier"):
     """(model, image processor) of a local ``AutoModelForImageClassification`` folder; never downloads."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -76,7 +72,7 @@ def load_image_classifier(path: str, field: str = "model.classifier"):
         model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
-        raise UserInputError(f"{field} '{path}' could not be loaded as an image classifier: {_first_line(error)}") from error
+        raise UserInputError(f"{field} '{path}' could not be loaded as an image classifier: {first_line(error)}") from error
     return model.eval().requires_grad_(False), processor
 
 
@@ -90,7 +86,7 @@ def load_clip(path: str, field: str = "model.clip"):
         model = CLIPModel.from_pretrained(folder, local_files_only=True)
         processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserInputError(f"{field} '{path}' could not be loaded as a CLIP model: {_first_line(error)}") from error
+        raise UserInputError(f"{field} '{path}' could not be loaded as a CLIP model: {first_line(error)}") from error
     return model.eval().requires_grad_(False), processor
 
 
@@ -166,7 +162,7 @@ def load_reference_images(path: str, size: int, field: str = "model.reference_im
             with Image.open(file) as image:
                 array = np.asarray(image.convert("RGB"), dtype=np.uint8)
         except OSError as error:
-            raise UserInputError(f"{field}: '{file}' is not a readable image ({_first_line(error)}).") from error
+            raise UserInputError(f"{field}: '{file}' is not a readable image ({first_line(error)}).") from error
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
         images.append(square_resize(tensor, size))
     return torch.cat(images)
