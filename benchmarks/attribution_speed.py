@@ -39,7 +39,7 @@ class UNetCounter:
 
 def official_scores(backbone, names, prompts, seeds, steps, guidance, base_prompt="") -> dict[str, torch.Tensor]:
     """The official algorithm: for each timestep k, sample from scratch down to step k, then score J there."""
-    params = dict(backbone.unet.named_parameters())
+    params = dict(backbone.denoiser.named_parameters())
     selected = [params[n] for n in names]
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in selected]
     cond = backbone.encode(prompts)
@@ -76,16 +76,16 @@ def main() -> None:
 
     backbone = load_backbone(args.model)
     guidance = backbone.guidance_scale
-    names = ComponentSpace(["ff"]).names(backbone.unet)
-    for name, param in backbone.unet.named_parameters():
+    names = ComponentSpace(["ff"]).names(backbone.denoiser)
+    for name, param in backbone.denoiser.named_parameters():
         param.requires_grad_(name in names)
     prompts = [f"a {args.concept}"] * args.samples
     seeds = list(range(args.samples))
-    counter = UNetCounter(backbone.unet)
+    counter = UNetCounter(backbone.denoiser)
 
     start, counter.count = time.perf_counter(), 0
     objective = EraseObjective(base_prompt="", guidance_scale=guidance, num_inference_steps=args.steps)
-    params = dict(backbone.unet.named_parameters())
+    params = dict(backbone.denoiser.named_parameters())
     ours = [torch.zeros_like(params[n], dtype=torch.float32) for n in names]
     accumulate_first_order(backbone, objective, names, prompts, seeds, ours, chunk_size=256)
     ours_time, ours_evals = time.perf_counter() - start, counter.count

@@ -53,8 +53,8 @@ def first_order(args) -> None:
         backbone.guidance_scale = args.fo_guidance
     if args.fo_clipped_eps is not None:
         backbone.use_clipped_model_output = args.fo_clipped_eps == "on"
-    names = ComponentSpace(args.fo_components).names(backbone.unet)
-    params = dict(backbone.unet.named_parameters())
+    names = ComponentSpace(args.fo_components).names(backbone.denoiser)
+    params = dict(backbone.denoiser.named_parameters())
     objective = EraseObjective(num_inference_steps=args.fo_steps)
     prompts = prompts_naming(args.concept, args.fo_samples, torch.Generator().manual_seed(0))
     seeds = list(range(len(prompts)))

@@ -50,19 +50,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     backbone = load_backbone(args.model)
-    layout = MaskLayout(backbone.unet, ComponentSpace([args.components]).names(backbone.unet), args.granularity)
+    layout = MaskLayout(backbone.denoiser, ComponentSpace([args.components]).names(backbone.denoiser), args.granularity)
     masks = sample_masks(layout.n_components, range(args.masks), args.keep_prob, seed=0)
     prompt, n = "a red circle", args.masks
 
     def naive():
         out = []
         for b in range(n):
-            with zeroed_weights(backbone.unet, layout, masks[b]):
+            with zeroed_weights(backbone.denoiser, layout, masks[b]):
                 out.append(backbone.sample([prompt], [0], args.steps).final)
         return torch.cat(out)
 
     def batched():
-        with batched_masks(backbone.unet, layout, masks):
+        with batched_masks(backbone.denoiser, layout, masks):
             return backbone.sample([prompt] * n, [0] * n, args.steps).final
 
     def unmasked():

@@ -29,8 +29,8 @@ def scores(args, dtype: str, prompts: list[str], seeds: list[int]) -> tuple[torc
     backbone = load_backbone(resolve_model_path(args.model), device=args.device, dtype=dtype)
     if args.device.startswith("cuda"):
         use_ieee_fp32(torch.device(args.device))
-    names = ComponentSpace(["ff"]).names(backbone.unet)
-    params = dict(backbone.unet.named_parameters())
+    names = ComponentSpace(["ff"]).names(backbone.denoiser)
+    params = dict(backbone.denoiser.named_parameters())
     for name in names:
         params[name].requires_grad_(True)
     buffers = [torch.zeros(params[n].shape, dtype=torch.float32, device=args.device) for n in names]

@@ -52,14 +52,14 @@ def build(reference: Path, dtype: torch.dtype, device: str) -> DiffusionBackbone
 def measure(args, name: str, checkpointing: bool, device: str) -> dict:
     backbone = build(Path(args.reference), DTYPES[name], device)
     if checkpointing:
-        backbone.unet.enable_gradient_checkpointing()
-    names = ComponentSpace(["ff"]).names(backbone.unet)
-    params = dict(backbone.unet.named_parameters())
+        backbone.denoiser.enable_gradient_checkpointing()
+    names = ComponentSpace(["ff"]).names(backbone.denoiser)
+    params = dict(backbone.denoiser.named_parameters())
     for n in names:
         params[n].requires_grad_(True)
     weights = sum(params[n].numel() for n in names)
     evals = {"count": 0}
-    backbone.unet.register_forward_pre_hook(lambda m, a: evals.__setitem__("count", evals["count"] + a[0].shape[0]))
+    backbone.denoiser.register_forward_pre_hook(lambda m, a: evals.__setitem__("count", evals["count"] + a[0].shape[0]))
     buffers = [torch.zeros_like(params[n], dtype=torch.float32) for n in names]
     objective = EraseObjective(num_inference_steps=args.steps)
     prompts, seeds = ["a photo of a golf ball"] * args.samples, list(range(args.samples))

@@ -6,10 +6,10 @@ Python API for scripts and notebooks::
     model = load_backbone("checkpoints/tiny-shapes")
     images = model.generate(["a red circle"], seed=0)          # (1, 3, 16, 16) in [0, 1]
     load_concept_classifier("checkpoints/tiny-shapes")(images)  # {"shape": ["circle"], ...}
-    apply_edit(model.unet, "run/edits/erase-0.01.safetensors")  # zero the ablated weights in place
+    apply_edit(model.denoiser, "run/edits/erase-0.01.safetensors")  # zero the ablated weights in place
 
     from cad_lightning import EraseObjective, first_order_scores
-    names = ComponentSpace(["cross_attn_kv"]).names(model.unet)
+    names = ComponentSpace(["cross_attn_kv"]).names(model.denoiser)
     scores, mean_j = first_order_scores(model, EraseObjective(), names, ["a red circle"], [0])
 """
 

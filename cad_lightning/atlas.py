@@ -97,7 +97,7 @@ class AtlasWriter(Callback):
         atlas = run_dir / "atlas"
         with atomic_path(atlas / "scores.safetensors") as tmp:
             save_file({f"{c}::{k}": v.contiguous() for c, per in self.scores.items() for k, v in per.items()}, str(tmp))
-        levels, size = unet_levels(pl_module.backbone.unet)
+        levels, size = unet_levels(pl_module.backbone.denoiser)
         locs = {c: localisation(s, self.top_fraction, levels, size) for c, s in self.scores.items()}
         within = overlap(self.scores, top_fraction=self.top_fraction)
         figures = {"overlap": overlap_figure(within), "localisation": localisation_atlas_figure(locs)}

@@ -288,7 +288,7 @@ class AttributionWriter(Callback):
                 raise UserInputError("AttributionWriter rescore_every grows the edit in text space, where every scored "
                                      "component is a cross-attention key or value (model.components [cross_attn_kv]): "
                                      "set it to null for other components.")
-        params = dict(pl_module.backbone.unet.named_parameters())
+        params = dict(pl_module.backbone.denoiser.named_parameters())
         self._original = {n: params[n].detach().clone() for n in pl_module.component_names}
         preemption = getattr(pl_module, "preemption", None)
         if preemption is not None:  # a signal in a later epoch saves what the earlier epochs made
@@ -382,7 +382,7 @@ class AttributionWriter(Callback):
 
     def _apply(self, pl_module, masks: dict[str, torch.Tensor] | None) -> None:
         """Set the component weights to the originals with ``masks`` applied (None: the unedited model)."""
-        restore_weights(pl_module.backbone.unet, self._original, masks)
+        restore_weights(pl_module.backbone.denoiser, self._original, masks)
 
     # --- end of fit ---------------------------------------------------------------------------
     def _results(self) -> dict:
@@ -514,7 +514,7 @@ class AttributionWriter(Callback):
     def _localise(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> dict:
         """Where the concept's attribution sits, by block and by kind, and its top weights: for the report, as
         ``localisation.png`` and as a TensorBoard figure."""
-        levels, size = unet_levels(pl_module.backbone.unet)
+        levels, size = unet_levels(pl_module.backbone.denoiser)
         loc = localisation(scores, self.localise_top, levels, size)
         fig = localisation_figure(loc, f"'{pl_module.concepts[0]}'")
         save_figure(fig, run_dir / "localisation.png")
@@ -621,7 +621,7 @@ class AttributionWriter(Callback):
             return self._staged  # grown stage by stage as the epochs ended
         if self._space(scores) == "text":
             return self._text_space(pl_module, scores, self.ratios)
-        params = dict(pl_module.backbone.unet.named_parameters())  # live: the rounds differentiate through them
+        params = dict(pl_module.backbone.denoiser.named_parameters())  # live: the rounds differentiate through them
         preserve = [i for i in pl_module.trainer.datamodule.items() if i.get("role") == "preserve"]
         preserve = preserve[: self.collateral_runs]
         hparams = pl_module.hparams
@@ -659,7 +659,7 @@ class AttributionWriter(Callback):
                                                   "scope": self.scope, "concept": pl_module.concepts[0]})
                 if self.save_unet:
                     folder = run_dir / "edits" / stem / "unet"
-                    save_edited_unet(pl_module.backbone.unet, masks, folder)
+                    save_edited_unet(pl_module.backbone.denoiser, masks, folder)
                     entry["unet"] = str(folder.relative_to(run_dir))
                 written.append(entry)
         return written

@@ -109,7 +109,7 @@ class GenerationModule(pl.LightningModule):
         if edit:
             from cad_lightning.editing import apply_edit
 
-            apply_edit(self.backbone.unet, edit)
+            apply_edit(self.backbone.denoiser, edit)
 
     def on_predict_start(self) -> None:
         prompts = self.trainer.datamodule.prompts if self.trainer.datamodule is not None else []

@@ -52,8 +52,8 @@ def ff_scoring_backbone():
     from cad_lightning.attribution.components import ComponentSpace
 
     backbone = load_backbone(SHIPPED_MODEL)
-    names = ComponentSpace(["ff"]).names(backbone.unet)
-    params = dict(backbone.unet.named_parameters())
+    names = ComponentSpace(["ff"]).names(backbone.denoiser)
+    params = dict(backbone.denoiser.named_parameters())
     for name in names:
         params[name].requires_grad_(True)
     return backbone, names, params

@@ -52,7 +52,7 @@ class Phase(Callback):
         PHASE[0] = "between"
 
     def on_train_end(self, trainer, pl_module) -> None:
-        params = dict(pl_module.backbone.unet.named_parameters())
+        params = dict(pl_module.backbone.denoiser.named_parameters())
         RESULT.update(
             rank=trainer.global_rank, world_size=trainer.world_size, steps=trainer.global_step,
             batches=trainer.fit_loop.epoch_loop.batch_progress.total.completed,

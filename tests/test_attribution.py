@@ -301,11 +301,11 @@ def test_gradient_checkpointing_gives_the_same_scores():
     results = []
     for checkpointing in (False, True):
         if checkpointing:
-            backbone.unet.enable_gradient_checkpointing()
+            backbone.denoiser.enable_gradient_checkpointing()
         buffers = [torch.zeros_like(params[n]) for n in names]
         accumulate_first_order(backbone, objective, names, ["a circle", "a red circle"], [0, 1], buffers)
         results.append(torch.cat([b.flatten() for b in buffers]))
-    assert backbone.unet.is_gradient_checkpointing
+    assert backbone.denoiser.is_gradient_checkpointing
     assert results[0].abs().max() > 0
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-9)
 

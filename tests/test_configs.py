@@ -9,7 +9,7 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.y
 SUBCOMMAND = {"generate": "predict", "evaluate": "test"}
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=[f"{c.parent.name}/{c.stem}" for c in CONFIGS])
 def test_config_parses(config, capsys):
     assert run_cli([SUBCOMMAND.get(config.stem, "fit"), "--config", str(config), "--print_config"]) == 0
     printed = capsys.readouterr().out

@@ -28,7 +28,7 @@ def test_bad_keep_prob_is_refused():
     ("neuron", "ff", 4 * (512 + 64)), ("layer", "ff", 8), ("head", "cross_attn_kv", 8 * 8), ("weight", "ff", 4 * (512 * 64 + 64 * 256)),
 ])
 def test_layout_counts_and_index(tiny_backbone, granularity, preset, expected):
-    unet = tiny_backbone.unet
+    unet = tiny_backbone.denoiser
     layout = MaskLayout(unet, ComponentSpace([preset]).names(unet), granularity)
     assert layout.n_components == expected
     last = layout.blocks[-1]
@@ -39,7 +39,7 @@ def test_layout_counts_and_index(tiny_backbone, granularity, preset, expected):
 
 
 def test_head_granularity_outside_attention_is_refused(tiny_backbone):
-    unet = tiny_backbone.unet
+    unet = tiny_backbone.denoiser
     with pytest.raises(UserInputError, match="head"):
         MaskLayout(unet, ComponentSpace(["ff"]).names(unet), "head")
 
@@ -48,7 +48,7 @@ def test_head_granularity_outside_attention_is_refused(tiny_backbone):
     ("neuron", "ff"), ("head", "transformer_linear"), ("layer", "ff"), ("weight", "ff"), ("neuron", "conv"), ("weight", "conv")])
 def test_batched_pass_equals_one_mask_at_a_time(tiny_backbone, granularity, preset):
     """Four different masks in one forward pass give what four passes with the weights zeroed give."""
-    unet = tiny_backbone.unet
+    unet = tiny_backbone.denoiser
     names = ComponentSpace([preset if preset != "transformer_linear" else r"attn[12]\.to_(q|k|v|out\.0)\.weight$"]).names(unet)
     layout = MaskLayout(unet, names, granularity)
     masks = sample_masks(layout.n_components, range(4), keep_prob=0.7, seed=1)
@@ -74,7 +74,7 @@ def test_batched_pass_equals_one_mask_at_a_time(tiny_backbone, granularity, pres
 
 def test_masks_shared_by_consecutive_samples(tiny_backbone):
     """``repeats``: each mask serves consecutive samples, e.g. all states of the same runs."""
-    unet = tiny_backbone.unet
+    unet = tiny_backbone.denoiser
     for granularity, preset in (("neuron", "ff"), ("weight", "ff"), ("weight", "conv")):
         layout = MaskLayout(unet, ComponentSpace([preset]).names(unet), granularity)
         masks = sample_masks(layout.n_components, range(2), keep_prob=0.8, seed=2)

@@ -32,7 +32,7 @@ def test_text_to_image_loss_falls_and_exports(tmp_path):
     after = fixed_loss(module, images, prompts)
     assert after < 0.6 * before, (before, after)
     backbone = load_backbone(tmp_path / "model")
-    assert torch.equal(backbone.unet.conv_in.weight, module.unet.conv_in.weight)
+    assert torch.equal(backbone.denoiser.conv_in.weight, module.unet.conv_in.weight)
     # the sampler the module was given travels with the model
     assert (backbone.guidance_scale, backbone.eta, backbone.use_clipped_model_output) == (2.5, 0.5, True)
     out = backbone.generate(["a red circle"], seed=0, num_inference_steps=2)

@@ -31,13 +31,13 @@ class ToyBackbone:
     """Just what the objective and the sensitivity use: seeded 'trajectories' of random states, a text feature."""
 
     def __init__(self) -> None:
-        self.unet = ToyUNet()
+        self.denoiser = ToyUNet()
 
     def encode(self, prompts):
         return torch.tensor([[[1.0 if "circle" in p.split() else 0.0]] for p in prompts])
 
     def predict_noise(self, x_t, t, text):
-        return self.unet(x_t, t, text)
+        return self.denoiser(x_t, t, text)
 
     def trajectory(self, prompts, seed, guidance_scale=None, num_inference_steps=None):
         steps = num_inference_steps or 3
@@ -334,7 +334,7 @@ def test_control_draws_read_on_retained_images_only_give_the_same_ssim(tiny_back
     from cad_lightning.evaluation.concepts import evaluation_items
     from cad_lightning.evaluation.edits import evaluate_edits
 
-    unet = tiny_backbone.unet
+    unet = tiny_backbone.denoiser
     names = [n for n, _ in unet.named_parameters() if "attn2.to_v" in n]
     params = dict(unet.named_parameters())
     original = {n: params[n].detach().clone() for n in names}
@@ -362,10 +362,10 @@ def test_row_moments_are_the_per_state_gradients_of_the_key_value_weights():
     from cad_lightning import load_backbone
 
     backbone = load_backbone(SHIPPED_MODEL)
-    backbone.unet.requires_grad_(False)
-    names = [n for n, _ in backbone.unet.named_parameters() if n.endswith("attn2.to_v.weight")][:1]
-    names.append(next(n for n, _ in backbone.unet.named_parameters() if n.endswith("attn2.to_k.weight")))
-    params = dict(backbone.unet.named_parameters())
+    backbone.denoiser.requires_grad_(False)
+    names = [n for n, _ in backbone.denoiser.named_parameters() if n.endswith("attn2.to_v.weight")][:1]
+    names.append(next(n for n, _ in backbone.denoiser.named_parameters() if n.endswith("attn2.to_k.weight")))
+    params = dict(backbone.denoiser.named_parameters())
     for n in names:
         params[n].requires_grad_(True)
     buffers = [torch.zeros_like(params[n]) for n in names]

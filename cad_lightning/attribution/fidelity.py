@@ -74,7 +74,7 @@ def first_order_fidelity(backbone, objective, prompts: list[str], seeds: list[in
     ablating each selected weight with probability ``density``, on the states of ``prompts``/``seeds``
     (the base branch of erase held at the unmasked model, as the scores hold it)."""
     names = list(scores)
-    layout = MaskLayout(backbone.unet, names, "weight")
+    layout = MaskLayout(backbone.denoiser, names, "weight")
     rows = sample_masks(layout.n_components, range(masks), 1.0 - density, seed)
     alpha = layout.component_sums({n: s.cpu() for n, s in scores.items()})
     predicted = -((~rows).double() @ alpha)

@@ -1,4 +1,4 @@
-"""Where a concept lives: its attribution by UNet block and by component kind, and how concepts overlap.
+"""Where a concept lives: its attribution by denoiser block and by component kind, and how concepts overlap.
 
 Plain torch over score dicts ``{parameter name: scores}`` (one score per weight), used by every attribution
 report (:func:`localisation`, :func:`top_components`) and by the atlas of several concepts (:func:`overlap`).
@@ -7,7 +7,11 @@ report (:func:`localisation`, :func:`top_components`) and by the atlas of severa
   (``down 1 (8×8)``; diffusers numbers up blocks from the lowest resolution up); its *kind* is what it does:
   ``conv`` (ResNet and stem convolutions), ``self-attention``, cross-attention ``keys``, ``values`` (these two
   read only the prompt) and ``(query, out)``, ``feed-forward`` or ``other`` (projections in and out of the
-  transformers, time embedding, norms).
+  transformers, time embedding, norms). In the diffusion transformers a block is ``block i`` (FLUX's
+  double-stream blocks too) or ``single i`` (FLUX's single-stream blocks); the joint attention's projections of
+  the prompt tokens (``add_k_proj``, ``add_v_proj``; ``add_q_proj``, ``to_add_out``) count as cross-attention
+  keys, values and (query, out), its image projections and the single-stream attention as self-attention, the
+  prompt stream's ``ff_context`` and the single-stream ``proj_mlp`` as feed-forward.
 - The *top-k* sets are the ``top_fraction`` of all scored weights with the largest scores (positive: they
   induce the concept, what CAD-Erase ablates) and with the most negative (they suppress it). A group's share of
   the positive mass is the sum of its top-k positive scores over the sum of all top-k positive scores; the
@@ -34,7 +38,15 @@ def component_kind(name: str) -> str:
         return "cross-attention values"
     if re.search(r"\.attn2\.", name):
         return "cross-attention (query, out)"
-    if re.search(r"\.ff\.", name):
+    if re.search(r"\.attn\.add_k_proj\.", name):  # joint attention (SD3, FLUX): the prompt tokens' projections
+        return "cross-attention keys"
+    if re.search(r"\.attn\.add_v_proj\.", name):
+        return "cross-attention values"
+    if re.search(r"\.attn\.(add_q_proj|to_add_out)\.", name):
+        return "cross-attention (query, out)"
+    if re.search(r"transformer_blocks\.\d+\.attn\.", name):
+        return "self-attention"
+    if re.search(r"\.ff(_context)?\.|\.proj_mlp\.", name):
         return "feed-forward"
     if re.search(r"(^|\.)conv[^.]*\.weight$|conv_shortcut|downsamplers|upsamplers", name) and "attn" not in name:
         return "conv"
@@ -44,6 +56,9 @@ def component_kind(name: str) -> str:
 def component_block(name: str, levels: int | None = None, sample_size: int | None = None) -> str:
     """``down i`` / ``mid`` / ``up i`` (with the latents' resolution there when ``levels`` and ``sample_size``
     are known), or ``other`` (stem, time embedding, output head)."""
+    match = re.match(r"(single_)?transformer_blocks\.(\d+)\.", name)
+    if match:
+        return f"{'single' if match.group(1) else 'block'} {match.group(2)}"
     match = re.match(r"(down|up)_blocks\.(\d+)\.", name)
     if match:
         kind, index = match.group(1), int(match.group(2))
@@ -68,7 +83,11 @@ def _block_order(label: str) -> tuple:
         return (1, 0)
     if head.startswith("up"):
         return (2, int(head.split()[1]))
-    return (3, 0)
+    if head.startswith("block"):
+        return (3, int(head.split()[1]))
+    if head.startswith("single"):
+        return (4, int(head.split()[1]))
+    return (5, 0)
 
 
 def top_count(n: int, top_fraction: float) -> int:

@@ -58,7 +58,7 @@ def objective_scores(
         g = group.shape[0]
         tiled = ObjectiveInputs(**{k: (v.repeat(g, *[1] * (v.ndim - 1)) if v is not None else None)
                                    for k, v in vars(inputs).items()})
-        with batched_masks(backbone.unet, layout, group, repeats=states):
+        with batched_masks(backbone.denoiser, layout, group, repeats=states):
             j = objective.value(backbone, tiled)
         out.append(j.double().reshape(g, states).mean(1).cpu())
     return torch.cat(out)
@@ -92,7 +92,7 @@ def classifier_scores(
     each mask (M, n_components) → (M,) float64. All M × len(prompts) images are sampled in one batched run."""
     kind, index = concept_index(detector, concept)
     m, p = masks.shape[0], len(prompts)
-    with batched_masks(backbone.unet, layout, masks, repeats=p):
+    with batched_masks(backbone.denoiser, layout, masks, repeats=p):
         run = backbone.sample(prompts * m, seeds * m, num_inference_steps, guidance_scale)
     images = backbone.decode(run.final)
     logits = detector.classifier(images.to(detector.classifier.device, detector.classifier.dtype))[kind].double()

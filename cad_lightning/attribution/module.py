@@ -108,13 +108,13 @@ class CADModule(pl.LightningModule):
         self.model_folder = resolve_model_path(model_path)
         self.backbone: DiffusionBackbone = load_backbone(self.model_folder, dtype=dtype)
         if gradient_checkpointing:
-            self.backbone.unet.enable_gradient_checkpointing()
+            self.backbone.denoiser.enable_gradient_checkpointing()
         self.space = ComponentSpace(components)
-        self.component_names = self.space.names(self.backbone.unet)
+        self.component_names = self.space.names(self.backbone.denoiser)
         if edit:
             from cad_lightning.editing import apply_edit
 
-            apply_edit(self.backbone.unet, edit)
+            apply_edit(self.backbone.denoiser, edit)
         self.concepts: list[str] = []
         self.objective: ConceptObjective | None = None
         self.restored: dict[str, torch.Tensor] = {}  # sums saved by a preempted run, see restore_accumulated
@@ -175,7 +175,7 @@ class CADModule(pl.LightningModule):
             num_inference_steps=self.hparams.num_inference_steps,
             **kwargs,
         )
-        params = dict(self.backbone.unet.named_parameters())
+        params = dict(self.backbone.denoiser.named_parameters())
         for c in range(len(self.concepts)):
             for p, name in enumerate(self.component_names):
                 key = self._buffer_name(c, p)
@@ -256,7 +256,7 @@ class CADModule(pl.LightningModule):
     def _ensure_sensitivity_buffers(self) -> None:
         if hasattr(self, "sensitivity_count"):
             return
-        params = dict(self.backbone.unet.named_parameters())
+        params = dict(self.backbone.denoiser.named_parameters())
         for p, name in enumerate(self.component_names):
             self.register_buffer(f"sensitivity_{p}", torch.zeros(params[name].shape, dtype=torch.float32, device=self.device))
         for p in self._text_only_indices():

@@ -6,7 +6,8 @@ costs T guided sampling steps plus one batched forward/backward over its T state
 
 - :class:`EraseObjective`: J = mean over (t, x_t) of ‖ε(x_t, c_base, t).detach() − ε(x_t, c, t)‖²
   (mean squared error per element). High J: the concept pulls the prediction away from the base prompt's.
-- :class:`AmplifyObjective`: J = −(denoising loss of the concept prompt on images of the concept): the final
+- :class:`AmplifyObjective`: J = −(denoising loss of the concept prompt on images of the concept; for the
+  flow-matching transformers the flow-matching loss): the final
   samples of the same runs, shapes-world renders, or a folder of the user's images. High J: the model
   predicts the concept's images well.
 
@@ -34,7 +35,8 @@ NOISE_SEED_STRIDE = 10_007
 @dataclass
 class ObjectiveInputs:
     """The states an objective is evaluated on, flattened over (timestep, item): x_t (N, C, h, w), t (N,),
-    the concept's text embeddings (N, L, D); for amplify, the noise ε that made x_t from x_0; for erase, the
+    the concept's text embeddings (N, L, D); for amplify, the noise ε that made x_t from x_0 and the training
+    target (ε, the velocity of v-prediction, or ε - x_0 for flow matching); for erase, the
     base prompt's prediction ε(x_t, c_base, t) when the sampler already computed it, else the base prompts'
     embeddings (N, L, D) when items have base prompts of their own."""
 
@@ -42,6 +44,7 @@ class ObjectiveInputs:
     t: torch.Tensor
     text: torch.Tensor
     noise: torch.Tensor | None = None
+    target: torch.Tensor | None = None
     base_noise: torch.Tensor | None = None
     base_text: torch.Tensor | None = None
 
@@ -154,12 +157,13 @@ class AmplifyObjective(ConceptObjective):
             for k in range(steps) for s in seeds
         ]).to(x0)
         t = timesteps.repeat_interleave(n)
-        x_t = backbone.scheduler.add_noise(x0, noise, t.to(x0.device))
-        return ObjectiveInputs(x_t=x_t, t=t, text=text, noise=noise)
+        x_t = backbone.add_noise(x0, noise, t)
+        return ObjectiveInputs(x_t=x_t, t=t, text=text, noise=noise, target=backbone.training_target(x0, noise, t))
 
     def value(self, backbone: DiffusionBackbone, inputs: ObjectiveInputs) -> torch.Tensor:
         eps = backbone.predict_noise(inputs.x_t, inputs.t, inputs.text)
-        return -F.mse_loss(eps.float(), inputs.noise.float(), reduction="none").flatten(1).mean(1)
+        target = inputs.noise if inputs.target is None else inputs.target
+        return -F.mse_loss(eps.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
 def render_prompt(prompt: str, seed: int, resolution: int) -> torch.Tensor:

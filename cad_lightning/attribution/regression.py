@@ -69,7 +69,7 @@ class RegressionCADModule(CADModule):
             )
         if score not in SCORES:
             raise UserInputError(f"model.score must be one of {', '.join(SCORES)}, got '{score}'.")
-        self.layout = MaskLayout(self.backbone.unet, self.component_names, granularity)
+        self.layout = MaskLayout(self.backbone.denoiser, self.component_names, granularity)
         self.detector = None
         self.store: MaskScoreStore | None = None
         self.done: dict[int, float] = {}

@@ -27,7 +27,7 @@ def accumulate_first_order(
     """Sample each item's trajectory once, then add Σ over its states of w·∂J/∂w (fp32) to ``buffers``
     (one per parameter in ``names``). ``base_prompts``: each item's base prompt, if not the objective's.
     Returns (Σ J, number of states)."""
-    params = dict(backbone.unet.named_parameters())
+    params = dict(backbone.denoiser.named_parameters())
     selected = [params[n] for n in names]
     inputs = objective.inputs(backbone, prompts, seeds, base_prompts)
     n = inputs.x_t.shape[0]
@@ -57,7 +57,7 @@ def first_order_scores(
     """Mean α = w·∂J/∂w over every state of the items' trajectories, ``{parameter name: fp32 tensor}``, and the
     mean J. Only the parameters in ``names`` take gradients during the call; every parameter's
     ``requires_grad`` is put back afterwards."""
-    params = dict(backbone.unet.named_parameters())
+    params = dict(backbone.denoiser.named_parameters())
     before = {name: p.requires_grad for name, p in params.items()}
     try:
         for name, param in params.items():

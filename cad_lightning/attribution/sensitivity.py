@@ -47,8 +47,8 @@ def accumulate_sensitivity(
     to ``buffers`` (fp32, one per parameter in ``names``). ``row_buffers`` ({index in ``names``: rows × rows}),
     for parameters that read the prompt only (cross-attention keys and values), get Σ over states of
     G_s G_sᵀ / elements (see the module docstring). Returns the number of states."""
-    params = dict(backbone.unet.named_parameters())
-    modules = dict(backbone.unet.named_modules())
+    params = dict(backbone.denoiser.named_parameters())
+    modules = dict(backbone.denoiser.named_modules())
     selected = [params[n] for n in names]
     row_buffers = row_buffers or {}
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

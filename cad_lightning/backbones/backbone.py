@@ -1,9 +1,17 @@
 """One interface over text-to-image diffusion models.
 
-A :class:`DiffusionBackbone` wraps a diffusers ``UNet2DConditionModel``, a transformers text encoder
-and tokenizer, a DDIM scheduler and, for latent models such as Stable Diffusion, a VAE. The embedded
-tiny model is pixel-space (no VAE); Stable Diffusion 1.x/2.x folders are latent-space. Both are read
-from a local diffusers folder by :func:`load_backbone`; nothing is ever downloaded.
+A :class:`DiffusionBackbone` wraps a denoiser (a diffusers ``UNet2DConditionModel`` here; the diffusion
+transformers of :mod:`cad_lightning.backbones.families`), its text encoders and tokenizers, a scheduler and,
+for latent models, a VAE. The embedded tiny model is pixel-space (no VAE); Stable Diffusion 1.x/2.x, SDXL,
+SD3, FLUX and PixArt folders are latent-space. All are read from a local diffusers folder by
+:func:`load_backbone`, which picks the family from the folder's ``model_index.json``; nothing is ever
+downloaded.
+
+Every family turns prompts into one conditioning tensor (B, L, D) (:meth:`DiffusionBackbone.encode`), so the
+objectives, the masked generation and the evaluation batch, repeat and concatenate conditionings without
+knowing the family. Families whose denoiser takes more than token embeddings (SDXL's pooled text and size
+conditioning, SD3's and FLUX's pooled projections, PixArt's attention mask) pack those values into trailing
+rows of that tensor (:func:`pack_conditioning`); their :meth:`~DiffusionBackbone.predict_noise` unpacks them.
 """
 
 from __future__ import annotations
@@ -15,13 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import (
+    AutoTokenizer,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerBase,
+    T5EncoderModel,
+)
 
 from cad_lightning.backbones.tokenizer import check_prompts
 from cad_lightning.errors import UserInputError, first_line
 
-REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 SAMPLER_DEFAULTS_FILE = "sampler_defaults.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Seeds = int | Sequence[int]
@@ -58,9 +79,12 @@ class DiffusionBackbone(torch.nn.Module):
     Each sample's initial noise comes from its own seed, so a result does not depend on how prompts are batched.
     """
 
+    family = "Stable Diffusion 1.x/2.x"
+    prediction = "epsilon"  # what the denoiser predicts: epsilon, v_prediction or flow (the velocity noise - x_0)
+
     def __init__(
         self,
-        unet: UNet2DConditionModel,
+        unet: torch.nn.Module,
         text_encoder: torch.nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         scheduler: DDIMScheduler,
@@ -70,9 +94,10 @@ class DiffusionBackbone(torch.nn.Module):
         eta: float = 0.0,
         use_clipped_model_output: bool = False,
         name: str = "model",
+        sample_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.unet = unet
+        self.denoiser = unet
         self.text_encoder = text_encoder
         self.vae = vae
         self.tokenizer = tokenizer
@@ -82,26 +107,41 @@ class DiffusionBackbone(torch.nn.Module):
         self.eta = eta
         self.use_clipped_model_output = use_clipped_model_output
         self.name = name
+        self.sample_size = sample_size
+        if getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction":
+            self.prediction = "v_prediction"
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser (kept under its Stable Diffusion name for the UNet families)."""
+        return self.denoiser
 
     # --- shapes -------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return self.denoiser.config.in_channels
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
+        size = self.sample_size or self.denoiser.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.unet.config.in_channels, *size)
+        return (self.latent_channels, *size)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
     @property
     def image_size(self) -> int:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        return self.latent_shape[1] * factor
+        return self.latent_shape[1] * self.vae_scale_factor
 
     # --- text ---------------------------------------------------------------------------------
     def check_prompts(self, prompts: Sequence[str]) -> None:
@@ -122,7 +162,27 @@ class DiffusionBackbone(torch.nn.Module):
     # --- denoising ----------------------------------------------------------------------------
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor | int, text: torch.Tensor) -> torch.Tensor:
         """ε(x_t, c, t) for a batch: x_t (B, C, h, w), t scalar or (B,), text (B, L, D)."""
-        return self.unet(x_t, t, encoder_hidden_states=text).sample
+        return self.denoiser(x_t, t, encoder_hidden_states=text).sample
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t of x_0 under the training noise ``noise`` at timesteps t (N,)."""
+        if self.prediction == "flow":
+            sigma = self._sigma(t, x0)
+            return (1 - sigma) * x0 + sigma * noise
+        return self.scheduler.add_noise(x0, noise, t.to(x0.device))
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is trained to predict at x_t = :meth:`add_noise` (x0, noise, t): the noise, the
+        velocity of v-prediction models, or for flow matching noise - x_0."""
+        if self.prediction == "flow":
+            return noise - x0
+        if self.prediction == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, t.to(x0.device))
+        return noise
+
+    def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        sigma = t.to(like.device, torch.float32) / self.scheduler.config.num_train_timesteps
+        return sigma.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
     def guided_noise(
         self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float
@@ -156,6 +216,8 @@ class DiffusionBackbone(torch.nn.Module):
         clipped x_0, so the step's x_0 and ε agree (as DDPM's posterior does) instead of pairing a clipped x_0
         with the unclipped ε.
         """
+        if self.prediction == "flow":
+            return scheduler.step(eps, t, x).prev_sample
         clipped = self.use_clipped_model_output
         if eta == 0.0:
             return scheduler.step(eps, t, x, use_clipped_model_output=clipped).prev_sample
@@ -169,14 +231,14 @@ class DiffusionBackbone(torch.nn.Module):
     ) -> dict:
         """The sampler a call with these arguments runs (None: the model's default), for run records."""
         return {
-            "sampler": "DDIM",
+            "sampler": "flow-matching Euler" if self.prediction == "flow" else "DDIM",
             "num_inference_steps": num_inference_steps or self.num_inference_steps,
             "guidance_scale": self.guidance_scale if guidance_scale is None else guidance_scale,
             "eta": self.eta if eta is None else eta,
             "use_clipped_model_output": self.use_clipped_model_output,
         }
 
-    def new_scheduler(self, num_inference_steps: int) -> DDIMScheduler:
+    def new_scheduler(self, num_inference_steps: int):
         scheduler = DDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         # The step's coefficients in float64: with eta > 0 and a long first step (e.g. t 999 -> 799, where
@@ -207,15 +269,19 @@ class DiffusionBackbone(torch.nn.Module):
         eta = self.eta if eta is None else eta
         if eta < 0:
             raise UserInputError(f"eta must be 0 or more (0: deterministic DDIM, 1: ancestral), got {eta}.")
+        if eta > 0 and self.prediction == "flow":
+            raise UserInputError(f"eta is {eta}, but {self.family} samples with the deterministic flow-matching "
+                                 "Euler sampler; leave eta at 0.")
         scheduler = self.new_scheduler(steps)
         n = len(prompts)
         cond = self.encode(prompts)
         uncond = self.encode([negative_prompt] * n)
         generators = self.generators(n, seed)
-        x = self.draw_noise(generators) * scheduler.init_noise_sigma
+        x = self.draw_noise(generators) * getattr(scheduler, "init_noise_sigma", 1.0)
+        scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
         states, times, uncond_eps = [], [], []
         for t in scheduler.timesteps:
-            eps, eps_u = self._guided(scheduler.scale_model_input(x, t), t, cond, uncond, scale)
+            eps, eps_u = self._guided(scale_input(x, t), t, cond, uncond, scale)
             if keep_trajectory:
                 states.append(x)
                 times.append(t)
@@ -234,7 +300,8 @@ class DiffusionBackbone(torch.nn.Module):
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Float images (B, 3, H, W) in [0, 1] from the model's x_0."""
         if self.vae is not None:
-            x0 = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            x0 = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor + shift).sample
         return ((x0.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
@@ -242,7 +309,8 @@ class DiffusionBackbone(torch.nn.Module):
         """The model's x_0 of images (B, 3, H, W) in [0, 1] (the inverse of :meth:`decode`)."""
         x = images.to(self.device) * 2 - 1
         if self.vae is not None:
-            x = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean * self.vae.config.scaling_factor
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            x = (self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean - shift) * self.vae.config.scaling_factor
         return x.to(self.dtype)
 
     def generate(
@@ -267,16 +335,49 @@ class DiffusionBackbone(torch.nn.Module):
         return torch.cat(out) if out else torch.empty(0, 3, self.image_size, self.image_size)
 
 
+SUPPORTED = "Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1 and PixArt-α/Σ"
+
+
+def model_family(path: str | os.PathLike) -> str:
+    """The family of a model folder, from the pipeline class its ``model_index.json`` names: ``sd`` (also the
+    embedded model, whose folder has no model_index.json), ``sdxl``, ``sd3``, ``flux`` or ``pixart``; anything
+    else is refused in one sentence naming what was found."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return "sd"
+    try:
+        pipeline = str(json.loads(index.read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError) as error:
+        raise UserInputError(f"The model folder '{path}': model_index.json does not read as JSON "
+                             f"({first_line(error)}).") from error
+    for prefix, family in (("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("Flux", "flux"),
+                           ("PixArt", "pixart"), ("StableDiffusion", "sd")):
+        if pipeline.startswith(prefix):
+            return family
+    raise UserInputError(f"The model folder '{path}' holds a {pipeline or 'pipeline with no _class_name'} "
+                         f"(model_index.json); cad-lightning reads {SUPPORTED} folders.")
+
+
+def required_parts(family: str) -> tuple[str, ...]:
+    denoiser = "unet" if family in ("sd", "sdxl") else "transformer"
+    extra = {"sdxl": ("vae", "text_encoder_2", "tokenizer_2"), "sd3": ("vae", "text_encoder_2", "tokenizer_2"),
+             "flux": ("vae", "text_encoder_2", "tokenizer_2"), "pixart": ("vae",)}.get(family, ())
+    return (denoiser, "text_encoder", "tokenizer", "scheduler", *extra)
+
+
 def check_model_folder(path: str | os.PathLike) -> Path:
-    """The folder as a Path, or a ValueError naming what makes it not a model folder."""
+    """The folder as a Path, or a UserInputError naming what makes it not a model folder of its family."""
     folder = Path(path)
     if not folder.is_dir():
         raise UserInputError(f"The model path '{path}' is not a folder; give a diffusers model folder.")
-    missing = [p for p in REQUIRED_PARTS if not (folder / p).is_dir()]
+    family = model_family(folder)
+    parts = required_parts(family)
+    missing = [p for p in parts if not (folder / p).is_dir()]
     if missing:
+        latent = " and, for latent models, vae/" if family == "sd" else ""
         raise UserInputError(
             f"The folder '{path}' is not a model folder: it has no {', '.join(p + '/' for p in missing)} "
-            f"(a model folder holds {', '.join(p + '/' for p in REQUIRED_PARTS)} and, for latent models, vae/)."
+            f"(a model folder holds {', '.join(p + '/' for p in parts)}{latent})."
         )
     return folder
 
@@ -302,34 +403,92 @@ def load_backbone(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = "fp32",
 ) -> DiffusionBackbone:
-    """Load a text-to-image model from a local diffusers folder (the embedded model or Stable Diffusion).
+    """Load a text-to-image model from a local diffusers folder: the embedded model, Stable Diffusion 1.x/2.x,
+    SDXL, SD3, FLUX.1 or PixArt-α/Σ (the family is read from ``model_index.json``).
 
-    ``dtype`` is the UNet's and VAE's precision (fp32, fp16 or bf16); the text encoder stays in fp32.
+    ``dtype`` is the denoiser's and VAE's precision (fp32, fp16 or bf16; a VAE whose configuration asks to be
+    upcast, as SDXL's does, stays in fp32); the CLIP text encoders stay in fp32, and so does T5 except in bf16
+    (T5 overflows in fp16; in fp32 T5-XXL alone takes 19 GB). A ``sampler_defaults.json`` in the
+    folder overrides the family's sampler defaults (steps, guidance, eta, latent ``sample_size``, ...).
     """
     folder = check_model_folder(path)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserInputError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")
         dtype = DTYPES[dtype]
+    family = model_family(folder)
+    from cad_lightning.backbones import families  # the families subclass DiffusionBackbone
+
     kwargs = {"local_files_only": True}
-    model_kwargs = {**kwargs, "low_cpu_mem_usage": False}
-    unet = load_part(folder, "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype, **model_kwargs)
-    text_encoder = load_part(folder, "text_encoder", CLIPTextModel.from_pretrained, **kwargs)
-    tokenizer = load_part(folder, "tokenizer", AutoTokenizer.from_pretrained, **kwargs)
-    scheduler = load_part(folder, "scheduler", DDIMScheduler.from_pretrained, **kwargs)
+    model_kwargs = {**kwargs, "low_cpu_mem_usage": False, "torch_dtype": dtype}
+    t5_kwargs = {**kwargs, "torch_dtype": torch.bfloat16 if dtype == torch.bfloat16 else torch.float32}
     vae = None
     if (folder / "vae").is_dir():
-        vae = load_part(folder, "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype, **model_kwargs)
-    defaults = {"num_inference_steps": 50, "guidance_scale": 7.5, "eta": 0.0, "use_clipped_model_output": False}
+        vae = load_part(folder, "vae", AutoencoderKL.from_pretrained, **model_kwargs)
+        if getattr(vae.config, "force_upcast", False) and family != "sd":
+            vae = vae.float()  # SDXL's VAE overflows in fp16
+    tokenizer = load_part(folder, "tokenizer", AutoTokenizer.from_pretrained, **kwargs)
+    scheduler_class = FlowMatchEulerDiscreteScheduler if family in ("sd3", "flux") else DDIMScheduler
+    scheduler = load_part(folder, "scheduler", scheduler_class.from_pretrained, **kwargs)
+    defaults = FAMILY_DEFAULTS[family]
+    extra: dict = {}
+    if family == "sd":
+        denoiser = load_part(folder, "unet", UNet2DConditionModel.from_pretrained, **model_kwargs)
+        text_encoder = load_part(folder, "text_encoder", CLIPTextModel.from_pretrained, **kwargs)
+        cls = DiffusionBackbone
+    elif family == "sdxl":
+        denoiser = load_part(folder, "unet", UNet2DConditionModel.from_pretrained, **model_kwargs)
+        text_encoder = load_part(folder, "text_encoder", CLIPTextModel.from_pretrained, **kwargs)
+        extra["text_encoder_2"] = load_part(folder, "text_encoder_2", CLIPTextModelWithProjection.from_pretrained,
+                                            **kwargs)
+        extra["tokenizer_2"] = load_part(folder, "tokenizer_2", AutoTokenizer.from_pretrained, **kwargs)
+        index = json.loads((folder / "model_index.json").read_text())
+        extra["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
+        cls = families.SDXLBackbone
+    else:
+        transformer_class = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel,
+                             "pixart": PixArtTransformer2DModel}[family]
+        denoiser = load_part(folder, "transformer", transformer_class.from_pretrained, **model_kwargs)
+        if family == "sd3":
+            text_encoder = load_part(folder, "text_encoder", CLIPTextModelWithProjection.from_pretrained, **kwargs)
+            extra["text_encoder_2"] = load_part(folder, "text_encoder_2",
+                                                CLIPTextModelWithProjection.from_pretrained, **kwargs)
+            extra["tokenizer_2"] = load_part(folder, "tokenizer_2", AutoTokenizer.from_pretrained, **kwargs)
+            if (folder / "text_encoder_3").is_dir():
+                extra["text_encoder_3"] = load_part(folder, "text_encoder_3", T5EncoderModel.from_pretrained,
+                                                    **t5_kwargs)
+                extra["tokenizer_3"] = load_part(folder, "tokenizer_3", AutoTokenizer.from_pretrained, **kwargs)
+            cls = families.SD3Backbone
+        elif family == "flux":
+            text_encoder = load_part(folder, "text_encoder", CLIPTextModel.from_pretrained, **kwargs)
+            extra["text_encoder_2"] = load_part(folder, "text_encoder_2", T5EncoderModel.from_pretrained, **t5_kwargs)
+            extra["tokenizer_2"] = load_part(folder, "tokenizer_2", AutoTokenizer.from_pretrained, **kwargs)
+            if not denoiser.config.guidance_embeds:  # FLUX.1 [schnell]: timestep-distilled, 4 steps
+                defaults = {**defaults, "num_inference_steps": 4}
+            cls = families.FluxBackbone
+        else:
+            text_encoder = load_part(folder, "text_encoder", T5EncoderModel.from_pretrained, **t5_kwargs)
+            cls = families.PixArtBackbone
+    defaults = dict(defaults)
     if (folder / SAMPLER_DEFAULTS_FILE).is_file():
         try:
             defaults.update(json.loads((folder / SAMPLER_DEFAULTS_FILE).read_text()))
         except (OSError, ValueError) as error:
             raise UserInputError(f"The model folder '{path}': {SAMPLER_DEFAULTS_FILE} does not read as JSON "
                                  f"({first_line(error)}).") from error
-    backbone = DiffusionBackbone(unet, text_encoder, tokenizer, scheduler, vae, name=folder.name, **defaults)
+    backbone = cls(denoiser, text_encoder, tokenizer, scheduler, vae, name=folder.name, **extra, **defaults)
     backbone.requires_grad_(False)
     backbone.eval()
     if device is not None:
         backbone.to(device)
     return backbone
+
+
+# each family's sampler defaults: those of its diffusers pipeline (DDIM for the UNets and PixArt)
+FAMILY_DEFAULTS = {
+    "sd": {"num_inference_steps": 50, "guidance_scale": 7.5, "eta": 0.0, "use_clipped_model_output": False},
+    "sdxl": {"num_inference_steps": 50, "guidance_scale": 5.0},
+    "sd3": {"num_inference_steps": 28, "guidance_scale": 7.0},
+    "flux": {"num_inference_steps": 28, "guidance_scale": 1.0},
+    "pixart": {"num_inference_steps": 20, "guidance_scale": 4.5},
+}

@@ -73,9 +73,9 @@ class EvaluationModule(pl.LightningModule):
             if not Path(edit).is_file():
                 raise UserInputError(f"model.edit '{edit}' is not a file; give an edits/<...>.safetensors mask file.")
             self.masks = load_masks(edit)
-            params = dict(self.backbone.unet.named_parameters())
+            params = dict(self.backbone.denoiser.named_parameters())
             self._original = {n: params[n].detach().clone() for n in self.masks if n in params}
-            apply_masks(self.backbone.unet, self.masks)
+            apply_masks(self.backbone.denoiser, self.masks)
         self.detector = load_concept_classifier(folder)
         self._predicted: dict[int, dict[str, str]] = {}
         self._images: dict[int, torch.Tensor] = {}
@@ -89,11 +89,11 @@ class EvaluationModule(pl.LightningModule):
 
     def _unedited(self, items: list[EvalItem]) -> tuple[torch.Tensor, dict[str, list[str]]]:
         """The unedited model's images of the items (same seeds), the edit put back afterwards."""
-        restore_weights(self.backbone.unet, self._original)
+        restore_weights(self.backbone.denoiser, self._original)
         try:
             return self._generate(items)
         finally:
-            restore_weights(self.backbone.unet, self._original, self.masks)
+            restore_weights(self.backbone.denoiser, self._original, self.masks)
 
     def test_step(self, batch, batch_idx: int) -> None:
         items: list[EvalItem] = [self.trainer.datamodule.items[i] for i in batch.tolist()]

@@ -265,7 +265,7 @@ class PromptSetEvaluationModule(pl.LightningModule):
         if edit:
             from cad_lightning.editing import apply_edit
 
-            apply_edit(self.backbone.unet, edit)
+            apply_edit(self.backbone.denoiser, edit)
         self.classifier = self.classifier_processor = None
         if classifier:
             self.classifier, self.classifier_processor = load_image_classifier(classifier)
