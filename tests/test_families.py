@@ -195,3 +195,58 @@ def test_a_folder_without_its_transformer_is_refused(folders, tmp_path):
 def test_flow_matching_models_refuse_eta(folders):
     with pytest.raises(UserInputError, match="flow-matching"):
         load_backbone(folders["flux"]).generate([PROMPT], eta=1.0)
+
+
+def test_an_edit_of_a_transformer_is_evaluated_on_a_prompt_set(folders, tmp_path):
+    """``cad test --config configs/sd/evaluate.yaml`` on FLUX: the CSV's seeds, the edit applied (ablating every
+    feed-forward weight changes every image; an empty edit none)."""
+    import numpy as np
+    from PIL import Image
+
+    from cad_lightning.editing import save_masks
+
+    transformer = FluxTransformer2DModel.from_pretrained(folders["flux"] / "transformer", local_files_only=True)
+    params = dict(transformer.named_parameters())
+    names = ComponentSpace(["ff"]).names(transformer)
+    empty = save_masks(tmp_path / "empty.safetensors", {n: torch.ones_like(params[n], dtype=torch.bool) for n in names})
+    ablate = save_masks(tmp_path / "ablate.safetensors", {n: torch.zeros_like(params[n], dtype=torch.bool) for n in names})
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,seed\na photo of a cat,0\na red dog,1\n")
+    pixels = {}
+    for name, edit in (("none", None), ("empty", empty), ("ablate", ablate)):
+        code = run_cli(["test", "--config", str(CONFIGS / "sd" / "evaluate.yaml"), "--model.model_path",
+                        str(folders["flux"]), "--model.dtype", "fp32", "--model.num_inference_steps", "2",
+                        "--model.guidance_scale", "1.0", "--model.save_images", "true", "--data.prompts_file",
+                        str(prompts), "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / name),
+                        *(["--model.edit", str(edit)] if edit else [])])
+        assert code == 0
+        (report,) = (tmp_path / name).rglob("report.json")
+        files = sorted((report.parent / "images").glob("*.png"))
+        pixels[name] = np.stack([np.asarray(Image.open(f)) for f in files])
+    assert len(pixels["none"]) == 2
+    assert np.array_equal(pixels["none"], pixels["empty"]) and not np.array_equal(pixels["none"], pixels["ablate"])
+    model = load_backbone(folders["flux"])
+    expected = model.generate(["a photo of a cat", "a red dog"], seed=[0, 1], num_inference_steps=2)
+    assert np.array_equal(pixels["none"], (expected * 255).round().byte().permute(0, 2, 3, 1).numpy())
+
+
+def test_two_processes_give_the_one_process_scores_on_a_transformer(folders, tmp_path):
+    """SD3 (joint attention, flow matching) attributed on 1 and on 2 DDP processes: the same scores."""
+    import subprocess
+    import sys
+
+    from distributed_runs import TOLERANCE, environment, latest_scores, max_relative_difference
+
+    scores = {}
+    for devices in (1, 2):
+        root = tmp_path / f"devices_{devices}"
+        args = [sys.executable, "-m", "cad_lightning.cli", "fit", "--config", str(CONFIGS / "sd3" / "erase_object.yaml"),
+                "--model.model_path", str(folders["sd3"]), "--model.dtype", "fp32", "--model.num_inference_steps", "2",
+                "--model.gradient_checkpointing", "false", "--data.concept", "cat", "--data.samples", "3",
+                "--data.batch_size", "1", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+                "--trainer.strategy", "ddp" if devices == 2 else "auto", "--trainer.enable_progress_bar", "false",
+                "--trainer.default_root_dir", str(root), "--trainer.callbacks.init_args.ratios", "[0.05]"]
+        run = subprocess.run(args, env=environment(), capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        scores[devices] = latest_scores(root)
+    assert max_relative_difference(scores[2], scores[1]) <= TOLERANCE

@@ -9,9 +9,15 @@ trajectory is scored once, and the mean α per parameter comes back.
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cad_lightning.attribution.objectives import ConceptObjective
 from cad_lightning.backbones.backbone import DiffusionBackbone
+
+# Attention kernels for the gradient passes: all but cuDNN's, whose backward fails on FLUX.1's shapes on an H200
+# (torch 2.11, "mha_graph.execute(...) is_good()", then an illegal memory access); the others give the same
+# gradients, and the choice holds only inside the passes.
+GRADIENT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def accumulate_first_order(
@@ -32,7 +38,7 @@ def accumulate_first_order(
     inputs = objective.inputs(backbone, prompts, seeds, base_prompts)
     n = inputs.x_t.shape[0]
     total_j = 0.0
-    with torch.enable_grad():
+    with torch.enable_grad(), sdpa_kernel(GRADIENT_ATTENTION):
         for start in range(0, n, chunk_size):
             part = slice(start, start + chunk_size)
             chunk = type(inputs)(**{k: (v[part] if v is not None else None) for k, v in vars(inputs).items()})
