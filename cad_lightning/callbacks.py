@@ -469,7 +469,7 @@ class AttributionWriter(Callback):
                 save_file({k: v.contiguous() for k, v in self.row_moments.items()}, str(tmp),
                           metadata={"concept": pl_module.concepts[0]})
         datamodule = trainer.datamodule
-        weights = pl_module.model_folder / "unet" / "diffusion_pytorch_model.safetensors"
+        weights = pl_module.model_folder / pl_module.backbone.part / "diffusion_pytorch_model.safetensors"
         meta = {
             "model": pl_module.model_id,
             "model_sha256": file_sha256(weights) if weights.is_file() else None,
@@ -658,7 +658,7 @@ class AttributionWriter(Callback):
                 save_masks(path, masks, metadata={"selection": selection, "mode": self.mode, "ratio": str(ratio),
                                                   "scope": self.scope, "concept": pl_module.concepts[0]})
                 if self.save_unet:
-                    folder = run_dir / "edits" / stem / "unet"
+                    folder = run_dir / "edits" / stem / pl_module.backbone.part
                     save_edited_unet(pl_module.backbone.denoiser, masks, folder)
                     entry["unet"] = str(folder.relative_to(run_dir))
                 written.append(entry)

@@ -167,7 +167,7 @@ class RegressionWriter(Callback):
 
     def _write_meta(self, attribution: Path, trainer, pl_module, fit, y, fidelity) -> None:
         datamodule = trainer.datamodule
-        weights = pl_module.model_folder / "unet" / "diffusion_pytorch_model.safetensors"
+        weights = pl_module.model_folder / pl_module.backbone.part / "diffusion_pytorch_model.safetensors"
         h = pl_module.hparams
         meta = {
             "model": pl_module.model_id,

@@ -80,6 +80,7 @@ class DiffusionBackbone(torch.nn.Module):
     """
 
     family = "Stable Diffusion 1.x/2.x"
+    part = "unet"  # the denoiser's folder in a model folder
     prediction = "epsilon"  # what the denoiser predicts: epsilon, v_prediction or flow (the velocity noise - x_0)
 
     def __init__(

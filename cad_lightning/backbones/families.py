@@ -102,6 +102,7 @@ class FlowMatchingBackbone(DiffusionBackbone):
     noise - x_0, so :meth:`add_noise` is the linear path (1 - σ) x_0 + σ noise with σ = t / 1000."""
 
     prediction = "flow"
+    part = "transformer"
 
     def __init__(self, *args, max_sequence_length: int = 256, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -239,6 +240,7 @@ class PixArtBackbone(DiffusionBackbone):
     scheduler configuration; the 1024-px α models also take the resolution and aspect ratio."""
 
     family = "PixArt"
+    part = "transformer"
 
     def __init__(self, transformer, text_encoder, tokenizer, scheduler, vae=None, *,
                  max_sequence_length: int = 120, **kwargs) -> None:
