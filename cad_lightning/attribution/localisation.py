@@ -29,28 +29,21 @@ KINDS = ("conv", "self-attention", "cross-attention keys", "cross-attention valu
          "feed-forward", "other")
 
 
+# the first pattern a parameter name matches gives its kind; the joint attention of SD3 and FLUX projects the
+# prompt tokens with add_k_proj / add_v_proj (keys, values) and add_q_proj / to_add_out
+KIND_PATTERNS = (
+    (r"\.attn1\.", "self-attention"),
+    (r"\.attn2\.to_k\.|\.attn\.add_k_proj\.", "cross-attention keys"),
+    (r"\.attn2\.to_v\.|\.attn\.add_v_proj\.", "cross-attention values"),
+    (r"\.attn2\.|\.attn\.(add_q_proj|to_add_out)\.", "cross-attention (query, out)"),
+    (r"transformer_blocks\.\d+\.attn\.", "self-attention"),
+    (r"\.ff(_context)?\.|\.proj_mlp\.", "feed-forward"),
+    (r"^(?!.*attn).*((^|\.)conv[^.]*\.weight$|conv_shortcut|downsamplers|upsamplers)", "conv"),
+)
+
+
 def component_kind(name: str) -> str:
-    if re.search(r"\.attn1\.", name):
-        return "self-attention"
-    if re.search(r"\.attn2\.to_k\.", name):
-        return "cross-attention keys"
-    if re.search(r"\.attn2\.to_v\.", name):
-        return "cross-attention values"
-    if re.search(r"\.attn2\.", name):
-        return "cross-attention (query, out)"
-    if re.search(r"\.attn\.add_k_proj\.", name):  # joint attention (SD3, FLUX): the prompt tokens' projections
-        return "cross-attention keys"
-    if re.search(r"\.attn\.add_v_proj\.", name):
-        return "cross-attention values"
-    if re.search(r"\.attn\.(add_q_proj|to_add_out)\.", name):
-        return "cross-attention (query, out)"
-    if re.search(r"transformer_blocks\.\d+\.attn\.", name):
-        return "self-attention"
-    if re.search(r"\.ff(_context)?\.|\.proj_mlp\.", name):
-        return "feed-forward"
-    if re.search(r"(^|\.)conv[^.]*\.weight$|conv_shortcut|downsamplers|upsamplers", name) and "attn" not in name:
-        return "conv"
-    return "other"
+    return next((kind for pattern, kind in KIND_PATTERNS if re.search(pattern, name)), "other")
 
 
 def component_block(name: str, levels: int | None = None, sample_size: int | None = None) -> str:
