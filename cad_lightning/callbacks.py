@@ -49,9 +49,11 @@ from tqdm.auto import tqdm
 
 from cad_lightning.attribution.localisation import localisation, top_components, unet_levels
 from cad_lightning.editing import (
+    MULTI_CONCEPT,
     SCOPES,
     combine_masks,
     count_ablated,
+    joint_scores,
     load_masks,
     random_like,
     restore_weights,
@@ -59,6 +61,7 @@ from cad_lightning.editing import (
     save_edited_unet,
     save_masks,
     select_components,
+    union_selection,
 )
 from cad_lightning.editing.coherent import GuidedChange, coherent_selection, round_schedule
 from cad_lightning.editing.text_space import TEXT_SPACE_STEP, reads_text_only, text_space_selection, token_second_moment
@@ -135,6 +138,10 @@ class AttributionWriter(Callback):
         eval_batch_size: images per sampling batch during evaluation.
         localise_top: the fraction of scored weights (by score, each sign) whose attribution mass the report's
             localisation chart breaks down by UNet block and component kind.
+        multi_concept: how one edit serves several ``data.concepts``: ``joint`` (every selection ranks by the sum
+            of each concept's scores over its own mass, so each concept weighs the same and a weight that serves
+            several ranks by all of them) or ``union`` (the ``cad`` selection takes each concept's own top set
+            with an even share of the budget; the other selections rank jointly).
     """
 
     def __init__(
@@ -161,8 +168,13 @@ class AttributionWriter(Callback):
         floor_images: int = 64,
         eval_batch_size: int = 96,
         localise_top: float = 0.01,
+        multi_concept: str = "joint",
     ) -> None:
         super().__init__()
+        if multi_concept not in MULTI_CONCEPT:
+            raise UserInputError(f"AttributionWriter multi_concept must be one of {', '.join(MULTI_CONCEPT)}, "
+                                 f"got {multi_concept!r}.")
+        self.multi_concept = multi_concept
         if not (isinstance(localise_top, (int, float)) and 0 < localise_top < 1):
             raise UserInputError(f"AttributionWriter localise_top must be in (0, 1), got {localise_top!r}.")
         self.localise_top = float(localise_top)
@@ -243,6 +255,9 @@ class AttributionWriter(Callback):
         if stage != "fit":
             return
         datamodule = trainer.datamodule
+        if len(getattr(datamodule, "targets", [])) > 1 and self.evaluate_at == "floor":
+            raise UserInputError("AttributionWriter evaluate_at 'floor' searches one concept's floor; with several "
+                                 "data.concepts use evaluate_at 'goal' or 'all'.")
         if "retain" in self.selections and not (datamodule.retain_samples > 0 and datamodule.retain_concepts):
             raise UserInputError(
                 "The 'retain' selection needs scores of retained concepts: set data.retain_samples > 0 "
@@ -333,7 +348,7 @@ class AttributionWriter(Callback):
         if "iterative" in self.selections:
             schedule = self._iterative_schedule()
             target = schedule[epoch]
-            step_masks = self._select_increment(scores[pl_module.concepts[0]], target)
+            step_masks = self._select_increment(self._edit_scores(pl_module, scores), target)
             self._cumulative = step_masks if self._cumulative is None else combine_masks(self._cumulative, step_masks)
             if any(math.isclose(target, r) for r in self.ratios):
                 self.iterative_masks[target] = {k: v.clone() for k, v in self._cumulative.items()}
@@ -341,10 +356,18 @@ class AttributionWriter(Callback):
             if epoch > 0:
                 self._log_objective(trainer, pl_module, epoch)
         if self.rescore_every is not None:
-            self._stage(pl_module, epoch, scores[pl_module.concepts[0]])
+            self._stage(pl_module, epoch, self._edit_scores(pl_module, scores))
             if epoch > 0:
                 self._log_objective(trainer, pl_module, epoch)
         pl_module.reset_scores()
+
+    def _edit_scores(self, pl_module, scores: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """The scores an edit is selected on: the target's, or for several targets their joint scores."""
+        scores = self.scores if scores is None else scores
+        targets = pl_module.targets
+        if len(targets) == 1:
+            return scores[targets[0]]
+        return joint_scores([scores[c] for c in targets], self.mode)
 
     def _stage(self, pl_module, epoch: int, scores: dict[str, torch.Tensor]) -> None:
         """Grow the staged ``selective`` edit from the last stop to the next on this epoch's scores, keep the masks of
@@ -415,8 +438,9 @@ class AttributionWriter(Callback):
         if not trainer.is_global_zero:
             return
         self._stop_point(trainer, pl_module, "writing")
-        target = pl_module.concepts[0]
-        scores = self.scores[target]
+        targets = pl_module.targets
+        target = " + ".join(targets)
+        scores = self._edit_scores(pl_module)
         self._write_scores(run_dir, trainer, pl_module, scores)
         located = self._localise(run_dir, trainer, pl_module, scores)
         edits = self._build_edits(pl_module)
@@ -427,10 +451,12 @@ class AttributionWriter(Callback):
             edits, search = self._search_floor(trainer, pl_module, edits)
         self._add_random(edits)
         report = {
-            "concept": target, "objective": pl_module.hparams.objective, "mode": self.mode, "scope": self.scope,
+            "concept": targets[0], "objective": pl_module.hparams.objective, "mode": self.mode, "scope": self.scope,
             "base_prompt": trainer.datamodule.base_prompt, "base_word": trainer.datamodule.base_word,
             "ratios": self.ratios, "evaluate_at": self.evaluate_at,
         }
+        if len(targets) > 1:
+            report.update(concepts=targets, multi_concept=self.multi_concept)
         report.update(located)
         if search is not None:
             report["search"] = search
@@ -454,27 +480,35 @@ class AttributionWriter(Callback):
 
     def _write_scores(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:
         attribution = run_dir / "attribution"
+        label = " + ".join(pl_module.targets)
         with atomic_path(attribution / "scores.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"concept": pl_module.concepts[0]})
-        if len(pl_module.concepts) > 1:
+            save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"concept": label})
+        targets, retained = pl_module.targets, pl_module.concepts[pl_module.n_targets:]
+        if len(targets) > 1:  # each target's own scores beside the joint ones the edits were selected on
+            with atomic_path(attribution / "concept_scores.safetensors") as tmp:
+                save_file({f"{c}::{k}": v.contiguous() for c in targets for k, v in self.scores[c].items()}, str(tmp))
+        if retained:
             with atomic_path(attribution / "retain_scores.safetensors") as tmp:
-                flat = {f"{c}::{k}": v.contiguous() for c in pl_module.concepts[1:] for k, v in self.scores[c].items()}
+                flat = {f"{c}::{k}": v.contiguous() for c in retained for k, v in self.scores[c].items()}
                 save_file(flat, str(tmp))
         if self.sensitivity is not None:
             with atomic_path(attribution / "sensitivity.safetensors") as tmp:
                 save_file({k: v.contiguous() for k, v in self.sensitivity.items()}, str(tmp),
-                          metadata={"concept": pl_module.concepts[0]})
+                          metadata={"concept": label})
         if self.row_moments is not None:
             with atomic_path(attribution / "row_moments.safetensors") as tmp:
                 save_file({k: v.contiguous() for k, v in self.row_moments.items()}, str(tmp),
-                          metadata={"concept": pl_module.concepts[0]})
+                          metadata={"concept": label})
         datamodule = trainer.datamodule
         weights = pl_module.model_folder / pl_module.backbone.part / "diffusion_pytorch_model.safetensors"
         meta = {
             "model": pl_module.model_id,
             "model_sha256": file_sha256(weights) if weights.is_file() else None,
             "concept": pl_module.concepts[0],
-            "retained_concepts_scored": pl_module.concepts[1:],
+            **({"concepts": pl_module.targets, "multi_concept": self.multi_concept,
+                "scores": "the joint scores the edits were selected on; each concept's own in concept_scores.safetensors"}
+               if len(pl_module.targets) > 1 else {}),
+            "retained_concepts_scored": pl_module.concepts[pl_module.n_targets:],
             "base_prompt": datamodule.base_prompt,
             "base_word": datamodule.base_word,
             "base_prompts": [i["base_prompt"] for i in datamodule.items()],
@@ -516,7 +550,7 @@ class AttributionWriter(Callback):
         ``localisation.png`` and as a TensorBoard figure."""
         levels, size = unet_levels(pl_module.backbone.denoiser)
         loc = localisation(scores, self.localise_top, levels, size)
-        fig = localisation_figure(loc, f"'{pl_module.concepts[0]}'")
+        fig = localisation_figure(loc, " + ".join(f"'{c}'" for c in pl_module.targets))
         save_figure(fig, run_dir / "localisation.png")
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_figure"):
@@ -524,8 +558,8 @@ class AttributionWriter(Callback):
         return {"localisation": loc, "top_components": top_components(scores, 20, levels, size)}
 
     def _build_edits(self, pl_module) -> dict[str, dict[float, dict[str, torch.Tensor]]]:
-        target = pl_module.concepts[0]
-        scores = self.scores[target]
+        scores = self._edit_scores(pl_module)
+        targets = pl_module.targets
         edits: dict[str, dict[float, dict[str, torch.Tensor]]] = {}
         for selection in self.selections:
             if selection == "iterative":
@@ -536,9 +570,15 @@ class AttributionWriter(Callback):
             if selection == "selective":
                 edits[selection] = self._selective_edits(pl_module, scores)
                 continue
+            if selection == "cad" and len(targets) > 1 and self.multi_concept == "union":
+                per_concept = [self.scores[c] for c in targets]
+                edits[selection] = {r: union_selection(per_concept, r, mode=self.mode, scope=self.scope)
+                                    for r in self.ratios}
+                continue
             source = scores
             if selection == "retain":
-                source = retain_adjusted_scores(scores, [self.scores[c] for c in pl_module.concepts[1:]],
+                retained = pl_module.concepts[pl_module.n_targets:]
+                source = retain_adjusted_scores(scores, [self.scores[c] for c in retained],
                                                 weight=self.retain_weight, mode=self.mode)
             edits[selection] = {r: select_components(source, r, mode=self.mode, scope=self.scope) for r in self.ratios}
         return edits
@@ -588,13 +628,23 @@ class AttributionWriter(Callback):
         if self._floor_cache is None:
             from cad_lightning.evaluation.concepts import empty_prompt_rates, evaluation_items
 
-            datamodule, concept = trainer.datamodule, pl_module.concepts[0]
-            base = datamodule.base_prompt
-            if datamodule.base_word is not None:  # each target prompt without the concept
-                items = evaluation_items(concept, [], self.eval_target_images, 0)
-                base = [datamodule.base_for(item.prompt, concept) for item in items]
-            self._floor_cache = empty_prompt_rates(pl_module.backbone, self._detector(pl_module), base, self.floor_images)
+            datamodule, targets = trainer.datamodule, pl_module.targets
+            detector = self._detector(pl_module)
+            if datamodule.base_word is None:
+                self._floor_cache = empty_prompt_rates(pl_module.backbone, detector, datamodule.base_prompt,
+                                                       self.floor_images)
+            else:  # each target prompt without its concept; a target's floor from its own prompts
+                for n, concept in enumerate(targets):
+                    items = evaluation_items(concept, [], self.eval_target_images, 0)
+                    base = [datamodule.base_for(item.prompt, concept) for item in items]
+                    rates = empty_prompt_rates(pl_module.backbone, detector, base, self.floor_images)
+                    self._floor_cache = rates if n == 0 else {**self._floor_cache, concept: rates[concept]}
         return self._floor_cache
+
+    def _goal_floor(self, pl_module, floor: dict[str, float]) -> float | dict[str, float] | None:
+        """What an edit's target accuracy is read against: the target's floor, or each target's."""
+        targets = pl_module.targets
+        return floor.get(targets[0]) if len(targets) == 1 else {c: floor.get(c, 0.0) for c in targets}
 
     def _random_draw(self, draw: int) -> dict[float, dict[str, torch.Tensor]]:
         """Draw ``draw`` of the random control at every ratio that has one (draw 0 is the one written as edits).
@@ -656,7 +706,7 @@ class AttributionWriter(Callback):
                     masks = combine_masks(load_masks(pl_module.hparams.edit), masks)
                     entry["ablated_with_previous_edit"] = count_ablated(masks)
                 save_masks(path, masks, metadata={"selection": selection, "mode": self.mode, "ratio": str(ratio),
-                                                  "scope": self.scope, "concept": pl_module.concepts[0]})
+                                                  "scope": self.scope, "concept": " + ".join(pl_module.targets)})
                 if self.save_unet:
                     folder = run_dir / "edits" / stem / pl_module.backbone.part
                     save_edited_unet(pl_module.backbone.denoiser, masks, folder)
@@ -673,20 +723,22 @@ class AttributionWriter(Callback):
             return {"evaluation": "skipped: the concept classifier reads only shapes-world concepts"}
         detector = self._detector(pl_module)
         backbone = pl_module.backbone
-        concept, retained = pl_module.concepts[0], datamodule.retain_concepts
+        targets, retained = pl_module.targets, datamodule.retain_concepts
+        concept = targets[0] if len(targets) == 1 else targets
         items = evaluation_items(concept, retained, self.eval_target_images, self.eval_retain_images)
         floor = self._floor(trainer, pl_module)
+        goal_floor = self._goal_floor(pl_module, floor)
         draws_only = {}  # further draws of the random control: only their retained images' SSIM is read
         if "random" in edits:
             draws_only = {f"random draw {d}": self._random_draw(d) for d in range(1, self.random_draws)}
         erase = self.mode == "erase"
         until = None
         if self.evaluate_at == "goal":  # ratio by ratio, smallest first, until an edit meets the goal
-            until = lambda rows: goal_met(read_against_controls(rows, floor.get(concept), erase))  # noqa: E731
+            until = lambda rows: goal_met(read_against_controls(rows, goal_floor, erase))  # noqa: E731
         before, results, images = evaluate_edits(
             backbone, detector, concept, retained, items, edits, lambda masks: self._checked_apply(trainer, pl_module, masks),
             self.eval_batch_size, progress=bool(trainer.progress_bar_callback), ssim_only=draws_only, until=until)
-        results = read_against_controls(results, floor.get(concept), erase)
+        results = read_against_controls(results, goal_floor, erase)
         for selection in list(edits):  # what was not evaluated is not written either
             edits[selection] = {r: m for r, m in edits[selection].items() if f"{selection} {r:g}" in images}
         n = len(items)  # the grids show the first six (target) and the last six (retained) images
@@ -706,34 +758,45 @@ class AttributionWriter(Callback):
                                  ("retained_ssim", "retained_ssim"), ("retained_kid", "retained_kid")):
                     if r.get(key) is not None:
                         experiment.add_scalar(f"edit/{r['selection']}/{tag}", r[key], step)
-        plot_tradeoff(run_dir / "tradeoff.png", concept, before, floor.get(concept), results, retained, search)
+                if len(targets) > 1:
+                    for c, accuracy in r["targets"].items():
+                        experiment.add_scalar(f"edit/{r['selection']}/target_accuracy/{c}", accuracy, step)
+        plot_tradeoff(run_dir / "tradeoff.png", targets, before, floor, results, retained, search)
         return {"floor": floor, "before": before, "results": results,
                 "eval": {"target_images": self.eval_target_images, "retain_images": self.eval_retain_images,
                          "sampler": backbone.sampler_settings()}}
 
 
-def plot_tradeoff(path: Path, concept: str, before: dict, floor: float | None, results: list[dict], retained: list[str],
-                  search: dict | None = None) -> None:
-    """Ablated fraction → target accuracy, mean retained accuracy and retained SSIM, one line per selection (and
-    the floor search's probes of the target, when there was one)."""
+def plot_tradeoff(path: Path, concept: str | list[str], before: dict, floor: dict[str, float] | float | None,
+                  results: list[dict], retained: list[str], search: dict | None = None) -> None:
+    """Ablated fraction → target accuracy (each target's, for several), mean retained accuracy and retained SSIM,
+    one line per selection (and the floor search's probes of the target, when there was one); ``floor``: the
+    floor of every concept (or the target's)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3, sharex=True)
     retained_before = sum(before[c] for c in retained if c in before) / max(1, sum(c in before for c in retained))
+    targets = [concept] if isinstance(concept, str) else list(concept)
+    floors = floor if isinstance(floor, dict) else {targets[0]: floor}
     for selection in dict.fromkeys(r["selection"] for r in results):
         rows = sorted((r for r in results if r["selection"] == selection), key=lambda r: r["ratio"])
         x = [0.0] + [r["ratio"] for r in rows]
-        axes[0].plot(x, [before[concept]] + [r["target"] for r in rows], marker="o", label=selection)
+        for n, c in enumerate(targets):
+            accuracy = [r.get("targets", {}).get(c, r["target"]) for r in rows]
+            axes[0].plot(x, [before[c]] + accuracy, marker="o", linestyle=("-", "--", ":", "-.")[n % 4],
+                         label=selection if len(targets) == 1 else f"{selection}: {c}")
         axes[1].plot(x, [retained_before] + [r["retained_mean"] for r in rows], marker="o", label=selection)
         axes[2].plot(x, [1.0] + [r.get("retained_ssim", float("nan")) for r in rows], marker="o", label=selection)
     for selection, search in (search or {}).items():
         probes = search["probes"]
         axes[0].plot([p["ratio"] for p in probes], [p["target"] for p in probes], linestyle="none", marker="x",
                      label=f"{selection}: search probes")
-    if floor is not None:
-        axes[0].axhline(floor, color="grey", linestyle="--", label="floor (base prompt)")
-    axes[0].set_title(f"target: {concept}")
+    for n, c in enumerate(targets):
+        if floors.get(c) is not None:
+            axes[0].axhline(floors[c], color="grey", linestyle=("--", ":", "-.", "-")[n % 4],
+                            label="floor (base prompt)" if len(targets) == 1 else f"floor: {c}")
+    axes[0].set_title(f"target: {', '.join(targets)}")
     axes[1].set_title("retained concepts (mean)")
     axes[2].set_title("retained images: SSIM to unedited")
     for ax in axes:
@@ -752,7 +815,10 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 def markdown_report(report: dict) -> str:
     estimator = f" ({report['estimator']} estimator)" if "estimator" in report else ""
-    lines = [f"# CAD {report['mode']} of '{report['concept']}'{estimator}", "",
+    targets = report.get("concepts", [report["concept"]])
+    several = (f", one edit for {len(targets)} concepts (selection: {report['multi_concept']})"
+               if len(targets) > 1 else "")
+    lines = [f"# CAD {report['mode']} of {' and '.join(repr(c) for c in targets)}{estimator}{several}", "",
              f"objective: {report['objective']}, scope: {report['scope']}, "
              + (f"selective collateral measured in {report['collateral_space']} space"
                 + (" (rows coupled by their output gradients' correlation)" if report.get("row_coupling") else "")
@@ -761,16 +827,15 @@ def markdown_report(report: dict) -> str:
                 + ", " if "collateral_space" in report else "")
              + (
                  f"base prompt: '{report['base_prompt']}'" if report.get("base_word") is None else
-                 f"base prompts: each prompt without '{report['concept']}'"
+                 f"base prompts: each prompt without {' or '.join(repr(c) for c in targets)}"
                  + ("" if report["base_word"] in ("auto", "") else f" ('{report['base_word']}' in its place)")), ""]
     if "results" in report:
-        concept = report["concept"]
-        lines += [f"unedited accuracy on '{concept}': {report['before'][concept]:.3f}; "
-                  f"floor (base prompts drawn as '{concept}'): {report['floor'].get(concept, float('nan')):.3f}", "",
+        lines += ["; ".join(f"unedited accuracy on '{c}': {report['before'][c]:.3f}, floor (base prompts drawn as "
+                            f"'{c}'): {report['floor'].get(c, float('nan')):.3f}" for c in targets), "",
                   "Every edit is evaluated on the same prompts, seeds and sampler noise as the unedited model. *other "
                   "words*: the target prompts' other named words still drawn, relative to unedited; *SSIM*, *KID*: "
                   "retained images against the unedited ones (KID ×1000 on the concept classifier's features); "
-                  "*selective*: target ≤ floor + 0.05, retained and other words ≥ 0.90 of unedited, SSIM ≥ the "
+                  "*selective*: target ≤ floor + 0.05 (each target its own), retained and other words ≥ 0.90 of unedited, SSIM ≥ the "
                   "random control's of equal count (*random SSIM*: the mean over the control's draws).", "",
                   "| selection | ratio | ablated weights | target accuracy | drawn instead | retained mean | "
                   "worst retained / unedited | other words | SSIM | KID | random SSIM | selective |",
@@ -781,7 +846,12 @@ def markdown_report(report: dict) -> str:
                 worst += f" ({r['retained_worst']})"
             instead = ", ".join(f"{w} {v:.2f}" for w, v in list(r.get("drawn_instead", {}).items())[:2])
             flag = {True: "yes", False: "no", None: ""}[r.get("selective")]
-            lines.append(f"| {r['selection']} | {r['ratio']:g} | {r['ablated']} | {r['target']:.3f} | {instead} | "
+            target = (f"{r['target']:.3f}" if len(targets) == 1 else
+                      ", ".join(f"{c} {r['targets'][c]:.3f}" for c in targets))
+            if len(targets) > 1:
+                instead = "; ".join(f"{c}: " + ", ".join(f"{w} {v:.2f}" for w, v in list(d.items())[:2])
+                                    for c, d in r.get("drawn_instead_by_target", {}).items())
+            lines.append(f"| {r['selection']} | {r['ratio']:g} | {r['ablated']} | {target} | {instead} | "
                          f"{r['retained_mean']:.3f} | {worst} | {_fmt(r.get('other_words_relative'), '.2f')} | "
                          f"{_fmt(r.get('retained_ssim'))} | {_fmt(r.get('retained_kid'), '.2f')} | "
                          f"{_fmt(r.get('random_retained_ssim'))} | {flag} |")

@@ -116,6 +116,7 @@ class CADModule(pl.LightningModule):
 
             apply_edit(self.backbone.denoiser, edit)
         self.concepts: list[str] = []
+        self.n_targets = 1
         self.objective: ConceptObjective | None = None
         self.restored: dict[str, torch.Tensor] = {}  # sums saved by a preempted run, see restore_accumulated
         self._items_start = (0.0, 0)
@@ -134,7 +135,7 @@ class CADModule(pl.LightningModule):
                 f"trainer.strategy {type(strategy).__name__} would synchronise the score buffers at every step; use "
                 f"'{ATTRIBUTION_STRATEGY}' (the cad command line does this for 'ddp')."
             )
-        self.configure_concepts(datamodule.concepts, datamodule.base_prompt)
+        self.configure_concepts(datamodule.concepts, datamodule.base_prompt, len(getattr(datamodule, "targets", [0])))
         if getattr(datamodule, "preserve_samples", 0) > 0:
             self._ensure_sensitivity_buffers()  # before a preempted run's saved sums are restored
         if self.hparams.dtype == "fp32" and not self.hparams.allow_tf32:
@@ -165,9 +166,12 @@ class CADModule(pl.LightningModule):
         self.preemption = Preemption()
         return [RunStatus(), self.preemption]
 
-    def configure_concepts(self, concepts: list[str], base_prompt: str) -> None:
-        """Create one fp32 score buffer per (concept, component) and the objective."""
+    def configure_concepts(self, concepts: list[str], base_prompt: str, targets: int = 1) -> None:
+        """Create one fp32 score buffer per (concept, component) and the objective; the first ``targets``
+        concepts are the ones attributed for the edit (scored in every epoch), the others retained concepts
+        (scored once, on the unedited model)."""
         self.concepts = list(concepts)
+        self.n_targets = targets
         kwargs = {"image_source": self.hparams.image_source} if self.hparams.objective == "amplify" else {}
         self.objective = OBJECTIVES[self.hparams.objective](
             base_prompt=base_prompt,
@@ -188,6 +192,11 @@ class CADModule(pl.LightningModule):
         for name in self.component_names:
             params[name].requires_grad_(True)
 
+    @property
+    def targets(self) -> list[str]:
+        """The concepts one edit is attributed for (``data.concepts``, or the one ``data.concept``)."""
+        return self.concepts[: self.n_targets]
+
     @staticmethod
     def _buffer_name(concept: int, param: int) -> str:
         return f"alpha_{concept}_{param}"
@@ -204,7 +213,7 @@ class CADModule(pl.LightningModule):
             return  # an epoch whose results a stopped run saved
         batch = [item for item in batch if not self.items_done[item["item_id"]]]  # finished before a preemption
         for c, concept in enumerate(self.concepts):
-            if c > 0 and self.current_epoch > 0:
+            if c >= self.n_targets and self.current_epoch > 0:
                 continue  # retained concepts are scored once, on the unedited model (first epoch)
             items = [item for item in batch if item.get("role", "attribute") == "attribute" and item["concept"] == concept]
             if items:
@@ -313,7 +322,7 @@ class CADModule(pl.LightningModule):
         for c, concept in enumerate(self.concepts):
             count = self._reduced_sum(f"count_{c}")
             if float(count) == 0:
-                if c == 0:
+                if c < self.n_targets:
                     raise RuntimeError(f"No item of concept '{concept}' was attributed; the data module gave none.")
                 continue  # a retained concept not scored this epoch
             scores = {}

@@ -79,6 +79,8 @@ class AttributionDataModule(pl.LightningDataModule):
 
     Args:
         concept: the concept to attribute (a shapes-world word, or free text with ``prompt_templates``).
+        concepts: several concepts to attribute and erase with one edit (replaces ``concept``): each gets its own
+            ``samples`` runs and scores, the writer selects one edit for all of them.
         base_prompt: the prompt the erase objective pulls the concept towards (default: empty, the paper's).
         base_word: instead of one base prompt, each item's own prompt with the concept replaced by this word
             ('' drops it; ``auto``: 'shape' for a shape of the world, nothing for a colour or texture), so the
@@ -95,8 +97,9 @@ class AttributionDataModule(pl.LightningDataModule):
         prompt_templates: templates with ``{concept}`` for free-text concepts, e.g. "a photo of a {concept}".
         prompts_file: a text file of the concept's prompts, one per line (blank lines and lines starting
             with '#' are skipped), e.g. for an unsafe concept; used instead of templates, cycled.
-        concepts_file: a CSV file with a ``concept`` column (e.g. for an atlas of several concepts): its first
-            concept replaces ``concept`` and the others ``retain_concepts``.
+        concepts_file: a CSV file with a ``concept`` column: with a ``role`` column, the ``target`` rows are the
+            concepts to attribute (as ``concepts``) and the ``retain`` rows the retained ones; without it (e.g. an
+            atlas of several concepts) its first concept replaces ``concept`` and the others ``retain_concepts``.
         seed: seed of the prompts and of the runs (item i uses seed ``seed + i``).
         batch_size: items per training step.
     """
@@ -104,6 +107,7 @@ class AttributionDataModule(pl.LightningDataModule):
     def __init__(
         self,
         concept: str = "circle",
+        concepts: list[str] | None = None,
         base_prompt: str = "",
         base_word: str | None = None,
         retain_concepts: list[str] | None = None,
@@ -118,7 +122,21 @@ class AttributionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if concepts_file is not None:
-            concept, *retain_concepts = read_concepts_file(concepts_file)
+            targets, retained = read_concepts_file(concepts_file)
+            if retained is not None:  # a role column: targets and retained concepts
+                concepts, retain_concepts = targets, retained or retain_concepts
+            else:
+                concept, *retain_concepts = targets
+        if concepts is not None:
+            if isinstance(concepts, str) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
+                raise UserInputError(f"data.concepts must be a list of one or more concepts, got {concepts!r}.")
+            repeated = [c for c in dict.fromkeys(concepts) if list(concepts).count(c) > 1]
+            if repeated:
+                raise UserInputError(f"data.concepts lists '{repeated[0]}' twice.")
+            concept = concepts[0]
+            if len(concepts) > 1 and prompts_file is not None:
+                raise UserInputError("data.prompts_file holds the prompts of one concept; with several data.concepts "
+                                     "give data.prompt_templates with '{concept}'.")
         if not isinstance(concept, str) or not concept.strip():
             raise UserInputError("data.concept is empty; give the concept to attribute.")
         if samples < 1:
@@ -130,6 +148,7 @@ class AttributionDataModule(pl.LightningDataModule):
         if batch_size < 1:
             raise UserInputError(f"data.batch_size must be at least 1, got {batch_size}.")
         self.concept = concept.strip()
+        self.targets = [c.strip() for c in concepts] if concepts is not None else [self.concept]
         self.base_prompt = base_prompt
         self.base_word = base_word
         if base_word is not None and base_prompt:
@@ -146,12 +165,14 @@ class AttributionDataModule(pl.LightningDataModule):
             # a prompt file is a list of templates without a placeholder
             self.prompt_templates = [p.replace("{", "{{").replace("}", "}}") for p in prompts]
         if self.prompt_templates is None:
-            try:
-                concept_kind(self.concept)
-            except UserInputError as error:
-                raise UserInputError(f"data.concept: {error} For free text, give data.prompt_templates.") from error
+            for target in self.targets:
+                try:
+                    concept_kind(target)
+                except UserInputError as error:
+                    option = "data.concepts" if concepts is not None else "data.concept"
+                    raise UserInputError(f"{option}: {error} For free text, give data.prompt_templates.") from error
             if retain_concepts is None:
-                retain_concepts = [w for words in CONCEPT_KINDS.values() for w in words if w != self.concept]
+                retain_concepts = [w for words in CONCEPT_KINDS.values() for w in words if w not in self.targets]
             for word in retain_concepts:
                 if word not in VOCABULARY or word in ("a", "shape"):
                     raise UserInputError(f"data.retain_concepts: '{word}' is not a concept of the shapes world.")
@@ -162,16 +183,17 @@ class AttributionDataModule(pl.LightningDataModule):
         if base_word == "auto" and self.prompt_templates is not None:
             raise UserInputError("data.base_word 'auto' needs a shapes-world concept; give the word that replaces "
                                  f"'{self.concept}' in its prompts (e.g. 'object'), or '' to drop it.")
-        if self.concept in retain_concepts:
-            raise UserInputError(f"data.retain_concepts contains the target concept '{self.concept}'.")
+        for target in self.targets:
+            if target in retain_concepts:
+                raise UserInputError(f"data.retain_concepts contains the target concept '{target}'.")
         self.retain_concepts = list(retain_concepts)
         self.samples, self.retain_samples, self.preserve_samples = samples, retain_samples, preserve_samples
         self.seed, self.batch_size = seed, batch_size
 
     @property
     def concepts(self) -> list[str]:
-        """The attributed concepts: the target first, then the retained ones whose scores are computed."""
-        return [self.concept] + (self.retain_concepts if self.retain_samples > 0 else [])
+        """The attributed concepts: the targets first, then the retained ones whose scores are computed."""
+        return self.targets + (self.retain_concepts if self.retain_samples > 0 else [])
 
     def prompts_for(self, concept: str, n: int, seed: int) -> list[str]:
         if self.prompt_templates is None:
@@ -181,7 +203,7 @@ class AttributionDataModule(pl.LightningDataModule):
     def items(self) -> list[dict]:
         out = []
         for c, concept in enumerate(self.concepts):
-            n = self.samples if c == 0 else self.retain_samples
+            n = self.samples if c < len(self.targets) else self.retain_samples
             for prompt in self.prompts_for(concept, n, self.seed + CONCEPT_SEED_STRIDE * c):
                 out.append({"item_id": len(out), "role": "attribute", "concept": concept, "prompt": prompt,
                             "base_prompt": self.base_for(prompt, concept), "seed": None, "mask": None})
@@ -197,11 +219,11 @@ class AttributionDataModule(pl.LightningDataModule):
         n = self.preserve_samples
         if n == 0:
             return []
-        targets = self.prompts_for(self.concept, self.samples, self.seed)
-        bases = [self.base_for(p, self.concept) if self.base_word is not None else self.base_prompt for p in targets]
+        targets = self._target_prompts()
+        bases = [self.base_for(p, c) if self.base_word is not None else self.base_prompt for p, c in targets]
         generator = torch.Generator().manual_seed(self.seed + PRESERVE_SEED_OFFSET)
         if self.prompt_templates is None:
-            choices = {k: [w for w in words if w != self.concept] for k, words in CONCEPT_KINDS.items()}
+            choices = {k: [w for w in words if w not in self.targets] for k, words in CONCEPT_KINDS.items()}
             others = [make_prompt(**{k: ws[int(torch.randint(len(ws), (1,), generator=generator))]
                                      for k, ws in choices.items()}) for _ in range(n)]
         else:
@@ -220,9 +242,16 @@ class AttributionDataModule(pl.LightningDataModule):
         if self.prompt_templates is None:
             options = [(None, *words) for words in CONCEPT_KINDS.values()]
             prompts = (make_prompt(**dict(zip(CONCEPT_KINDS, combo))) for combo in itertools.product(*options))
-            return sorted({p for p in prompts if self.concept not in p.split(" ")})
-        targets = self.prompts_for(self.concept, self.samples, self.seed)
-        return list(dict.fromkeys([*self.preserve_prompts(), *(self.base_for(p, self.concept) for p in targets)]))
+            return sorted({p for p in prompts if not set(self.targets) & set(p.split(" "))})
+        bases = (self.base_for(p, c) for p, c in self._target_prompts())
+        return list(dict.fromkeys([*self.preserve_prompts(), *bases]))
+
+    def _target_prompts(self) -> list[tuple[str, str]]:
+        """(prompt, concept) of every target run, the targets' runs interleaved (a short list of bases or
+        preserved prompts holds every target's)."""
+        per_target = [self.prompts_for(c, self.samples, self.seed + CONCEPT_SEED_STRIDE * t)
+                      for t, c in enumerate(self.targets)]
+        return [(prompts[i], c) for i in range(self.samples) for prompts, c in zip(per_target, self.targets)]
 
     def base_for(self, prompt: str, concept: str) -> str:
         """The erase objective's base prompt of an item."""
@@ -244,8 +273,9 @@ class AttributionDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_collate)
 
 
-def read_concepts_file(path: str) -> list[str]:
-    """The ``concept`` column of a CSV file, in order, without blanks and repeats."""
+def read_concepts_file(path: str) -> tuple[list[str], list[str] | None]:
+    """The ``concept`` column of a CSV file, in order, without blanks and repeats: (every concept, None), or with
+    a ``role`` column (``target`` / ``retain``), (the targets, the retained concepts)."""
     file = Path(path)
     if not file.is_file():
         raise UserInputError(f"data.concepts_file '{path}' is not a file.")
@@ -255,8 +285,19 @@ def read_concepts_file(path: str) -> list[str]:
             raise UserInputError(f"data.concepts_file '{path}' has no 'concept' column (its header: "
                                  f"{', '.join(reader.fieldnames or []) or 'none'}).")
         column = next(n for n in reader.fieldnames if n.strip() == "concept")
-        concepts = [row[column].strip() for row in reader if (row.get(column) or "").strip()]
-    concepts = list(dict.fromkeys(concepts))
-    if not concepts:
-        raise UserInputError(f"data.concepts_file '{path}' lists no concept.")
-    return concepts
+        role = next((n for n in reader.fieldnames if n.strip() == "role"), None)
+        rows = [(row[column].strip(), (row.get(role) or "").strip().lower() if role else "")
+                for row in reader if (row.get(column) or "").strip()]
+    if role is None:
+        concepts = list(dict.fromkeys(c for c, _ in rows))
+        if not concepts:
+            raise UserInputError(f"data.concepts_file '{path}' lists no concept.")
+        return concepts, None
+    wrong = next(((c, r) for c, r in rows if r not in ("target", "retain")), None)
+    if wrong is not None:
+        raise UserInputError(f"data.concepts_file '{path}': the role of '{wrong[0]}' is '{wrong[1]}'; "
+                             "a role is 'target' or 'retain'.")
+    targets = list(dict.fromkeys(c for c, r in rows if r == "target"))
+    if not targets:
+        raise UserInputError(f"data.concepts_file '{path}' has no row with the role 'target'.")
+    return targets, list(dict.fromkeys(c for c, r in rows if r == "retain"))

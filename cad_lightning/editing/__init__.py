@@ -12,21 +12,26 @@ from cad_lightning.editing.artifacts import (
 )
 from cad_lightning.editing.select import (
     MODES,
+    MULTI_CONCEPT,
     SCOPES,
     collateral_penalised_scores,
     count_ablated,
+    joint_scores,
     random_like,
     retain_adjusted_scores,
     select_components,
     target_count,
+    union_selection,
 )
 
 __all__ = [
     "MODES",
+    "MULTI_CONCEPT",
     "SCOPES",
     "apply_edit",
     "apply_masks",
     "collateral_penalised_scores",
+    "joint_scores",
     "combine_masks",
     "count_ablated",
     "load_masks",
@@ -38,4 +43,5 @@ __all__ = [
     "save_masks",
     "select_components",
     "target_count",
+    "union_selection",
 ]

@@ -217,6 +217,48 @@ def select_components(
     return {n: ~masks[n].reshape(signed[n].shape) for n in signed}
 
 
+# --------------------------------------------------------------------------------------------- several concepts
+MULTI_CONCEPT = ("joint", "union")
+
+
+def joint_scores(per_concept: list[Mapping[str, torch.Tensor]], mode: str = "erase") -> dict[str, torch.Tensor]:
+    """One score per weight for an edit of several concepts: the sum of each concept's scores divided by its
+    own mass in the edit's direction (the sum of its positive scores for erase, of its negative ones' magnitude
+    for amplify), so every concept weighs the same however large its scores are, and a weight that serves two
+    concepts ranks by both. Any selection (:func:`select_components`, the ``selective`` rounds) takes the result
+    as it takes one concept's scores."""
+    _check_choice("mode", mode, MODES)
+    if not per_concept:
+        raise UserInputError("joint_scores needs the scores of at least one concept.")
+    checked = [_check_scores(s) for s in per_concept]
+    names = list(checked[0])
+    if any(list(s) != names for s in checked[1:]):
+        raise UserInputError("joint_scores: every concept's scores must cover the same parameters.")
+    sign = 1.0 if mode == "erase" else -1.0
+    out = {n: torch.zeros_like(checked[0][n]) for n in names}
+    for scores in checked:
+        mass = sum(float((sign * t).clamp(min=0).double().sum()) for t in scores.values())
+        if mass <= 0:
+            raise UserInputError(f"A concept's scores hold no weight that pushes towards {mode}: nothing to select.")
+        for n in names:
+            out[n] += scores[n] / mass
+    return out
+
+
+def union_selection(per_concept: list[Mapping[str, torch.Tensor]], ratio: float, mode: str = "erase",
+                    scope: str = "row") -> dict[str, torch.Tensor]:
+    """Masks (True = keep) of the union of the concepts' own top sets, the budget split evenly: each concept's
+    :func:`select_components` at ``ratio`` / (number of concepts). Where the sets overlap the union ablates
+    fewer than ``ratio`` of the weights (:func:`count_ablated` gives the count)."""
+    r = _check_ratio(ratio)
+    share = float(r / len(per_concept))
+    masks: dict[str, torch.Tensor] | None = None
+    for scores in per_concept:
+        chosen = select_components(scores, share, mode=mode, scope=scope)
+        masks = chosen if masks is None else {n: masks[n] & chosen[n] for n in masks}
+    return masks
+
+
 # --------------------------------------------------------------------------------------------- retain set
 def _std(scores: dict[str, torch.Tensor], keys) -> float:
     """Population standard deviation over every entry of ``scores[k]`` for k in keys (float64 sums)."""

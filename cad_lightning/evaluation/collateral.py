@@ -107,20 +107,21 @@ def feature_kid(features: ClassifierFeatures, images: torch.Tensor, reference: t
 
 
 def other_words(items: list[EvalItem], concept: str, predicted: dict[str, list[str]]) -> tuple[float, int]:
-    """Share of the words of the target prompts other than the target's kind that the images show, and how
-    many such words there are (``nan, 0`` when the target prompts name nothing else)."""
-    kind = concept_kind(concept)
+    """Share of the words of the target prompts other than their target's kind that the images show, and how
+    many such words there are (``nan, 0`` when the target prompts name nothing else). ``concept`` is the target
+    of items made for no particular one."""
     words = [(n, k, w) for n, item in enumerate(items) if item.group == "target"
-             for k, w in item.named.items() if k != kind]
+             for k, w in item.named.items() if k != concept_kind(item.target or concept)]
     if not words:
         return float("nan"), 0
     return sum(predicted[k][n] == w for n, k, w in words) / len(words), len(words)
 
 
 def drawn_instead(items: list[EvalItem], concept: str, predicted: dict[str, list[str]]) -> dict[str, float]:
-    """What the target prompts' kind is drawn as: share of each word of that kind on the target prompts."""
+    """What the concept's target prompts' kind is drawn as: share of each word of that kind on its prompts."""
     kind = concept_kind(concept)
-    rows = [predicted[kind][n] for n, item in enumerate(items) if item.group == "target"]
+    rows = [predicted[kind][n] for n, item in enumerate(items)
+            if item.group == "target" and item.target in (None, concept)]
     counts = Counter(rows)
     return {w: counts[w] / len(rows) for w in sorted(counts, key=lambda w: (-counts[w], w))} if rows else {}
 

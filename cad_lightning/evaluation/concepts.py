@@ -25,6 +25,7 @@ class EvalItem:
     seed: int
     named: dict[str, str]  # kind → the concept word the prompt names
     group: str  # "target" or "retain"
+    target: str | None = None  # the target concept a "target" item's prompt was made for
 
 
 def _named(prompt: str) -> dict[str, str]:
@@ -36,12 +37,20 @@ def _named(prompt: str) -> dict[str, str]:
     return out
 
 
-def evaluation_items(concept: str, retain_concepts: list[str], n_target: int, n_retain: int, seed: int = 1_000_000) -> list[EvalItem]:
-    """Items for the target (``n_target`` prompts naming it) and the retained concepts (``n_retain`` prompts)."""
+def evaluation_items(concept: str | list[str], retain_concepts: list[str], n_target: int, n_retain: int,
+                     seed: int = 1_000_000) -> list[EvalItem]:
+    """Items for the target (``n_target`` prompts naming it) and the retained concepts (``n_retain`` prompts).
+
+    With several targets, each gets ``n_target`` prompts of its own (a target prompt counts only for its own
+    target, never for another target it happens to name) and the retained prompts name none of them."""
+    targets = [concept] if isinstance(concept, str) else list(concept)
     generator = torch.Generator().manual_seed(seed)
-    items = [EvalItem(p, seed + i, _named(p), "target") for i, p in enumerate(prompts_naming(concept, n_target, generator))]
-    kind = concept_kind(concept)
-    choices = {k: [w for w in words if not (k == kind and w == concept)] for k, words in CONCEPT_KINDS.items()}
+    items = []
+    for target in targets:
+        for p in prompts_naming(target, n_target, generator):
+            named = {k: w for k, w in _named(p).items() if w == target or w not in targets}
+            items.append(EvalItem(p, seed + len(items), named, "target", target))
+    choices = {k: [w for w in words if w not in targets] for k, words in CONCEPT_KINDS.items()}
     for i in range(n_retain):
         # walk the full factorial of the kinds, so every retained concept gets its share of images
         parts, rest = {}, i
@@ -49,7 +58,7 @@ def evaluation_items(concept: str, retain_concepts: list[str], n_target: int, n_
             rest, index = divmod(rest, len(words))
             parts[k] = words[index]
         prompt = make_prompt(**parts)
-        items.append(EvalItem(prompt, seed + n_target + i, _named(prompt), "retain"))
+        items.append(EvalItem(prompt, seed + len(targets) * n_target + i, _named(prompt), "retain"))
     wanted = set(retain_concepts)
     for item in items:
         if item.group == "retain":

@@ -30,28 +30,34 @@ def generate_and_read(backbone: DiffusionBackbone, detector: ConceptDetector, it
     return images, detector(images)
 
 
-def edit_row(items: list[EvalItem], concept: str, retained: list[str], before: dict[str, float],
+def edit_row(items: list[EvalItem], concept: str | list[str], retained: list[str], before: dict[str, float],
              images: torch.Tensor, predicted: dict[str, list[str]], reference_images: torch.Tensor,
              reference_predicted: dict[str, list[str]], features: ClassifierFeatures) -> dict:
-    """One edit's numbers: target accuracy, retained accuracies (and the worst relative to unedited), collateral."""
+    """One edit's numbers: target accuracy (``targets``: each target's; ``target``: the highest of them),
+    retained accuracies (and the worst relative to unedited), collateral."""
+    targets = [concept] if isinstance(concept, str) else list(concept)
     accuracy = accuracy_from_predictions(items, predicted)
     retained_acc = {c: accuracy[c] for c in retained if c in accuracy}
     relative = {c: accuracy[c] / before[c] for c in retained_acc if before.get(c, 0) > 0}
     worst = min(relative, key=relative.get) if relative else None
-    return {
-        "target": accuracy[concept],
+    row = {
+        "target": max(accuracy[c] for c in targets),
+        "targets": {c: accuracy[c] for c in targets},
         "retained": retained_acc,
         "retained_mean": sum(retained_acc.values()) / max(1, len(retained_acc)),
         "retained_min_relative": relative[worst] if worst else None,
         "retained_worst": worst,
-        **collateral(items, concept, images, predicted, reference_images, reference_predicted, features),
+        **collateral(items, targets[0], images, predicted, reference_images, reference_predicted, features),
     }
+    if len(targets) > 1:
+        row["drawn_instead_by_target"] = {c: drawn_instead(items, c, predicted) for c in targets}
+    return row
 
 
 def evaluate_edits(
     backbone: DiffusionBackbone,
     detector: ConceptDetector,
-    concept: str,
+    concept: str | list[str],
     retained: list[str],
     items: list[EvalItem],
     edits: dict[str, dict[float, Masks]],
@@ -125,7 +131,7 @@ def evaluate_edits(
     return before, rows, images
 
 
-def read_against_controls(rows: list[dict], floor: float | None, erase: bool = True) -> list[dict]:
+def read_against_controls(rows: list[dict], floor: float | dict[str, float] | None, erase: bool = True) -> list[dict]:
     """The rows of :func:`evaluate_edits` with the random control's draws folded in: the ``random`` rows (draw 0)
     get the mean retained SSIM of all draws (``random draw N`` rows, dropped here) and its draws, every other
     edit the control of its ratio (``random_retained_ssim`` and its draws) and, for an erase edit, whether it
@@ -155,14 +161,20 @@ def goal_met(rows: list[dict]) -> bool:
     return bool(selections) and all(any(r["selective"] for r in rows if r["selection"] == s) for s in selections)
 
 
-def selective(row: dict, control: dict | None, floor: float | None, margin: float = 0.05, keep: float = 0.9) -> bool:
-    """Whether an edit meets the selective-edit goal: target at most floor + ``margin``, every retained concept
-    and the target prompts' other words at least ``keep`` of unedited, and retained images no further from the
+def selective(row: dict, control: dict | None, floor: float | dict[str, float] | None, margin: float = 0.05,
+              keep: float = 0.9) -> bool:
+    """Whether an edit meets the selective-edit goal: target at most floor + ``margin`` (with several targets,
+    ``floor`` ``{concept: floor}``: each target at most its own floor + ``margin``), every retained concept and
+    the target prompts' other words at least ``keep`` of unedited, and retained images no further from the
     unedited ones (SSIM) than the random control of equal count."""
     if floor is None or control is None:
         return False
+    if isinstance(floor, dict):
+        erased = all(accuracy <= floor.get(c, 0.0) + margin for c, accuracy in row["targets"].items())
+    else:
+        erased = row["target"] <= floor + margin
     other = row.get("other_words_relative")
-    return (row["target"] <= floor + margin
+    return (erased
             and (row["retained_min_relative"] is None or row["retained_min_relative"] >= keep)
             and (other is None or other >= keep)
             and row["retained_ssim"] >= control["retained_ssim"])
