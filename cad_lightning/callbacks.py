@@ -34,6 +34,7 @@ beside the random control of equal count.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import platform
 import time
@@ -741,8 +742,11 @@ class AttributionWriter(Callback):
         results = read_against_controls(results, goal_floor, erase)
         for selection in list(edits):  # what was not evaluated is not written either
             edits[selection] = {r: m for r, m in edits[selection].items() if f"{selection} {r:g}" in images}
-        n = len(items)  # the grids show the first six (target) and the last six (retained) images
-        show = list(dict.fromkeys([*range(min(6, n)), *(n - 1 - i for i in range(min(6, n)))]))
+        # the grids show six target images (the first of each target in turn) and the last six (retained) images
+        n = len(items)
+        by_target = [[i for i, item in enumerate(items) if item.group == "target" and item.target == c] for c in targets]
+        firsts = [i for column in itertools.zip_longest(*by_target) for i in column if i is not None][:6]
+        show = list(dict.fromkeys([*firsts, *(n - 1 - i for i in range(min(6, n)))]))
         for selection in edits:
             keys = ["unedited"] + [f"{selection} {ratio:g}" for ratio in sorted(edits[selection])]
             rows = torch.cat([images[k][show] for k in keys])

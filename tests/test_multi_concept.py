@@ -129,3 +129,26 @@ def test_two_concepts_in_one_run(tmp_path):
         torch.testing.assert_close(joint[n], expected[n])
     markdown = (run / "report.md").read_text()
     assert "of 'circle' and 'red'" in markdown and "unedited accuracy on 'red'" in markdown
+
+
+def test_several_objects_of_a_stable_diffusion_folder(tiny_sd_folder, tmp_path, monkeypatch):
+    """configs/sd/erase_objects.yaml (its concepts CSV with roles) on a tiny random SD folder: every target
+    scored, one edit per ratio for all of them."""
+    monkeypatch.chdir(CONFIGS.parent)  # the config names its CSV relative to the repository
+    code = run_cli(["fit", "--config", str(CONFIGS / "sd" / "erase_objects.yaml"), "--model.model_path",
+                    str(tiny_sd_folder), "--model.dtype", "fp32", "--model.num_inference_steps", "2",
+                    "--data.samples", "1", "--data.batch_size", "3", "--trainer.accelerator", "cpu",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks.init_args.ratios", "[0.05]"])
+    assert code == 0
+    run = next((tmp_path / "lightning_logs").glob("version_*"))
+    report = json.loads((run / "report.json").read_text())
+    assert report["concepts"] == ["golf ball", "parachute", "church"] and report["edits"][0]["ablated"] > 0
+    meta = json.loads((run / "attribution" / "meta.json").read_text())
+    assert meta["items"] == 3 and meta["concepts"] == report["concepts"]
+
+
+def test_concepts_and_a_concepts_file_are_not_both_given(tmp_path):
+    path = tmp_path / "concepts.csv"
+    path.write_text("concept,role\ncircle,target\n")
+    with pytest.raises(UserInputError, match="both given"):
+        AttributionDataModule(concepts=["square"], concepts_file=str(path))

@@ -122,6 +122,9 @@ class AttributionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if concepts_file is not None:
+            if concepts is not None:
+                raise UserInputError("data.concepts and data.concepts_file are both given; use one of them "
+                                     "(--data.concepts_file null to list the concepts inline).")
             targets, retained = read_concepts_file(concepts_file)
             if retained is not None:  # a role column: targets and retained concepts
                 concepts, retain_concepts = targets, retained or retain_concepts
