@@ -634,12 +634,13 @@ class AttributionWriter(Callback):
             if datamodule.base_word is None:
                 self._floor_cache = empty_prompt_rates(pl_module.backbone, detector, datamodule.base_prompt,
                                                        self.floor_images)
-            else:  # each target prompt without its concept; a target's floor from its own prompts
-                for n, concept in enumerate(targets):
+            else:  # each target prompt without its concept; every target's floor from its own prompts
+                rates = {}
+                for concept in targets:
                     items = evaluation_items(concept, [], self.eval_target_images, 0)
                     base = [datamodule.base_for(item.prompt, concept) for item in items]
-                    rates = empty_prompt_rates(pl_module.backbone, detector, base, self.floor_images)
-                    self._floor_cache = rates if n == 0 else {**self._floor_cache, concept: rates[concept]}
+                    rates[concept] = empty_prompt_rates(pl_module.backbone, detector, base, self.floor_images)
+                self._floor_cache = {**rates[targets[0]], **{c: r[c] for c, r in rates.items()}}
         return self._floor_cache
 
     def _goal_floor(self, pl_module, floor: dict[str, float]) -> float | dict[str, float] | None:

@@ -359,11 +359,25 @@ def model_family(path: str | os.PathLike) -> str:
                          f"(model_index.json); cad-lightning reads {SUPPORTED} folders.")
 
 
+# the parts each family loads beyond tokenizer/, scheduler/ and vae/: the denoiser first, then the text encoders
+# and further tokenizers, each with its loader and precision (``model``: the denoiser's dtype, ``t5``: bf16 with a
+# bf16 denoiser else fp32, ``fp32``); a part marked ``optional`` may be missing (SD3 without T5)
+FAMILY_PARTS = {
+    "sd": {"unet": (UNet2DConditionModel, "model"), "text_encoder": (CLIPTextModel, "fp32")},
+    "sdxl": {"unet": (UNet2DConditionModel, "model"), "text_encoder": (CLIPTextModel, "fp32"),
+             "text_encoder_2": (CLIPTextModelWithProjection, "fp32"), "tokenizer_2": (AutoTokenizer, "fp32")},
+    "sd3": {"transformer": (SD3Transformer2DModel, "model"), "text_encoder": (CLIPTextModelWithProjection, "fp32"),
+            "text_encoder_2": (CLIPTextModelWithProjection, "fp32"), "tokenizer_2": (AutoTokenizer, "fp32"),
+            "text_encoder_3": (T5EncoderModel, "t5", "optional"), "tokenizer_3": (AutoTokenizer, "fp32", "optional")},
+    "flux": {"transformer": (FluxTransformer2DModel, "model"), "text_encoder": (CLIPTextModel, "fp32"),
+             "text_encoder_2": (T5EncoderModel, "t5"), "tokenizer_2": (AutoTokenizer, "fp32")},
+    "pixart": {"transformer": (PixArtTransformer2DModel, "model"), "text_encoder": (T5EncoderModel, "t5")},
+}
+
+
 def required_parts(family: str) -> tuple[str, ...]:
-    denoiser = "unet" if family in ("sd", "sdxl") else "transformer"
-    extra = {"sdxl": ("vae", "text_encoder_2", "tokenizer_2"), "sd3": ("vae", "text_encoder_2", "tokenizer_2"),
-             "flux": ("vae", "text_encoder_2", "tokenizer_2"), "pixart": ("vae",)}.get(family, ())
-    return (denoiser, "text_encoder", "tokenizer", "scheduler", *extra)
+    parts = [p for p, spec in FAMILY_PARTS[family].items() if "optional" not in spec]
+    return (*parts[:2], "tokenizer", "scheduler", *(("vae",) if family != "sd" else ()), *parts[2:])
 
 
 def check_model_folder(path: str | os.PathLike) -> Path:
@@ -431,45 +445,17 @@ def load_backbone(
     tokenizer = load_part(folder, "tokenizer", AutoTokenizer.from_pretrained, **kwargs)
     scheduler_class = FlowMatchEulerDiscreteScheduler if family in ("sd3", "flux") else DDIMScheduler
     scheduler = load_part(folder, "scheduler", scheduler_class.from_pretrained, **kwargs)
-    defaults = FAMILY_DEFAULTS[family]
-    extra: dict = {}
-    if family == "sd":
-        denoiser = load_part(folder, "unet", UNet2DConditionModel.from_pretrained, **model_kwargs)
-        text_encoder = load_part(folder, "text_encoder", CLIPTextModel.from_pretrained, **kwargs)
-        cls = DiffusionBackbone
-    elif family == "sdxl":
-        denoiser = load_part(folder, "unet", UNet2DConditionModel.from_pretrained, **model_kwargs)
-        text_encoder = load_part(folder, "text_encoder", CLIPTextModel.from_pretrained, **kwargs)
-        extra["text_encoder_2"] = load_part(folder, "text_encoder_2", CLIPTextModelWithProjection.from_pretrained,
-                                            **kwargs)
-        extra["tokenizer_2"] = load_part(folder, "tokenizer_2", AutoTokenizer.from_pretrained, **kwargs)
+    precision = {"model": model_kwargs, "t5": t5_kwargs, "fp32": kwargs}
+    loaded = {part: load_part(folder, part, spec[0].from_pretrained, **precision[spec[1]])
+              for part, spec in FAMILY_PARTS[family].items() if "optional" not in spec or (folder / part).is_dir()}
+    denoiser, text_encoder = loaded.pop(next(iter(FAMILY_PARTS[family]))), loaded.pop("text_encoder")
+    extra, defaults = loaded, FAMILY_DEFAULTS[family]
+    if family == "sdxl":
         index = json.loads((folder / "model_index.json").read_text())
         extra["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
-        cls = families.SDXLBackbone
-    else:
-        transformer_class = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel,
-                             "pixart": PixArtTransformer2DModel}[family]
-        denoiser = load_part(folder, "transformer", transformer_class.from_pretrained, **model_kwargs)
-        if family == "sd3":
-            text_encoder = load_part(folder, "text_encoder", CLIPTextModelWithProjection.from_pretrained, **kwargs)
-            extra["text_encoder_2"] = load_part(folder, "text_encoder_2",
-                                                CLIPTextModelWithProjection.from_pretrained, **kwargs)
-            extra["tokenizer_2"] = load_part(folder, "tokenizer_2", AutoTokenizer.from_pretrained, **kwargs)
-            if (folder / "text_encoder_3").is_dir():
-                extra["text_encoder_3"] = load_part(folder, "text_encoder_3", T5EncoderModel.from_pretrained,
-                                                    **t5_kwargs)
-                extra["tokenizer_3"] = load_part(folder, "tokenizer_3", AutoTokenizer.from_pretrained, **kwargs)
-            cls = families.SD3Backbone
-        elif family == "flux":
-            text_encoder = load_part(folder, "text_encoder", CLIPTextModel.from_pretrained, **kwargs)
-            extra["text_encoder_2"] = load_part(folder, "text_encoder_2", T5EncoderModel.from_pretrained, **t5_kwargs)
-            extra["tokenizer_2"] = load_part(folder, "tokenizer_2", AutoTokenizer.from_pretrained, **kwargs)
-            if not denoiser.config.guidance_embeds:  # FLUX.1 [schnell]: timestep-distilled, 4 steps
-                defaults = {**defaults, "num_inference_steps": 4}
-            cls = families.FluxBackbone
-        else:
-            text_encoder = load_part(folder, "text_encoder", T5EncoderModel.from_pretrained, **t5_kwargs)
-            cls = families.PixArtBackbone
+    if family == "flux" and not denoiser.config.guidance_embeds:  # FLUX.1 [schnell]: timestep-distilled, 4 steps
+        defaults = {**defaults, "num_inference_steps": 4}
+    cls = families.BACKBONES.get(family, DiffusionBackbone)
     defaults = dict(defaults)
     if (folder / SAMPLER_DEFAULTS_FILE).is_file():
         try:

@@ -107,7 +107,6 @@ class FlowMatchingBackbone(DiffusionBackbone):
     def __init__(self, *args, max_sequence_length: int = 256, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_sequence_length = max_sequence_length
-        self.prediction = "flow"
 
     def _sigmas(self, num_inference_steps: int) -> np.ndarray | None:
         return None
@@ -264,3 +263,6 @@ class PixArtBackbone(DiffusionBackbone):
         out = self.denoiser(x_t, encoder_hidden_states=tokens, encoder_attention_mask=mask,
                             timestep=_timesteps(t, b, x_t.device), added_cond_kwargs=added).sample
         return out[:, : x_t.shape[1]] if out.shape[1] == 2 * x_t.shape[1] else out
+
+
+BACKBONES = {"sdxl": SDXLBackbone, "sd3": SD3Backbone, "flux": FluxBackbone, "pixart": PixArtBackbone}
