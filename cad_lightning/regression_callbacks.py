@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from safetensors.torch import save_file
 
 from cad_lightning.attribution.fidelity import first_order_fidelity, write_fidelity
@@ -54,6 +54,8 @@ class RegressionWriter(Callback):
             component weights is reached (global ranking; whole components except the last one), written as
             ``edits/regression-<mode>-<ratio>`` beside a random control with the same counts, evaluated with
             the model's concept classifier and reported in ``report.json`` / ``report.md`` / ``tradeoff.png``.
+        min_spearman: the held-out Spearman correlation below which the fit is reported as too poor to trust
+            (a warning with the held-out numbers and ``"trusted": false`` in ``fidelity.json``).
         random_control / save_unet / evaluate / eval_target_images / eval_retain_images / floor_images /
             eval_batch_size: as in :class:`AttributionWriter`.
     """
@@ -61,8 +63,12 @@ class RegressionWriter(Callback):
     def __init__(self, method: str = "ridge", strengths: list[float] | None = None, folds: int = 5,
                  dense_limit: int = 50_000_000, ratios: list[float] | None = None, random_control: bool = True,
                  save_unet: bool = True, evaluate: bool = True, eval_target_images: int = 32,
-                 eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96) -> None:
+                 eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96,
+                 min_spearman: float = 0.6) -> None:
         super().__init__()
+        if not -1 <= min_spearman <= 1:
+            raise UserInputError(f"RegressionWriter min_spearman must be in [-1, 1], got {min_spearman}.")
+        self.min_spearman = min_spearman
         self.random_control = random_control
         # the edits reuse the first-order writer's selection, artifacts and evaluation
         self.editor = None if ratios is None else AttributionWriter(
@@ -118,8 +124,16 @@ class RegressionWriter(Callback):
         if heldout_ids:
             held = [scores[i] for i in heldout_ids]
             predicted = fit.predict(pl_module.masks(heldout_ids).numpy())
+            record["min_spearman"] = self.min_spearman
             record = write_fidelity(run_dir, record, predicted, held, trainer.logger,
                                     xlabel="predicted score", ylabel=f"measured score ({pl_module.hparams.score})")
+            if not record["trusted"]:
+                rank_zero_warn(
+                    f"The linear fit of '{pl_module.concepts[0]}' predicts its {len(held)} held-out masks poorly "
+                    f"(Spearman {record['spearman']:.3f}, Pearson {record['pearson']:.3f}; trusted from "
+                    f"{self.min_spearman}): its coefficients and edits are not to be trusted. More masks "
+                    "(data.masks), more runs per mask (data.samples) or fewer components (a coarser granularity) "
+                    "give a closer fit.")
         self._write_meta(attribution, trainer, pl_module, fit, y, record if heldout_ids else None)
         if trainer.logger is not None:
             trainer.logger.log_metrics({"regression/train_r2": fit.train_r2, "regression/fit_time_s": fit.fit_time_s}, step=0)

@@ -164,7 +164,7 @@ def test_amplify_and_the_regression_estimator_on_a_transformer(folders, tmp_path
     code = run_cli(["fit", "--config", str(CONFIGS / "attribute_regression.yaml"), "--model.model_path",
                     str(folders["flux"]), "--model.score", "objective", "--model.num_inference_steps", "2",
                     "--model.guidance_scale", "1.0", "--data.concept", "cat", "--data.prompt_templates",
-                    '["a photo of a {concept}"]', "--data.masks", "12", "--data.heldout_masks", "4",
+                    '["a photo of a {concept}"]', "--data.base_word", "null", "--data.masks", "12", "--data.heldout_masks", "4",
                     "--data.samples", "1", "--data.batch_size", "4", "--trainer.accelerator", "cpu",
                     "--trainer.default_root_dir", str(tmp_path / "regression"),
                     "--trainer.callbacks.init_args.ratios", "null"])

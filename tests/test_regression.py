@@ -153,3 +153,60 @@ def test_first_order_fidelity_callback_writes_its_artifacts(tmp_path):
     fidelity = json.loads((run / "attribution" / "fidelity.json").read_text())
     assert fidelity["estimator"] == "first_order" and fidelity["masks"] == 6 and fidelity["density"] == 0.02
     assert -1 <= fidelity["spearman"] <= 1 and (run / "attribution" / "fidelity.png").is_file()
+
+
+def _presence_setup(masks):
+    from cad_lightning import load_backbone
+    from cad_lightning.attribution.components import ComponentSpace
+    from cad_lightning.attribution.mask_scores import presence_inputs
+    from cad_lightning.attribution.masks import MaskLayout
+    from conftest import SHIPPED_MODEL
+
+    backbone = load_backbone(SHIPPED_MODEL)
+    backbone.requires_grad_(False)
+    layout = MaskLayout(backbone.denoiser, ComponentSpace(["cross_attn_kv"]).names(backbone.denoiser), "neuron")
+    objective = EraseObjective(num_inference_steps=3)
+    prompts, bases = ["a red circle", "a blue striped circle"], ["a red shape", "a blue striped shape"]
+    inputs = presence_inputs(backbone, objective, objective.inputs(backbone, prompts, [0, 1], bases))
+    return backbone, layout, inputs, sample_masks(layout.n_components, range(masks), 0.7, 5)
+
+
+def test_presence_is_one_unmasked_and_the_batched_passes_match_the_zeroed_weights():
+    from cad_lightning.attribution.mask_scores import presence_scores
+    from cad_lightning.attribution.masks import zeroed_weights
+
+    backbone, layout, inputs, masks = _presence_setup(3)
+    masks = torch.cat([torch.ones(1, layout.n_components, dtype=torch.bool), masks,
+                       torch.zeros(1, layout.n_components, dtype=torch.bool)])
+    batched = presence_scores(backbone, inputs, layout, masks, chunk_size=2 * inputs.x_t.shape[0])
+    assert batched[0] == pytest.approx(1.0, abs=1e-5)
+    direction = inputs.direction.double().flatten(1)
+    for row, value in zip(masks, batched):
+        with torch.no_grad(), zeroed_weights(backbone.denoiser, layout, row):
+            eps = backbone.predict_noise(inputs.x_t, inputs.t, inputs.text).double().flatten(1)
+        by_hand = float(((eps - inputs.base_noise.double().flatten(1)) * direction).sum() / direction.pow(2).sum())
+        assert float(value) == pytest.approx(by_hand, rel=1e-4, abs=1e-5)
+    # no K/V weight left: the prompt no longer reaches the UNet, so little of the concept's direction is left
+    assert abs(float(batched[-1])) < 0.5 < float(batched[1:-1].min())
+
+
+def test_presence_needs_the_erase_objective_and_is_the_erase_default():
+    from cad_lightning.errors import UserInputError
+
+    assert RegressionCADModule(granularity="layer").hparams.score == "presence"
+    assert RegressionCADModule(objective="amplify", granularity="layer").hparams.score == "objective"
+    with pytest.raises(UserInputError, match="presence.*erase"):
+        RegressionCADModule(objective="amplify", granularity="layer", score="presence")
+    data = MaskDataModule(concept="circle", base_word="auto", samples=3)
+    assert all(i["base_prompt"] == i["prompt"].replace("circle", "shape") for i in data.evaluation_items())
+
+
+@pytest.mark.parametrize("min_spearman, trusted", [(1.0, False), (-1.0, True)])
+def test_a_fit_below_the_trusted_correlation_is_flagged(tmp_path, min_spearman, trusted, recwarn):
+    _run(tmp_path, writer=RegressionWriter(strengths=[0.1, 1.0], min_spearman=min_spearman))
+    fidelity = json.loads((tmp_path / "attribution" / "fidelity.json").read_text())
+    assert fidelity["trusted"] is trusted and fidelity["min_spearman"] == min_spearman
+    flagged = [w for w in recwarn if "predicts its 4 held-out masks poorly" in str(w.message)]
+    assert len(flagged) == (0 if trusted else 1)
+    if not trusted:
+        assert f"Spearman {fidelity['spearman']:.3f}" in str(flagged[0].message)

@@ -49,10 +49,13 @@ def plot_fidelity(path: Path, predicted, actual, title: str, xlabel: str, ylabel
 
 def write_fidelity(run_dir: Path, record: dict, predicted, actual, logger=None, xlabel="predicted", ylabel="measured") -> dict:
     """Correlations of ``predicted`` vs ``actual`` merged into ``record``, written to attribution/fidelity.json,
-    attribution/fidelity.png and TensorBoard (scalars ``fidelity/pearson``, ``fidelity/spearman`` and the figure)."""
+    attribution/fidelity.png and TensorBoard (scalars ``fidelity/pearson``, ``fidelity/spearman`` and the figure).
+    With ``min_spearman`` in ``record``, ``trusted`` says whether the Spearman correlation reaches it."""
     from cad_lightning.utils import write_json
 
     record = {**record, **correlations(predicted, actual)}
+    if "min_spearman" in record:
+        record["trusted"] = record["spearman"] >= record["min_spearman"]
     folder = Path(run_dir) / "attribution"
     title = f"{record.get('estimator', '')}: Pearson {record['pearson']:.3f}, Spearman {record['spearman']:.3f}"
     fig = plot_fidelity(folder / "fidelity.png", predicted, actual, title, xlabel, ylabel)

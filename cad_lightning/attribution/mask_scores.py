@@ -1,7 +1,16 @@
 """Concept score of the model under each of a batch of ablation masks (one number per mask).
 
-Two scores, selected by ``score``:
+Three scores, selected by ``score``:
 
+- ``presence`` (erase objective): how much of the concept is left in the masked model's predictions, on the
+  states of the unmasked model's sampling runs of the concept's prompts (sampled once). At every state the
+  concept's direction is d = ε(x_t, c, t) − ε(x_t, c_base, t) of the unmasked model (with ``base_word``:
+  'a red circle' against 'a red shape', so d is the concept word's own effect); under a mask, the concept
+  prediction ε_m(x_t, c, t) is read along it: presence = Σ ⟨ε_m(c) − ε(c_base), d⟩ / Σ ‖d‖² over all states.
+  1 for the unmasked model, 0 when the masked model's prediction carries none of the concept (it predicts as
+  for the base prompt); damage orthogonal to d (a colour cast, noise) does not count. One UNet pass per state
+  and mask; its first-order expansion is CAD's erase score up to a weight per state, so both estimators
+  linearise the same quantity.
 - ``objective``: the concept objective J (erase or amplify) under the mask, on the states of the unmasked
   model's sampling runs (sampled once, as for the first-order scores). Every state costs one UNet pass per
   mask, all masks of a group in one batched pass. For erase the base branch ε(x_t, c_base, t) is held at
@@ -15,7 +24,7 @@ Two scores, selected by ``score``:
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,16 +34,80 @@ from cad_lightning.backbones.backbone import DiffusionBackbone
 from cad_lightning.data.world import concept_kind
 from cad_lightning.errors import UserInputError
 
-SCORES = ("objective", "classifier")
+SCORES = ("presence", "objective", "classifier")
 
 
 @torch.no_grad()
 def freeze_base(backbone: DiffusionBackbone, objective: ConceptObjective, inputs: ObjectiveInputs) -> ObjectiveInputs:
-    """The inputs with the erase objective's base prediction computed once on the unmasked model."""
+    """The inputs with the erase objective's base prediction computed once on the unmasked model (each item's
+    own base prompt where the inputs carry one)."""
     if isinstance(objective, EraseObjective) and inputs.base_noise is None:
-        base_text = backbone.encode([objective.base_prompt]).expand_as(inputs.text)
+        base_text = inputs.base_text
+        if base_text is None:
+            base_text = backbone.encode([objective.base_prompt]).expand_as(inputs.text)
         return replace(inputs, base_noise=backbone.predict_noise(inputs.x_t, inputs.t, base_text))
     return inputs
+
+
+@dataclass
+class PresenceInputs:
+    """The states of the unmasked model's runs of the concept, with the unmasked base prediction at each and
+    the concept's direction d = ε(c) − ε(c_base) there."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    text: torch.Tensor
+    base_noise: torch.Tensor
+    direction: torch.Tensor
+
+    @property
+    def mass(self) -> float:
+        """Σ ‖d‖² over the states: the presence of the unmasked model, unnormalised."""
+        return float(self.direction.double().pow(2).sum())
+
+
+@torch.no_grad()
+def presence_inputs(backbone: DiffusionBackbone, objective: ConceptObjective, inputs: ObjectiveInputs) -> PresenceInputs:
+    """The concept's direction at every state of ``inputs`` (erase objective inputs), from the unmasked model."""
+    if not isinstance(objective, EraseObjective):
+        raise UserInputError("model.score 'presence' reads the erase objective's concept direction; with objective "
+                             "amplify use score objective or classifier.")
+    frozen = freeze_base(backbone, objective, inputs)
+    base = frozen.base_noise.float()
+    direction = backbone.predict_noise(frozen.x_t, frozen.t, frozen.text).float() - base
+    if not float(direction.abs().max()) > 0:
+        raise UserInputError("The concept's prompts and their base prompts give the same predictions: there is no "
+                             "concept direction to measure (is the base prompt the concept's own prompt?).")
+    return PresenceInputs(frozen.x_t, frozen.t, frozen.text, base, direction)
+
+
+def _grouped(masks: torch.Tensor, states: int, chunk_size: int, score_group) -> torch.Tensor:
+    """Masks in groups of about ``chunk_size`` states (at least one mask's states) per pass; ``score_group``
+    returns the group's per-mask values."""
+    per_pass = max(1, chunk_size // states)
+    return torch.cat([score_group(masks[start : start + per_pass]) for start in range(0, masks.shape[0], per_pass)])
+
+
+def _tiled(tensor: torch.Tensor, g: int) -> torch.Tensor:
+    return tensor.repeat(g, *[1] * (tensor.ndim - 1))
+
+
+@torch.no_grad()
+def presence_scores(backbone: DiffusionBackbone, inputs: PresenceInputs, layout: MaskLayout, masks: torch.Tensor,
+                    chunk_size: int = 256) -> torch.Tensor:
+    """Presence of the concept under each mask (M, n_components) → (M,) float64 (module docstring)."""
+    states = inputs.x_t.shape[0]
+    direction = inputs.direction.flatten(1)
+    mass = inputs.mass
+
+    def score_group(group: torch.Tensor) -> torch.Tensor:
+        g = group.shape[0]
+        with batched_masks(backbone.denoiser, layout, group, repeats=states):
+            eps = backbone.predict_noise(_tiled(inputs.x_t, g), _tiled(inputs.t, g), _tiled(inputs.text, g))
+        along = ((eps.float().flatten(1) - _tiled(inputs.base_noise, g).flatten(1)) * _tiled(direction, g)).sum(1)
+        return along.double().reshape(g, states).sum(1).cpu() / mass
+
+    return _grouped(masks, states, chunk_size, score_group)
 
 
 @torch.no_grad()
@@ -51,17 +124,15 @@ def objective_scores(
     ``inputs`` should come from :func:`freeze_base`. Masks are grouped so a pass holds about ``chunk_size``
     states (at least one mask's states)."""
     states = inputs.x_t.shape[0]
-    per_pass = max(1, chunk_size // states)
-    out = []
-    for start in range(0, masks.shape[0], per_pass):
-        group = masks[start : start + per_pass]
+
+    def score_group(group: torch.Tensor) -> torch.Tensor:
         g = group.shape[0]
-        tiled = ObjectiveInputs(**{k: (v.repeat(g, *[1] * (v.ndim - 1)) if v is not None else None)
-                                   for k, v in vars(inputs).items()})
+        tiled = ObjectiveInputs(**{k: (_tiled(v, g) if v is not None else None) for k, v in vars(inputs).items()})
         with batched_masks(backbone.denoiser, layout, group, repeats=states):
             j = objective.value(backbone, tiled)
-        out.append(j.double().reshape(g, states).mean(1).cpu())
-    return torch.cat(out)
+        return j.double().reshape(g, states).mean(1).cpu()
+
+    return _grouped(masks, states, chunk_size, score_group)
 
 
 def concept_index(detector, concept: str) -> tuple[str, int]:

@@ -1,8 +1,8 @@
 """RegressionCADModule: the counterfactual regression estimator (COAR-style linear attribution).
 
 Each training step takes a batch of mask ids, regenerates the masks, scores the model under each of them in
-one batched pass (see ``mask_scores``: the objective J on the unmasked model's states, or the classifier's
-probability of the concept on images generated under the mask) and records the scores in the run's
+one batched pass (see ``mask_scores``: the concept's presence or the objective J on the unmasked model's states,
+or the classifier's probability of the concept on images generated under the mask) and records the scores in the run's
 :class:`MaskScoreStore`. Masks already in the store are not scored again, so a killed run restarted with the
 same settings only computes the missing ones. At the end of ``fit`` the :class:`RegressionWriter` callback
 gathers the scores of all ranks and fits the linear model.
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from cad_lightning.attribution.mask_scores import SCORES, classifier_scores, concept_index, freeze_base, objective_scores
+from cad_lightning.attribution.mask_scores import (SCORES, classifier_scores, concept_index, freeze_base,
+                                                   objective_scores, presence_inputs, presence_scores)
 from cad_lightning.attribution.masks import GRANULARITIES, MaskLayout, sample_masks
 from cad_lightning.attribution.module import CADModule, use_ieee_fp32
 from cad_lightning.attribution.objectives import OBJECTIVES
@@ -35,8 +36,10 @@ class RegressionCADModule(CADModule):
 
     Args (besides those of CADModule):
         granularity: components: ``neuron`` (rows), ``head`` (attention heads) or ``layer`` (whole weights).
-        score: ``objective`` (the erase/amplify objective under the mask) or ``classifier`` (the concept
-            classifier's probability on images generated under the mask; shapes-world concepts).
+        score: ``presence`` (erase: how much of the concept's direction the masked model's predictions keep, 1 →
+            0; the default for erase), ``objective`` (the erase/amplify objective under the mask; the default for
+            amplify) or ``classifier`` (the concept classifier's log-odds on images generated under the mask;
+            shapes-world concepts). See ``cad_lightning.attribution.mask_scores``.
         store_dir: folder of the finished masks' scores (default ``<trainer.default_root_dir>/mask_scores``);
             a restart with the same settings and folder computes only the missing masks.
     """
@@ -55,7 +58,7 @@ class RegressionCADModule(CADModule):
         edit: str | None = None,
         image_source: str = "model",
         granularity: str = "neuron",
-        score: str = "objective",
+        score: str | None = None,
         store_dir: str | None = None,
     ) -> None:
         super().__init__(model_path=model_path, objective=objective, components=components, guidance_scale=guidance_scale,
@@ -67,8 +70,14 @@ class RegressionCADModule(CADModule):
                 f"model.granularity must be one of neuron, head, layer for the regression estimator, got '{granularity}'"
                 + (" (one component per weight is far too many rows to fit)." if granularity == "weight" else ".")
             )
+        if score is None:
+            score = "presence" if objective == "erase" else "objective"
         if score not in SCORES:
             raise UserInputError(f"model.score must be one of {', '.join(SCORES)}, got '{score}'.")
+        if score == "presence" and objective != "erase":
+            raise UserInputError("model.score 'presence' reads the erase objective's concept direction; with objective "
+                                 "amplify use score objective or classifier.")
+        self.hparams.score = score
         self.layout = MaskLayout(self.backbone.denoiser, self.component_names, granularity)
         self.detector = None
         self.store: MaskScoreStore | None = None
@@ -124,6 +133,7 @@ class RegressionCADModule(CADModule):
             "components": list(self.space.patterns), "granularity": h.granularity, "score": h.score,
             "sampler": self.backbone.sampler_settings(h.num_inference_steps, h.guidance_scale),
             "concept": datamodule.concept, "base_prompt": datamodule.base_prompt, "samples": datamodule.samples,
+            **({"base_word": datamodule.base_word} if datamodule.base_word is not None else {}),
             "prompt_templates": datamodule.prompt_templates, "seed": datamodule.seed,
             "keep_prob": datamodule.keep_prob, "mask_seed": datamodule.mask_seed,
         }
@@ -134,19 +144,24 @@ class RegressionCADModule(CADModule):
         datamodule = self.trainer.datamodule
         return sample_masks(self.layout.n_components, list(ids), datamodule.keep_prob, datamodule.mask_seed)
 
-    def evaluation_prompts(self) -> tuple[list[str], list[int]]:
+    def evaluation_prompts(self) -> tuple[list[str], list[int], list[str]]:
+        """The prompts every mask is scored on, their seeds and their base prompts."""
         items = self.trainer.datamodule.evaluation_items()
-        return [i["prompt"] for i in items], [int(i["seed"]) for i in items]
+        return [i["prompt"] for i in items], [int(i["seed"]) for i in items], [i["base_prompt"] for i in items]
 
     def score_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """Concept score (M,) float64 of the model under each mask row (M, n_components)."""
-        prompts, seeds = self.evaluation_prompts()
+        prompts, seeds, bases = self.evaluation_prompts()
         if self.hparams.score == "classifier":
             self.detector.to(self.device)
             return classifier_scores(self.backbone, self.detector, self.concepts[0], prompts, seeds, self.layout, masks,
                                      self.hparams.num_inference_steps, self.hparams.guidance_scale)
         if self._inputs is None:  # the unmasked model's states, sampled once per process
-            self._inputs = freeze_base(self.backbone, self.objective, self.objective.inputs(self.backbone, prompts, seeds))
+            inputs = self.objective.inputs(self.backbone, prompts, seeds, bases)
+            self._inputs = (presence_inputs(self.backbone, self.objective, inputs) if self.hparams.score == "presence"
+                            else freeze_base(self.backbone, self.objective, inputs))
+        if self.hparams.score == "presence":
+            return presence_scores(self.backbone, self._inputs, self.layout, masks, self.hparams.chunk_size)
         return objective_scores(self.backbone, self.objective, self._inputs, self.layout, masks, self.hparams.chunk_size)
 
     def training_step(self, batch: list[dict], batch_idx: int) -> None:

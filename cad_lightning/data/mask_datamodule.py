@@ -20,7 +20,8 @@ class MaskDataModule(AttributionDataModule):
     """Ablation masks for the regression estimator.
 
     Args:
-        concept / base_prompt / prompt_templates / prompts_file / seed: as in AttributionDataModule.
+        concept / base_prompt / base_word / prompt_templates / prompts_file / seed: as in AttributionDataModule
+            (with ``base_word``, each prompt's presence is read against the same prompt without the concept).
         samples: evaluation prompts (sampling runs) per mask.
         masks: training masks (rows of the regression).
         heldout_masks: held-out masks of the same density for the fidelity check (0: no check).
@@ -33,6 +34,7 @@ class MaskDataModule(AttributionDataModule):
         self,
         concept: str = "circle",
         base_prompt: str = "",
+        base_word: str | None = None,
         prompt_templates: list[str] | None = None,
         prompts_file: str | None = None,
         samples: int = 4,
@@ -43,7 +45,7 @@ class MaskDataModule(AttributionDataModule):
         mask_seed: int = 0,
         batch_size: int = 16,
     ) -> None:
-        super().__init__(concept=concept, base_prompt=base_prompt, samples=samples, retain_samples=0,
+        super().__init__(concept=concept, base_prompt=base_prompt, base_word=base_word, samples=samples, retain_samples=0,
                          prompt_templates=prompt_templates, prompts_file=prompts_file, seed=seed, batch_size=batch_size)
         if masks < 2:
             raise UserInputError(f"data.masks must be at least 2, got {masks}.")

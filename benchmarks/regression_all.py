@@ -1,0 +1,104 @@
+"""The regression estimator on every shape and colour of the world with the shipped config, in one table.
+
+For each concept it runs ``cad fit --config configs/attribute_regression.yaml --data.concept <c>`` (nothing else
+changed) and reads the run's artifacts: held-out Spearman and Pearson of the fit (``attribution/fidelity.json``),
+the masks and the wall time (``meta.json``, ``report.json``), and for each edit of the fitted coefficients the
+target's accuracy after it, the worst retained concept relative to unedited and the retained images' SSIM, each
+beside the random control of equal count. With ``--first-order DIR`` (the ``--out`` of
+``benchmarks/erase_all.py``, the first-order default config) it adds the first-order default's chosen edit for
+the same concept: its count, target after, SSIM and whether it meets the selective goal.
+
+    python benchmarks/regression_all.py [--concepts square,red] [--out runs/regression_all]
+                                        [--first-order runs/erase_all] [--reuse] [-- extra cad arguments]
+
+``--reuse`` rebuilds the table from the latest run of each concept under ``--out`` without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from erase_all import choose, fmt, run  # noqa: E402
+
+from cad_lightning.data.world import CONCEPT_KINDS  # noqa: E402
+
+
+def latest(root: Path) -> Path:
+    return sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
+
+
+def row_for(concept: str, run_dir: Path, first_order: Path | None) -> dict:
+    fidelity = json.loads((run_dir / "attribution" / "fidelity.json").read_text())
+    meta = json.loads((run_dir / "attribution" / "meta.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text())
+    edits = {}
+    for r in report["results"]:
+        edits.setdefault(r["ratio"], {})[r["selection"]] = r
+    row = {"concept": concept, "spearman": fidelity["spearman"], "pearson": fidelity["pearson"],
+           "trusted": fidelity.get("trusted"), "masks": meta["masks"]["train"], "heldout": fidelity["masks"],
+           "fit_minutes": meta["wall_time_s"] / 60, "minutes": report["wall_time_s"] / 60,
+           "floor": report["floor"][concept], "unedited": report["before"][concept],
+           "edits": [{"ratio": ratio, "ablated": e["regression"]["ablated"], "target": e["regression"]["target"],
+                      "random_target": e["random"]["target"], "worst_retained": e["regression"]["retained_min_relative"],
+                      "ssim": e["regression"]["retained_ssim"], "random_ssim": e["random"]["retained_ssim"]}
+                     for ratio, e in sorted(edits.items())]}
+    if first_order is not None and (first_order / concept / "lightning_logs").is_dir():
+        chosen, control = choose(json.loads((latest(first_order / concept) / "report.json").read_text()))
+        row["first_order"] = {"selection": chosen["selection"], "ratio": chosen["ratio"], "ablated": chosen["ablated"],
+                              "target": chosen["target"], "ssim": chosen["retained_ssim"],
+                              "random_ssim": chosen.get("random_retained_ssim"), "goal": bool(chosen.get("selective"))}
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    ratios = [e["ratio"] for e in rows[0]["edits"]]
+    head = ["concept", "held-out Spearman (Pearson)", "masks", "minutes (fit / with edits)", "floor"]
+    head += [f"regression {r:g}: target (random) · SSIM (random)" for r in ratios] + ["first-order default: edit, target · SSIM (random), goal"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["concept"], f"{row['spearman']:.3f} ({row['pearson']:.3f})" + ("" if row["trusted"] is not False else " untrusted"),
+                 str(row["masks"]), f"{row['fit_minutes']:.1f} / {row['minutes']:.1f}", f"{row['floor']:.3f}"]
+        cells += [f"{e['target']:.3f} ({e['random_target']:.3f}) · {e['ssim']:.3f} ({e['random_ssim']:.3f})" for e in row["edits"]]
+        fo = row.get("first_order")
+        cells.append("n/a" if fo is None else f"{fo['selection']} {fo['ratio']:g}: {fo['target']:.3f} · {fo['ssim']:.3f} "
+                     f"({fmt(fo['random_ssim'])}), {'met' if fo['goal'] else 'missed'}")
+        lines.append("| " + " | ".join(cells) + " |")
+    spearman = [r["spearman"] for r in rows]
+    lines.append("")
+    lines.append(f"held-out Spearman: min {min(spearman):.3f}, mean {sum(spearman) / len(spearman):.3f}; "
+                 f"{sum(s >= 0.6 for s in spearman)} of {len(rows)} concepts at 0.6 or more; "
+                 f"fit minutes: max {max(r['fit_minutes'] for r in rows):.1f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concepts", default=",".join(CONCEPT_KINDS["shape"] + CONCEPT_KINDS["colour"]))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "attribute_regression.yaml"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "regression_all"))
+    parser.add_argument("--first-order", default=None, help="the --out of benchmarks/erase_all.py, for the comparison")
+    parser.add_argument("--reuse", action="store_true", help="rebuild the table from the runs already under --out")
+    parser.add_argument("extra", nargs="*", help="more cad arguments, after --")
+    args = parser.parse_args()
+    out = Path(args.out)
+    first_order = Path(args.first_order) if args.first_order else None
+    rows = []
+    for concept in args.concepts.split(","):
+        run_dir = latest(out / concept) if args.reuse else run(concept, out, Path(args.config), args.extra)[0]
+        rows.append(row_for(concept, run_dir, first_order))
+        print(table(rows[-1:]).splitlines()[2], flush=True)
+    text = table(rows)
+    print(text)
+    (out / "regression_all.md").write_text(text + "\n")
+    (out / "regression_all.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
