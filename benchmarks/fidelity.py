@@ -4,24 +4,23 @@
    masks ablating each FF weight with probability 0.1%, 0.5% and 2% (CAD's edits ablate 0.1–0.3%),
    predicted ΔJ = −Σ α over the ablated weights against ΔJ measured under the mask (base branch frozen, as
    the scores hold it). Target: Spearman ≥ 0.7.
-2. Regression: ``cad fit --config configs/attribute_regression.yaml`` (neuron masks over the FF weights,
-   keep-probability 0.95, classifier log-odds of the concept on images generated under each mask, ridge
-   with cross-validated strength); held-out Spearman on masks of the same density (target ≥ 0.6 with at most
-   2,000 masks) and the fitting time. Mask scores are kept in ``--root``/mask_scores, so a rerun with more
-   masks computes only the new ones.
+2. Regression: ``cad fit --config configs/attribute_regression.yaml`` (the shipped config: K/V neuron masks,
+   keep-probability 0.95, the concept's presence under each mask, ridge with cross-validated strength); held-out
+   Spearman on masks of the same density (target >= 0.6) and the fitting time. Mask scores are kept in
+   ``--root``/mask_scores, so a rerun with more masks computes only the new ones. Every shape and colour:
+   ``benchmarks/regression_all.py``.
 
 Measured on 2 CPU cores (shipped weights, 8 runs x 25 steps, 64 masks per density, default sampler: guidance
 3.0, eta 1, eps from the clipped x0), first order, Spearman at 0.1% / 0.5% / 2%: FF weights 0.755 / 0.453 /
 -0.018 (Pearson 0.761 / 0.426 / -0.019); conv weights (``--fo-components conv``) 0.513 / 0.516 / 0.341; about
 3 minutes each. The previous weights gave 0.801 / 0.476 / -0.361 on FF at eta 0, and 0.968 / 0.877 / 0.491 with
 their previous sampler (``--fo-guidance 2 --fo-clipped-eps off``).
-Regression, measured with the previous weights and sampler (guidance 2, unclipped eps), 2,000 training masks (2.7 masks/s,
-about 15 minutes), 4 prompts x 10 steps: held-out Spearman 0.730 (Pearson 0.749) on 150 masks, ridge fit
-2.9 s, train R2 0.953. Its edits (0.5/1/2% of the FF weights as whole neurons) barely erase: 'circle'
-0.938 -> 0.938 / 0.969 / 0.875 (random neurons: 0.938 / 0.969 / 0.906); the mean log-odds score is 13.7
-(sd 0.9), so the masks move the classifier's confidence more than whether a circle is drawn.
+Regression on 'circle' and every other shape and colour with the shipped config: README, section "The regression
+estimator" (``benchmarks/regression_all.py``). The previous shipped config (classifier log-odds on FF neurons,
+2,000 masks, 15 minutes) reached held-out Spearman 0.730 with the previous weights, 0.249 with 400 masks on
+'square' with the current ones, and its edits did not erase.
 
-    python benchmarks/fidelity.py [--masks 2000] [--heldout 200] [--samples 4] [--steps 10] [--skip-first-order]
+    python benchmarks/fidelity.py [--masks 1600] [--heldout 200] [--samples 4] [--steps 10] [--skip-first-order]
                                   [--skip-regression] [--fo-components ff|conv|...] [--fo-guidance G]
                                   [--fo-clipped-eps on|off]
 """
@@ -86,9 +85,10 @@ def regression(args) -> None:
     meta = json.loads((run / "attribution" / "meta.json").read_text())
     fidelity = json.loads((run / "attribution" / "fidelity.json").read_text())
     fit = meta["fit"]
-    print(f"regression: {meta['layout']['n_components']} neuron components (FF rows), keep-prob {args.keep_prob}, "
+    print(f"regression: {meta['layout']['n_components']} {meta['granularity']} components of "
+          f"{', '.join(meta['components']['patterns'])}, keep-prob {args.keep_prob}, "
           f"{meta['masks']['train']} training masks ({meta['masks']['computed_this_run']} of the "
-          f"{meta['masks']['train'] + meta['masks']['heldout']} masks computed in this run, the rest from the store), {args.samples} prompts x {args.steps} DDIM steps per mask, classifier log-odds of '{args.concept}'")
+          f"{meta['masks']['train'] + meta['masks']['heldout']} masks computed in this run, the rest from the store), {args.samples} prompts x {args.steps} DDIM steps per mask, score {meta['score_kind']} of '{args.concept}'")
     print(f"  held-out ({fidelity['masks']} masks): Spearman {fidelity['spearman']:.3f}  Pearson {fidelity['pearson']:.3f}"
           f"  (target Spearman >= 0.6)")
     print(f"  fit: {fit['method']} ({fit['solver']}), strength {fit['strength']:.3g}, train R2 {fit['train_r2']:.3f}, "
@@ -117,12 +117,12 @@ def main() -> None:
     parser.add_argument("--fo-guidance", type=float, default=None, help="guidance of the trajectories (default: the model's)")
     parser.add_argument("--fo-clipped-eps", choices=["on", "off"], default=None,
                         help="DDIM step re-derives eps from the clipped x0 (default: the model's)")
-    parser.add_argument("--masks", type=int, default=2000)
-    parser.add_argument("--heldout", type=int, default=200)
+    parser.add_argument("--masks", type=int, default=1600)
+    parser.add_argument("--heldout", type=int, default=100)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--keep-prob", type=float, default=0.95)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--root", default=str(ROOT / "runs" / "benchmark-fidelity"))
     parser.add_argument("--skip-first-order", action="store_true")
     parser.add_argument("--skip-regression", action="store_true")

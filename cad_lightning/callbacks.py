@@ -685,13 +685,17 @@ class AttributionWriter(Callback):
             progress=lambda rounds: tqdm(rounds, desc="selective edit rounds", leave=False,
                                          disable=not pl_module.trainer.progress_bar_callback))
 
-    def _text_space(self, pl_module, scores, ratios, initial=None) -> dict[float, dict[str, torch.Tensor]]:
+    @staticmethod
+    def text_space_moment(pl_module) -> torch.Tensor:
+        """C of the text-space collateral: the token embeddings' second moment over the prompts to preserve, the
+        base prompt and the unconditional branch of guidance ("")."""
         datamodule = pl_module.trainer.datamodule
-        # the unconditional branch of guidance ("") is preserved too
         prompts = list(dict.fromkeys([*datamodule.prompts_to_preserve(), datamodule.base_prompt, ""]))
+        return token_second_moment(pl_module.backbone, prompts)
+
+    def _text_space(self, pl_module, scores, ratios, initial=None) -> dict[float, dict[str, torch.Tensor]]:
         return text_space_selection(
-            scores, self.sensitivity, {n: self._original[n] for n in scores},
-            token_second_moment(pl_module.backbone, prompts), ratios,
+            scores, self.sensitivity, {n: self._original[n] for n in scores}, self.text_space_moment(pl_module), ratios,
             step=self.selective_step or TEXT_SPACE_STEP, offset=self.collateral_offset, mode=self.mode,
             scope=self.scope, row_moments=self.row_moments, initial=initial)
 

@@ -10,7 +10,8 @@
 
 Artifacts (run directory ``trainer.log_dir``, every file written atomically):
 ``attribution/scores.safetensors`` — per-weight α keyed by parameter name, fp32, each of its parameter's shape:
-a component's coefficient spread evenly over its weights, so Σ α over a component's weights is its coefficient
+a component's coefficient spread over its weights (evenly, or for key/value rows by each weight's share of the
+row's change on the concept's tokens: ``spread``), so Σ α over a component's weights is its coefficient
 (the effect on the score of keeping it, i.e. the drop when it is ablated: positive = the component carries the
 concept, the sign of the first-order scores); ``attribution/component_scores.safetensors`` — the coefficients
 per component (``coefficients``, (n_components,)); ``attribution/meta.json`` — estimator, intercept, strength,
@@ -35,7 +36,8 @@ from cad_lightning.attribution.fidelity import first_order_fidelity, write_fidel
 from cad_lightning.attribution.linear_fit import METHODS, fit_linear
 from cad_lightning.callbacks import AttributionWriter, file_sha256, markdown_report
 from cad_lightning.utils import write_json, write_text
-from cad_lightning.editing.select import count_ablated, select_components
+from cad_lightning.editing.select import count_ablated, random_like, select_components
+from cad_lightning.editing.text_space import concept_difference, reads_text_only, spread_over_text, uniform_sensitivity
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_path
 
@@ -49,11 +51,19 @@ class RegressionWriter(Callback):
         folds: folds of LassoCV and of the streaming ridge solver.
         dense_limit: the largest mask matrix (masks × components entries) fitted densely; beyond it ridge runs
             on streaming normal equations.
-        ratios: if given, the edits of the fitted α: for each ratio, the components with the largest
-            coefficient per weight (erase; the most negative for amplify) are ablated until that fraction of the
-            component weights is reached (global ranking; whole components except the last one), written as
-            ``edits/regression-<mode>-<ratio>`` beside a random control with the same counts, evaluated with
+        ratios: if given, the edits of the fitted α, one per ratio (that fraction of the component weights), written
+            as ``edits/regression-<mode>-<ratio>`` beside a random control with the same counts, evaluated with
             the model's concept classifier and reported in ``report.json`` / ``report.md`` / ``tradeoff.png``.
+        spread: how a component's coefficient becomes per-weight scores: ``even`` (the same share for each of
+            its weights) or ``text`` (rows of cross-attention keys/values only: each weight's share of the row's
+            change on the concept's tokens, ``editing.text_space.spread_over_text``); ``auto``: ``text`` where
+            every component is such a row, else ``even``.
+        selection: ``top`` (the components with the largest coefficient per weight, global ranking, whole
+            components but the last; the most negative for amplify) or ``selective`` (``text`` spread only: the
+            text-space rounds of the first-order ``selective`` edits, each weight charged the exact change it
+            makes to the keys and values of the prompts to preserve, every row weighed the same); ``auto``:
+            ``selective`` with the ``text`` spread, else ``top``.
+        collateral_offset: as in :class:`AttributionWriter`, for the ``selective`` selection.
         min_spearman: the held-out Spearman correlation below which the fit is reported as too poor to trust
             (a warning with the held-out numbers and ``"trusted": false`` in ``fidelity.json``).
         random_control / save_unet / evaluate / eval_target_images / eval_retain_images / floor_images /
@@ -64,15 +74,24 @@ class RegressionWriter(Callback):
                  dense_limit: int = 50_000_000, ratios: list[float] | None = None, random_control: bool = True,
                  save_unet: bool = True, evaluate: bool = True, eval_target_images: int = 32,
                  eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96,
-                 min_spearman: float = 0.6) -> None:
+                 min_spearman: float = 0.6, spread: str = "auto", selection: str = "auto",
+                 collateral_offset: float = 0.03) -> None:
         super().__init__()
+        for field, value, accepted in (("spread", spread, ("auto", "even", "text")),
+                                       ("selection", selection, ("auto", "top", "selective"))):
+            if value not in accepted:
+                raise UserInputError(f"RegressionWriter {field} must be one of {', '.join(accepted)}, got '{value}'.")
+        if selection == "selective" and spread == "even":
+            raise UserInputError("RegressionWriter selection 'selective' charges each weight its own collateral and "
+                                 "needs per-weight scores: use spread text (or auto).")
+        self.spread, self.selection = spread, selection
         if not -1 <= min_spearman <= 1:
             raise UserInputError(f"RegressionWriter min_spearman must be in [-1, 1], got {min_spearman}.")
         self.min_spearman = min_spearman
         self.random_control = random_control
         # the edits reuse the first-order writer's selection, artifacts and evaluation
         self.editor = None if ratios is None else AttributionWriter(
-            ratios=ratios, scope="global", selections=["cad"],
+            ratios=ratios, scope="global", selections=["cad"], collateral_offset=collateral_offset,
             save_unet=save_unet, evaluate=evaluate, eval_target_images=eval_target_images,
             eval_retain_images=eval_retain_images, floor_images=floor_images, eval_batch_size=eval_batch_size)
         if method not in METHODS:
@@ -89,9 +108,20 @@ class RegressionWriter(Callback):
         if stage == "fit" and getattr(pl_module, "estimator", None) != "regression":
             raise UserInputError("RegressionWriter needs model.class_path cad_lightning.attribution.regression.RegressionCADModule.")
         self._start = time.perf_counter()
+        text_rows = pl_module.layout.granularity == "neuron" and all(reads_text_only(n) for n in pl_module.component_names)
+        if self.spread == "text" and not text_rows:
+            raise UserInputError("RegressionWriter spread 'text' needs neuron components of the cross-attention keys and "
+                                 "values only (model.components [cross_attn_kv], model.granularity neuron).")
+        self._spread = ("text" if text_rows else "even") if self.spread == "auto" else self.spread
+        self._selection = ("selective" if self._spread == "text" else "top") if self.selection == "auto" else self.selection
+        if self._selection == "selective" and self._spread != "text":
+            raise UserInputError("RegressionWriter selection 'selective' needs the text spread (cross-attention key/value "
+                                 "neurons); use selection top.")
         if self.editor is not None:
             self.editor.mode = "erase" if pl_module.hparams.objective == "erase" else "amplify"
             self.editor._start = self._start
+            if self._selection == "selective":
+                self.editor.selections, self.editor.scope = ["selective"], "matrix"
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.editor is not None:
@@ -114,13 +144,15 @@ class RegressionWriter(Callback):
         attribution = run_dir / "attribution"
         concept = pl_module.concepts[0]
         per_weight = layout.to_parameter_scores(torch.from_numpy(fit.coef))
+        if self._spread == "text":
+            per_weight = self._text_spread(pl_module, datamodule, fit.coef)
         with atomic_path(attribution / "scores.safetensors") as tmp:
             save_file(per_weight, str(tmp), metadata={"concept": concept})
         with atomic_path(attribution / "component_scores.safetensors") as tmp:
             save_file({"coefficients": torch.from_numpy(fit.coef).float().contiguous()}, str(tmp),
                       metadata={"concept": concept, "granularity": layout.granularity})
         record = {"estimator": "regression", "score": pl_module.hparams.score, "granularity": layout.granularity,
-                  "keep_prob": datamodule.keep_prob}
+                  "keep_prob": datamodule.keep_prob}  # fidelity of the components' coefficients (any spread)
         if heldout_ids:
             held = [scores[i] for i in heldout_ids]
             predicted = fit.predict(pl_module.masks(heldout_ids).numpy())
@@ -145,14 +177,23 @@ class RegressionWriter(Callback):
     def _edit(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:
         editor, datamodule = self.editor, trainer.datamodule
         editor.scores = {pl_module.concepts[0]: scores}
+        if self._selection == "selective":  # no gradient passes: every row's change weighs the same
+            editor.sensitivity = uniform_sensitivity({n: editor._original[n] for n in scores},
+                                                     editor.text_space_moment(pl_module))
+            editor.row_moments = None
         edits = editor._build_edits(pl_module)
-        editor._add_random(edits)
-        if self.random_control:  # random whole components (the first-order control shuffles within rows)
-            edits["random"] = self._random_components(pl_module.layout, edits["cad"], editor.ratios)
-        edits = {("regression" if k == "cad" else k): v for k, v in edits.items()}
+        chosen = edits.pop("selective" if self._selection == "selective" else "cad")
+        if self.random_control:
+            # the control ablates what the edit ablates in kind: random weights within the same rows for
+            # per-weight edits (as the first-order control), random whole components for component edits
+            edits["random"] = ({r: random_like(m, torch.Generator().manual_seed(0)) for r, m in chosen.items()}
+                               if self._selection == "selective"
+                               else self._random_components(pl_module.layout, chosen, editor.ratios))
+        edits = {"regression": chosen, **edits}
         report = {
             "concept": pl_module.concepts[0], "estimator": "regression", "objective": pl_module.hparams.objective,
             "mode": editor.mode, "scope": editor.scope, "granularity": pl_module.layout.granularity,
+            "spread": self._spread, "selection": self._selection,
             "base_prompt": datamodule.base_prompt, "base_word": datamodule.base_word, "ratios": editor.ratios,
             "edits": editor._write_edits(run_dir, pl_module, edits),
         }
@@ -162,6 +203,18 @@ class RegressionWriter(Callback):
         report["wall_time_s"] = time.perf_counter() - self._start
         write_json(run_dir / "report.json", report)
         write_text(run_dir / "report.md", markdown_report(report))
+
+    @staticmethod
+    def _text_spread(pl_module, datamodule, coefficients) -> dict[str, torch.Tensor]:
+        """Per-weight scores: each K/V row's coefficient over its weights by their share of the row's change on
+        the concept's tokens (the prompts every mask was scored on, against their base prompts)."""
+        layout = pl_module.layout
+        items = datamodule.evaluation_items()
+        difference = concept_difference(pl_module.backbone, [i["prompt"] for i in items],
+                                        [i["base_prompt"] for i in items])
+        params = dict(pl_module.backbone.denoiser.named_parameters())
+        rows = {b.name: torch.from_numpy(coefficients[b.offset : b.offset + b.size]) for b in layout.blocks}
+        return spread_over_text(rows, {n: params[n] for n in rows}, difference)
 
     @staticmethod
     def _random_components(layout, reference: dict, ratios: list[float]) -> dict:
@@ -196,6 +249,7 @@ class RegressionWriter(Callback):
             "components": {"patterns": pl_module.space.patterns, "parameters": pl_module.component_names,
                            "weights": sum(int(np.prod(b.shape)) for b in pl_module.layout.blocks)},
             "granularity": h.granularity,
+            "spread": self._spread,
             "layout": pl_module.layout.describe(),
             "masks": {"train": len(y), "heldout": len(datamodule.heldout_ids()), "keep_prob": datamodule.keep_prob,
                       "mask_seed": datamodule.mask_seed, "computed_this_run": int(pl_module.computed),

@@ -210,3 +210,71 @@ def test_a_fit_below_the_trusted_correlation_is_flagged(tmp_path, min_spearman, 
     assert len(flagged) == (0 if trusted else 1)
     if not trusted:
         assert f"Spearman {fidelity['spearman']:.3f}" in str(flagged[0].message)
+
+
+def test_concept_shares_follow_the_concept_tokens_and_add_up_to_the_row():
+    from cad_lightning.editing.text_space import concept_shares, spread_over_text, uniform_sensitivity
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    difference = torch.zeros(3, 5, dtype=torch.float64)
+    difference[:, 2] = torch.tensor([1.0, -2.0, 0.5])  # the concept changes one input dimension only
+    shares = concept_shares(weight, difference)
+    assert torch.allclose(shares[:, 2], torch.ones(6, dtype=torch.float64)) and shares[:, [0, 1, 3, 4]].abs().max() < 1e-12
+    difference = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    shares = concept_shares(weight, difference)
+    assert torch.allclose(shares.sum(1), torch.ones(6, dtype=torch.float64)) and (shares < 0).any()
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    coefficients = torch.randn(6, generator=generator, dtype=torch.float64)
+    spread = spread_over_text({name: coefficients}, {name: weight}, difference)[name]
+    assert torch.allclose(spread.double().sum(1), coefficients, atol=1e-5)
+    second_moment = difference.T @ difference
+    s = uniform_sensitivity({name: weight}, second_moment)[name].double()
+    assert torch.allclose(s.sum(1) / (weight**2 * second_moment.diagonal()).sum(1), torch.ones(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not a cross-attention key or value"):
+        spread_over_text({"mid_block.ff.weight": coefficients}, {"mid_block.ff.weight": weight}, difference)
+
+
+def test_selective_regression_edits_of_key_value_neurons(tmp_path):
+    module = RegressionCADModule(objective="erase", num_inference_steps=3, components=["cross_attn_kv"],
+                                 granularity="neuron")
+    data = MaskDataModule(concept="circle", base_word="auto", samples=1, masks=24, heldout_masks=4, batch_size=8)
+    writer = RegressionWriter(strengths=[0.1, 1.0], ratios=[0.3], eval_target_images=4, eval_retain_images=3,
+                              floor_images=4, eval_batch_size=16, min_spearman=-1)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[writer])
+    trainer.fit(module, datamodule=data)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["spread"] == "text" and report["selection"] == "selective" and report["scope"] == "matrix"
+    assert module.hparams.score == "presence"
+    # per-weight scores: each row's coefficient over its weights, unevenly
+    scores = load_file(tmp_path / "attribution" / "scores.safetensors")
+    coefficients = load_file(tmp_path / "attribution" / "component_scores.safetensors")["coefficients"].double()
+    rows = torch.cat([scores[b.name].double().sum(1) for b in module.layout.blocks])
+    assert torch.allclose(rows, coefficients, rtol=1e-4, atol=1e-6 * float(coefficients.abs().max()))
+    assert any(float(scores[n].std(1).max()) > 0 for n in scores)
+    edit = load_masks(tmp_path / "edits" / "regression-erase-0.3.safetensors")
+    total = sum(m.numel() for m in edit.values())
+    assert count_ablated(edit) == round(0.3 * total)
+    partly = sum(int(((~m).any(1) & m.any(1)).sum()) for m in edit.values())
+    assert partly > 0  # single weights, not whole rows
+    control = load_masks(tmp_path / "edits" / "random-erase-0.3.safetensors")
+    assert all(torch.equal((~control[n]).sum(1), (~edit[n]).sum(1)) for n in edit)  # same count in every row
+    assert [r["selection"] for r in report["results"]] == ["regression", "random"]
+
+
+def test_the_text_spread_and_the_selective_selection_need_key_value_neurons(tmp_path):
+    from cad_lightning.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="needs per-weight scores"):
+        RegressionWriter(spread="even", selection="selective")
+    with pytest.raises(UserInputError, match="spread must be one of"):
+        RegressionWriter(spread="rows")
+    module = RegressionCADModule(num_inference_steps=2, granularity="neuron")  # FF rows
+    data = MaskDataModule(concept="circle", samples=1, masks=4, heldout_masks=0, batch_size=4)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[RegressionWriter(spread="text")], default_root_dir=tmp_path)
+    with pytest.raises(UserInputError, match="spread 'text' needs neuron components of the cross-attention"):
+        trainer.fit(module, datamodule=data)

@@ -72,6 +72,57 @@ def token_second_moment(backbone, prompts: Sequence[str]) -> torch.Tensor:
     return flat.T @ flat / len(prompts)
 
 
+@torch.no_grad()
+def concept_difference(backbone, prompts: Sequence[str], base_prompts: Sequence[str]) -> torch.Tensor:
+    """Δ (positions × D, float64 on the CPU): the token embeddings of the concept's prompts minus those of their
+    base prompts ('a red circle' − 'a red shape'), position by position, every prompt's positions stacked: what
+    a cross-attention key or value row reads differently when the concept is named."""
+    if len(prompts) == 0 or len(prompts) != len(base_prompts):
+        raise ValueError(f"concept_difference needs prompts and as many base prompts, got {len(prompts)} and {len(base_prompts)}.")
+    difference = backbone.encode(list(prompts)).double().cpu() - backbone.encode(list(base_prompts)).double().cpu()
+    return difference.reshape(-1, difference.shape[-1])
+
+
+def concept_shares(weight: torch.Tensor, difference: torch.Tensor) -> torch.Tensor:
+    """Each weight's share of its row's concept output (rows × D, float64; every row sums to 1).
+
+    Row ``i`` of a key or value matrix changes its outputs on the concept's tokens by ``v_i = Δ W_iᵀ`` (one value
+    per position); weight ``j`` contributes ``W_ij Δ_·j`` of it, which is ``⟨W_ij Δ_·j, v_i⟩ / ‖v_i‖²`` of the
+    row's change along ``v_i`` (exact: the shares of a row add up to 1; a weight pulling against the row's change
+    gets a negative share). A row whose output does not change with the concept (``v_i = 0``) spreads evenly."""
+    w = weight.detach().double().cpu()
+    delta = difference.double().cpu()
+    change = delta @ w.T  # positions × rows: v
+    norm = change.pow(2).sum(0)  # rows
+    shares = w * (delta.T @ change).T / norm.clamp(min=1e-300)[:, None]
+    flat = norm <= 1e-30 * max(float(norm.max()), 1e-300)
+    shares[flat] = 1.0 / w.shape[1]
+    return shares
+
+
+def spread_over_text(row_coefficients: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+                     difference: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-weight scores (fp32, each weight's shape) from one coefficient per row of key/value matrices: row
+    ``i``'s coefficient times each weight's :func:`concept_shares` (Σ over a row stays its coefficient), so a row's
+    credit goes to the weights that carry the concept's tokens into it, not evenly to all of them."""
+    out = {}
+    for name, coefficients in row_coefficients.items():
+        if not reads_text_only(name):
+            raise ValueError(f"spread_over_text: {name!r} is not a cross-attention key or value weight.")
+        shares = concept_shares(weights[name], difference)
+        out[name] = (coefficients.detach().double().cpu().reshape(-1, 1) * shares).float().contiguous()
+    return out
+
+
+def uniform_sensitivity(weights: Mapping[str, torch.Tensor], second_moment: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An output sensitivity for :func:`text_space_selection` that weighs every row's change the same
+    (``h_i = 1``): ``W_ij² C_jj``. For scores that come without the gradient passes that measure how much
+    each row's change moves the model's output (the regression estimator): the collateral is then the exact
+    change of the keys and values over the prompts to preserve, rows unweighted."""
+    diagonal = second_moment.double().cpu().diagonal()
+    return {n: (w.detach().double().cpu() ** 2 * diagonal[None, :]).float() for n, w in weights.items()}
+
+
 def coupling(h: torch.Tensor, moments: torch.Tensor | None, shrink: float) -> torch.Tensor:
     """H (rows × rows): ``diag(h)`` without row moments; else ``√h_i ρ_ii' √h_i'`` with ρ the correlation of the
     moments shrunk towards the identity, ``(1 − shrink) ρ + shrink I`` (its diagonal stays h)."""
