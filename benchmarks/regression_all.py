@@ -4,7 +4,9 @@ For each concept it runs ``cad fit --config configs/attribute_regression.yaml --
 changed) and reads the run's artifacts: held-out Spearman and Pearson of the fit (``attribution/fidelity.json``),
 the masks and the wall time (``meta.json``, ``report.json``), and for each edit of the fitted coefficients the
 target's accuracy after it, the worst retained concept relative to unedited and the retained images' SSIM, each
-beside the random control of equal count. With ``--first-order DIR`` (the ``--out`` of
+beside the random control of equal count, and the smallest edit that meets the selective goal (read exactly as
+for first-order edits: target <= floor + 0.05, retained concepts and the other words of the target prompts
+>= 0.90 of unedited, retained SSIM no lower than the control's). With ``--first-order DIR`` (the ``--out`` of
 ``benchmarks/erase_all.py``, the first-order default config) it adds the first-order default's chosen edit for
 the same concept: its count, target after, SSIM and whether it meets the selective goal.
 
@@ -47,7 +49,9 @@ def row_for(concept: str, run_dir: Path, first_order: Path | None) -> dict:
            "floor": report["floor"][concept], "unedited": report["before"][concept],
            "edits": [{"ratio": ratio, "ablated": e["regression"]["ablated"], "target": e["regression"]["target"],
                       "random_target": e["random"]["target"], "worst_retained": e["regression"]["retained_min_relative"],
-                      "ssim": e["regression"]["retained_ssim"], "random_ssim": e["random"]["retained_ssim"]}
+                      "ssim": e["regression"]["retained_ssim"], "random_ssim": e["random"]["retained_ssim"],
+                      "other_words": e["regression"].get("other_words_relative"),
+                      "goal": bool(e["regression"].get("selective"))}
                      for ratio, e in sorted(edits.items())]}
     if first_order is not None and (first_order / concept / "lightning_logs").is_dir():
         chosen, control = choose(json.loads((latest(first_order / concept) / "report.json").read_text()))
@@ -60,21 +64,28 @@ def row_for(concept: str, run_dir: Path, first_order: Path | None) -> dict:
 def table(rows: list[dict]) -> str:
     ratios = [e["ratio"] for e in rows[0]["edits"]]
     head = ["concept", "held-out Spearman (Pearson)", "masks", "minutes (fit / with edits)", "floor"]
-    head += [f"regression {r:g}: target (random) · SSIM (random)" for r in ratios] + ["first-order default: edit, target · SSIM (random), goal"]
+    head += [f"regression {r:g}: target (random) · SSIM (random)" for r in ratios]
+    head += ["regression: smallest edit meeting the goal", "first-order default: edit, target · SSIM (random), goal"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["concept"], f"{row['spearman']:.3f} ({row['pearson']:.3f})" + ("" if row["trusted"] is not False else " untrusted"),
                  str(row["masks"]), f"{row['fit_minutes']:.1f} / {row['minutes']:.1f}", f"{row['floor']:.3f}"]
         cells += [f"{e['target']:.3f} ({e['random_target']:.3f}) · {e['ssim']:.3f} ({e['random_ssim']:.3f})" for e in row["edits"]]
+        met = [e for e in row["edits"] if e["goal"]]
+        cells.append(f"{met[0]['ratio']:g} ({met[0]['ablated']})" if met else "none")
         fo = row.get("first_order")
         cells.append("n/a" if fo is None else f"{fo['selection']} {fo['ratio']:g}: {fo['target']:.3f} · {fo['ssim']:.3f} "
                      f"({fmt(fo['random_ssim'])}), {'met' if fo['goal'] else 'missed'}")
         lines.append("| " + " | ".join(cells) + " |")
     spearman = [r["spearman"] for r in rows]
     lines.append("")
+    met = sum(any(e["goal"] for e in r["edits"]) for r in rows)
+    first_order = [r for r in rows if "first_order" in r]
     lines.append(f"held-out Spearman: min {min(spearman):.3f}, mean {sum(spearman) / len(spearman):.3f}; "
                  f"{sum(s >= 0.6 for s in spearman)} of {len(rows)} concepts at 0.6 or more; "
-                 f"fit minutes: max {max(r['fit_minutes'] for r in rows):.1f}")
+                 f"fit minutes: max {max(r['fit_minutes'] for r in rows):.1f}; regression edits meeting the goal: "
+                 f"{met} of {len(rows)} concepts" + (f"; first-order default: {sum(r['first_order']['goal'] for r in first_order)} "
+                                                     f"of {len(first_order)}" if first_order else ""))
     return "\n".join(lines)
 
 
