@@ -8,7 +8,8 @@ beside the random control of equal count, and the smallest edit that meets the s
 for first-order edits: target <= floor + 0.05, retained concepts and the other words of the target prompts
 >= 0.90 of unedited, retained SSIM no lower than the control's). With ``--first-order DIR`` (the ``--out`` of
 ``benchmarks/erase_all.py``, the first-order default config) it adds the first-order default's chosen edit for
-the same concept: its count, target after, SSIM and whether it meets the selective goal.
+the same concept: its count, target after, SSIM and whether it meets the selective goal. Below the table: the
+held-out Spearman of fits on the first 100–800 of the run's masks (their stored scores, no model call).
 
     python benchmarks/regression_all.py [--concepts square,red] [--out runs/regression_all]
                                         [--first-order runs/erase_all] [--reuse] [-- extra cad arguments]
@@ -36,6 +37,25 @@ def latest(root: Path) -> Path:
     return sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
 
 
+def masks_curve(meta: dict, sizes=(100, 200, 400, 800)) -> dict[int, float]:
+    """Held-out Spearman of fits on the first n training masks of the run (their stored scores; no model call)."""
+    from cad_lightning.attribution.fidelity import correlations
+    from cad_lightning.attribution.linear_fit import fit_linear
+    from cad_lightning.attribution.masks import sample_masks
+    from cad_lightning.attribution.store import MaskScoreStore
+    from cad_lightning.data.mask_datamodule import HELDOUT_BASE
+
+    masks = meta["masks"]
+    scores = MaskScoreStore(masks["store"], {}).load()
+    rows = lambda ids: sample_masks(meta["layout"]["n_components"], ids, masks["keep_prob"], masks["mask_seed"])  # noqa: E731
+    held = [HELDOUT_BASE + k for k in range(masks["heldout"])]
+    out = {}
+    for n in (n for n in sizes if n < masks["train"]):
+        fit = fit_linear(rows, list(range(n)), [scores[i] for i in range(n)])
+        out[n] = correlations(fit.predict(rows(held).numpy()), [scores[i] for i in held])["spearman"]
+    return out
+
+
 def row_for(concept: str, run_dir: Path, first_order: Path | None) -> dict:
     fidelity = json.loads((run_dir / "attribution" / "fidelity.json").read_text())
     meta = json.loads((run_dir / "attribution" / "meta.json").read_text())
@@ -45,6 +65,7 @@ def row_for(concept: str, run_dir: Path, first_order: Path | None) -> dict:
         edits.setdefault(r["ratio"], {})[r["selection"]] = r
     row = {"concept": concept, "spearman": fidelity["spearman"], "pearson": fidelity["pearson"],
            "trusted": fidelity.get("trusted"), "masks": meta["masks"]["train"], "heldout": fidelity["masks"],
+           "spearman_with_fewer_masks": masks_curve(meta),
            "fit_minutes": meta["wall_time_s"] / 60, "minutes": report["wall_time_s"] / 60,
            "floor": report["floor"][concept], "unedited": report["before"][concept],
            "edits": [{"ratio": ratio, "ablated": e["regression"]["ablated"], "target": e["regression"]["target"],
@@ -81,6 +102,9 @@ def table(rows: list[dict]) -> str:
     lines.append("")
     met = sum(any(e["goal"] for e in r["edits"]) for r in rows)
     first_order = [r for r in rows if "first_order" in r]
+    for n in rows[0]["spearman_with_fewer_masks"]:
+        fewer = [r["spearman_with_fewer_masks"][n] for r in rows]
+        lines.append(f"fit on the first {n} masks: held-out Spearman {min(fewer):.3f}–{max(fewer):.3f}")
     lines.append(f"held-out Spearman: min {min(spearman):.3f}, mean {sum(spearman) / len(spearman):.3f}; "
                  f"{sum(s >= 0.6 for s in spearman)} of {len(rows)} concepts at 0.6 or more; "
                  f"fit minutes: max {max(r['fit_minutes'] for r in rows):.1f}; regression edits meeting the goal: "
