@@ -72,4 +72,5 @@ class MaskDataModule(AttributionDataModule):
                 for k, i in enumerate(ids)]
 
     def all_prompts(self) -> list[str]:
-        return [i["prompt"] for i in self.evaluation_items()] + [self.base_prompt]
+        items = self.evaluation_items()
+        return [i["prompt"] for i in items] + [i["base_prompt"] for i in items] + [self.base_prompt]
