@@ -20,7 +20,7 @@ import torch
 
 from cad_lightning import load_backbone
 from cad_lightning.attribution.components import ComponentSpace
-from cad_lightning.attribution.module import accumulate_first_order
+from cad_lightning.attribution.scoring import accumulate_first_order
 from cad_lightning.attribution.objectives import EraseObjective
 
 ROOT = Path(__file__).resolve().parent.parent

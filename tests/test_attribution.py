@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from cad_lightning import apply_edit, load_backbone
 from cad_lightning.attribution.components import ComponentSpace
 from cad_lightning.attribution.localisation import localisation
-from cad_lightning.attribution.module import accumulate_first_order
+from cad_lightning.attribution.scoring import accumulate_first_order
 from cad_lightning.attribution.scoring import first_order_scores
 from cad_lightning.attribution.objectives import EraseObjective
 from cad_lightning.editing import load_masks, select_components

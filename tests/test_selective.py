@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import SHIPPED_MODEL
 
-from cad_lightning.attribution.module import accumulate_first_order
+from cad_lightning.attribution.scoring import accumulate_first_order
 from cad_lightning.attribution.objectives import EraseObjective
 from cad_lightning.attribution.sensitivity import accumulate_sensitivity
 from cad_lightning.backbones.backbone import Trajectory

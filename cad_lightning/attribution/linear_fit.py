@@ -65,7 +65,9 @@ def fit_linear(
     if len(ids) * n_components <= dense_limit:
         x = np.concatenate([rows(ids[i : i + chunk]).numpy().astype(np.float64) for i in range(0, len(ids), chunk)])
         fit = _fit_dense(x, y, method, strengths, folds)
-        fit.train_r2 = _r2(y, fit.predict(x))
+        from sklearn.metrics import r2_score
+
+        fit.train_r2 = float(r2_score(y, fit.predict(x))) if float(y.std()) > 0 else float("nan")
     else:
         if method != "ridge":
             raise UserInputError(
@@ -80,11 +82,6 @@ def fit_linear(
         fit = _fit_streaming(rows, ids, y, strengths, folds, chunk)
     fit.fit_time_s = time.perf_counter() - start
     return fit
-
-
-def _r2(y: np.ndarray, predicted: np.ndarray) -> float:
-    total = float(((y - y.mean()) ** 2).sum())
-    return 1.0 - float(((y - predicted) ** 2).sum()) / total if total > 0 else float("nan")
 
 
 def _fit_dense(x: np.ndarray, y: np.ndarray, method: str, strengths: Sequence[float], folds: int) -> LinearFit:

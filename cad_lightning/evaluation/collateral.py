@@ -12,7 +12,7 @@ An edit is read against the unedited model on the same prompts, seeds and sample
   kind (e.g. the shape) is drawn as instead.
 
 Same-seed image comparisons under ancestral sampling (eta > 0) diverge for any edit, random ones included, so
-these numbers are meant to be read against a random control of equal count (see DESIGN notes in the README).
+these numbers are meant to be read against a random control of equal count (docs/design-notes.md).
 """
 
 from __future__ import annotations
