@@ -13,7 +13,8 @@
 Measured on 2 CPU cores (shipped weights, 8 runs x 25 steps, 64 masks per density, default sampler: guidance
 3.0, eta 1, eps from the clipped x0), first order, Spearman at 0.1% / 0.5% / 2%: FF weights 0.755 / 0.453 /
 -0.018 (Pearson 0.761 / 0.426 / -0.019); conv weights (``--fo-components conv``) 0.513 / 0.516 / 0.341; about
-3 minutes each. The previous weights gave 0.801 / 0.476 / -0.361 on FF at eta 0, and 0.968 / 0.877 / 0.491 with
+3 minutes each; cross-attention K/V weights (``--fo-components cross_attn_kv``, the default job's) 0.986 / 0.974 /
+0.937 (Pearson 0.994 / 0.985 / 0.942) in 73 s. The previous weights gave 0.801 / 0.476 / -0.361 on FF at eta 0, and 0.968 / 0.877 / 0.491 with
 their previous sampler (``--fo-guidance 2 --fo-clipped-eps off``).
 Regression on 'circle' and every other shape and colour with the shipped config: README, section "The regression
 estimator" (``benchmarks/regression_all.py``). The previous shipped config (classifier log-odds on FF neurons,

@@ -70,7 +70,9 @@ def row_for(concept: str, run_dir: Path, first_order: Path | None) -> dict:
            "floor": report["floor"][concept], "unedited": report["before"][concept],
            "edits": [{"ratio": ratio, "ablated": e["regression"]["ablated"], "target": e["regression"]["target"],
                       "random_target": e["random"]["target"], "worst_retained": e["regression"]["retained_min_relative"],
-                      "ssim": e["regression"]["retained_ssim"], "random_ssim": e["random"]["retained_ssim"],
+                      "ssim": e["regression"]["retained_ssim"],
+                      # what the goal reads: the mean SSIM of the control's draws (one draw: the control's own)
+                      "random_ssim": e["regression"].get("random_retained_ssim") or e["random"]["retained_ssim"],
                       "other_words": e["regression"].get("other_words_relative"),
                       "goal": bool(e["regression"].get("selective"))}
                      for ratio, e in sorted(edits.items())]}

@@ -121,7 +121,8 @@ def main() -> None:
     for dtype in dtypes:
         # the same states for every precision: only the mask passes change (states sampled in half precision
         # differ from fp32's, and on a model with random weights they differ entirely)
-        backbone.denoiser.to(DTYPES[dtype])
+        if backbone.denoiser.dtype != DTYPES[dtype]:
+            backbone.denoiser.to(DTYPES[dtype])
         cast = {"x_t": presence.x_t.to(DTYPES[dtype]), "text": presence.text.to(DTYPES[dtype])}
         presence_dt, frozen_dt = replace(presence, **cast), replace(frozen, **cast)
         for chunk in chunks:

@@ -3,8 +3,9 @@
 - :class:`RegressionWriter`: at the end of ``fit``, gathers the mask scores of all ranks, fits the linear
   model (scikit-learn ridge or lasso with cross-validated strength; streaming normal equations when the mask
   matrix is too big to hold), writes α in the format of the first-order scores, the meta data and the
-  fidelity on the held-out masks; with ``ratios``, also the edits of the fitted α (top components ablated,
-  a random control), their evaluation and the report, as the first-order writer does.
+  fidelity on the held-out masks; with ``ratios``, also the edits of the fitted α (the text-space rounds of
+  the selective edits, rows weighed by their measured ablations, or the top components), random controls,
+  their evaluation and the report, as the first-order writer does.
 - :class:`FirstOrderFidelity`: beside an :class:`AttributionWriter`, measures how well its first-order
   scores predict the effect of random per-weight ablations.
 
@@ -36,8 +37,10 @@ from cad_lightning.attribution.fidelity import first_order_fidelity, write_fidel
 from cad_lightning.attribution.linear_fit import METHODS, fit_linear
 from cad_lightning.callbacks import AttributionWriter, file_sha256, markdown_report
 from cad_lightning.utils import write_json, write_text
-from cad_lightning.editing.select import count_ablated, random_like, select_components
-from cad_lightning.editing.text_space import concept_difference, reads_text_only, spread_over_text, uniform_sensitivity
+from cad_lightning.editing.select import count_ablated, select_components
+from cad_lightning.attribution.mask_scores import ablation_damage
+from cad_lightning.editing.text_space import (concept_difference, measured_sensitivity, reads_text_only, spread_over_text,
+                                             uniform_sensitivity)
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_path
 
@@ -61,11 +64,19 @@ class RegressionWriter(Callback):
         selection: ``top`` (the components with the largest coefficient per weight, global ranking, whole
             components but the last; the most negative for amplify) or ``selective`` (``text`` spread only: the
             text-space rounds of the first-order ``selective`` edits, each weight charged the exact change it
-            makes to the keys and values of the prompts to preserve, every row weighed the same); ``auto``:
-            ``selective`` with the ``text`` spread, else ``top``.
+            makes to the keys and values of the prompts to preserve, each row weighed by ``row_weights``);
+            ``auto``: ``selective`` with the ``text`` spread, else ``top``.
+        row_weights: how the ``selective`` rounds weigh a row's change in text space against another's:
+            ``ablation`` (each row ablated alone on the unmasked model's runs of ``damage_prompts`` prompts to
+            preserve and of the empty prompt: how far it moves their predictions, per unit of its change in text
+            space; one UNet pass per state and row, no gradient) or ``uniform`` (every row the same).
+        damage_prompts: prompts to preserve that ``row_weights ablation`` samples (besides the empty prompt).
         collateral_offset: as in :class:`AttributionWriter`, for the ``selective`` selection.
         min_spearman: the held-out Spearman correlation below which the fit is reported as too poor to trust
             (a warning with the held-out numbers and ``"trusted": false`` in ``fidelity.json``).
+        random_draws: random controls evaluated per ratio for ``selective`` edits (draw 0 written as the edit
+            ``random``; the edits are read against the mean SSIM of the draws), as in :class:`AttributionWriter`;
+            ``top`` edits have one control of random whole components.
         random_control / save_unet / evaluate / eval_target_images / eval_retain_images / floor_images /
             eval_batch_size: as in :class:`AttributionWriter`.
     """
@@ -75,8 +86,14 @@ class RegressionWriter(Callback):
                  save_unet: bool = True, evaluate: bool = True, eval_target_images: int = 32,
                  eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96,
                  min_spearman: float = 0.6, spread: str = "auto", selection: str = "auto",
-                 collateral_offset: float = 0.03) -> None:
+                 collateral_offset: float = 0.03, row_weights: str = "ablation", damage_prompts: int = 7,
+                 random_draws: int = 3) -> None:
         super().__init__()
+        if row_weights not in ("ablation", "uniform"):
+            raise UserInputError(f"RegressionWriter row_weights must be ablation or uniform, got '{row_weights}'.")
+        if damage_prompts < 1:
+            raise UserInputError(f"RegressionWriter damage_prompts must be at least 1, got {damage_prompts}.")
+        self.row_weights, self.damage_prompts = row_weights, damage_prompts
         for field, value, accepted in (("spread", spread, ("auto", "even", "text")),
                                        ("selection", selection, ("auto", "top", "selective"))):
             if value not in accepted:
@@ -93,7 +110,8 @@ class RegressionWriter(Callback):
         self.editor = None if ratios is None else AttributionWriter(
             ratios=ratios, scope="global", selections=["cad"], collateral_offset=collateral_offset,
             save_unet=save_unet, evaluate=evaluate, eval_target_images=eval_target_images,
-            eval_retain_images=eval_retain_images, floor_images=floor_images, eval_batch_size=eval_batch_size)
+            eval_retain_images=eval_retain_images, floor_images=floor_images, eval_batch_size=eval_batch_size,
+            random_draws=random_draws)
         if method not in METHODS:
             raise UserInputError(f"RegressionWriter method must be one of {', '.join(METHODS)}, got '{method}'.")
         if strengths is not None and (not strengths or any(not s > 0 for s in strengths)):
@@ -120,8 +138,11 @@ class RegressionWriter(Callback):
         if self.editor is not None:
             self.editor.mode = "erase" if pl_module.hparams.objective == "erase" else "amplify"
             self.editor._start = self._start
-            if self._selection == "selective":
-                self.editor.selections, self.editor.scope = ["selective"], "matrix"
+            if self._selection == "selective":  # the control: random weights in the same rows, as first-order's
+                self.editor.selections = ["selective", "random"] if self.random_control else ["selective"]
+                self.editor.scope = "matrix"
+            else:  # one control of random whole components
+                self.editor.random_draws = 1
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.editor is not None:
@@ -177,23 +198,24 @@ class RegressionWriter(Callback):
     def _edit(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:
         editor, datamodule = self.editor, trainer.datamodule
         editor.scores = {pl_module.concepts[0]: scores}
-        if self._selection == "selective":  # no gradient passes: every row's change weighs the same
-            editor.sensitivity = uniform_sensitivity({n: editor._original[n] for n in scores},
-                                                     editor.text_space_moment(pl_module))
+        if self._selection == "selective":  # no gradient passes: rows weighed by their measured ablations, or equally
+            original, moment = {n: editor._original[n] for n in scores}, editor.text_space_moment(pl_module)
+            editor.sensitivity = (measured_sensitivity(original, moment, self._row_damage(pl_module, datamodule))
+                                  if self.row_weights == "ablation" else uniform_sensitivity(original, moment))
             editor.row_moments = None
         edits = editor._build_edits(pl_module)
-        chosen = edits.pop("selective" if self._selection == "selective" else "cad")
-        if self.random_control:
-            # the control ablates what the edit ablates in kind: random weights within the same rows for
-            # per-weight edits (as the first-order control), random whole components for component edits
-            edits["random"] = ({r: random_like(m, torch.Generator().manual_seed(0)) for r, m in chosen.items()}
-                               if self._selection == "selective"
-                               else self._random_components(pl_module.layout, chosen, editor.ratios))
-        edits = {"regression": chosen, **edits}
+        edits = {"regression": edits.pop("selective" if self._selection == "selective" else "cad")}
+        # the control ablates what the edit ablates in kind: random weights within the same rows for per-weight
+        # edits (the first-order writer's control, with its further draws), random whole components else
+        if self._selection == "selective":
+            editor._add_random(edits)
+        elif self.random_control:
+            edits["random"] = self._random_components(pl_module.layout, edits["regression"], editor.ratios)
         report = {
             "concept": pl_module.concepts[0], "estimator": "regression", "objective": pl_module.hparams.objective,
             "mode": editor.mode, "scope": editor.scope, "granularity": pl_module.layout.granularity,
             "spread": self._spread, "selection": self._selection,
+            **({"row_weights": self.row_weights} if self._selection == "selective" else {}),
             "base_prompt": datamodule.base_prompt, "base_word": datamodule.base_word, "ratios": editor.ratios,
             "edits": editor._write_edits(run_dir, pl_module, edits),
         }
@@ -203,6 +225,25 @@ class RegressionWriter(Callback):
         report["wall_time_s"] = time.perf_counter() - self._start
         write_json(run_dir / "report.json", report)
         write_text(run_dir / "report.md", markdown_report(report))
+
+    def _row_damage(self, pl_module, datamodule) -> dict[str, torch.Tensor]:
+        """Per K/V matrix, how far ablating each of its rows alone moves the predictions of the unmasked model's
+        runs of the empty prompt and of ``damage_prompts`` prompts to preserve, evenly spaced in their list."""
+        preserve = [p for p in datamodule.prompts_to_preserve() if p]
+        step = max(1, len(preserve) // self.damage_prompts)
+        prompts = ["", *preserve[::step][: self.damage_prompts]]
+        seeds = [datamodule.seed + k for k in range(len(prompts))]
+        h, backbone, layout = pl_module.hparams, pl_module.backbone, pl_module.layout
+        start = time.perf_counter()
+        run = backbone.trajectory(prompts, seed=seeds, guidance_scale=h.guidance_scale,
+                                  num_inference_steps=h.num_inference_steps)
+        steps, n = run.latents.shape[:2]
+        damage = ablation_damage(backbone, run.latents.reshape(steps * n, *run.latents.shape[2:]),
+                                 run.timesteps.repeat_interleave(n), backbone.encode(prompts).repeat(steps, 1, 1),
+                                 layout, h.chunk_size)
+        rank_zero_info(f"Row weights of the selective edits: {layout.n_components} rows ablated one by one on "
+                       f"{len(prompts)} prompts to preserve x {steps} steps in {time.perf_counter() - start:.0f} s")
+        return {b.name: damage[b.offset : b.offset + b.size] for b in layout.blocks}
 
     @staticmethod
     def _text_spread(pl_module, datamodule, coefficients) -> dict[str, torch.Tensor]:
@@ -245,7 +286,8 @@ class RegressionWriter(Callback):
             "objective": h.objective,
             "score_kind": h.score,
             "score": "alpha: per-component coefficients of a linear model of the concept score on keep-masks (1 = keep), "
-                     "each spread evenly over its component's weights",
+                     + ("each spread over its K/V row's weights by their share of the row's change on the concept's "
+                        "tokens" if self._spread == "text" else "each spread evenly over its component's weights"),
             "components": {"patterns": pl_module.space.patterns, "parameters": pl_module.component_names,
                            "weights": sum(int(np.prod(b.shape)) for b in pl_module.layout.blocks)},
             "granularity": h.granularity,

@@ -17,7 +17,7 @@ from sklearn.linear_model import Ridge
 from cad_lightning.attribution.fidelity import first_order_fidelity
 from cad_lightning.attribution.linear_fit import fit_linear
 from cad_lightning.attribution.masks import sample_masks
-from cad_lightning.attribution.module import accumulate_first_order
+from cad_lightning.attribution.scoring import accumulate_first_order
 from cad_lightning.attribution.objectives import EraseObjective
 from cad_lightning.attribution.regression import RegressionCADModule
 from cad_lightning.data.mask_datamodule import MaskDataModule
@@ -236,18 +236,69 @@ def test_concept_shares_follow_the_concept_tokens_and_add_up_to_the_row():
         spread_over_text({"mid_block.ff.weight": coefficients}, {"mid_block.ff.weight": weight}, difference)
 
 
+def test_concept_difference_aligns_the_tokens_of_a_dropped_word():
+    from conftest import SHIPPED_MODEL
+
+    from cad_lightning import load_backbone
+    from cad_lightning.editing.text_space import concept_difference
+
+    backbone = load_backbone(SHIPPED_MODEL)
+    # a replaced word ('circle' → 'shape'): token by token, as the prompts' embeddings line up
+    same_length = concept_difference(backbone, ["a red striped circle"], ["a red striped shape"])
+    by_position = (backbone.encode(["a red striped circle"]) - backbone.encode(["a red striped shape"]))[0].double()
+    assert torch.allclose(same_length, by_position)
+    # a dropped word ('a red star' against 'a star'): its own embedding, then the words after it against theirs
+    concept, base = backbone.encode(["a red star"])[0].double(), backbone.encode(["a star"])[0].double()
+    dropped = concept_difference(backbone, ["a red star"], ["a star"])
+    assert dropped.shape == concept.shape  # the base's last padding, pushed off by 'red', is left out
+    assert torch.allclose(dropped[2], concept[2])  # 'red': nothing in the base prompt reads there
+    assert torch.allclose(dropped[3:], concept[3:] - base[2:-1])  # 'star' and what follows, against theirs
+    assert float(dropped[:2].abs().max()) == 0.0  # the encoder is causal: the words before it are the same
+    misaligned = (concept - base)[3:]
+    assert float(misaligned.norm(dim=1).max()) > 2 * float(dropped[3:].norm(dim=1).max())
+
+
+def test_ablation_damage_is_each_row_ablated_alone_and_weighs_the_rows():
+    from cad_lightning.attribution.mask_scores import ablation_damage
+    from cad_lightning.attribution.masks import zeroed_weights
+    from cad_lightning.editing.text_space import measured_sensitivity, token_second_moment
+
+    backbone, layout, inputs, _ = _presence_setup(1)
+    damage = ablation_damage(backbone, inputs.x_t, inputs.t, inputs.text, layout, chunk_size=3 * inputs.x_t.shape[0])
+    assert damage.shape == (layout.n_components,) and bool((damage >= 0).all()) and float(damage.max()) > 0
+    with torch.no_grad():
+        reference = backbone.predict_noise(inputs.x_t, inputs.t, inputs.text).double()
+    for i in (0, 77, layout.n_components - 1):
+        keep = torch.ones(layout.n_components, dtype=torch.bool)
+        keep[i] = False
+        with torch.no_grad(), zeroed_weights(backbone.denoiser, layout, keep):
+            moved = float((backbone.predict_noise(inputs.x_t, inputs.t, inputs.text).double() - reference).pow(2).sum())
+        assert float(damage[i]) == pytest.approx(moved, rel=1e-3)
+    # the sensitivity charges a whole row's removal what its ablation measured
+    block = layout.blocks[0]
+    weight = dict(backbone.denoiser.named_parameters())[block.name].detach().double()
+    moment = token_second_moment(backbone, ["a blue square", "a green star", ""])
+    rows = damage[block.offset : block.offset + block.size]
+    s = measured_sensitivity({block.name: weight}, moment, {block.name: rows})[block.name].double()
+    h = s.sum(1) / (weight**2 * moment.diagonal()).sum(1)
+    assert torch.allclose(h * ((weight @ moment) * weight).sum(1), rows, rtol=1e-4)
+    with pytest.raises(ValueError, match="damages for the"):
+        measured_sensitivity({block.name: weight}, moment, {block.name: rows[:-1]})
+
+
 def test_selective_regression_edits_of_key_value_neurons(tmp_path):
     module = RegressionCADModule(objective="erase", num_inference_steps=3, components=["cross_attn_kv"],
                                  granularity="neuron")
     data = MaskDataModule(concept="circle", base_word="auto", samples=1, masks=24, heldout_masks=4, batch_size=8)
     writer = RegressionWriter(strengths=[0.1, 1.0], ratios=[0.3], eval_target_images=4, eval_retain_images=3,
-                              floor_images=4, eval_batch_size=16, min_spearman=-1)
+                              floor_images=4, eval_batch_size=16, min_spearman=-1, damage_prompts=1)
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[writer])
     trainer.fit(module, datamodule=data)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["spread"] == "text" and report["selection"] == "selective" and report["scope"] == "matrix"
+    assert report["row_weights"] == "ablation"
     assert module.hparams.score == "presence"
     # per-weight scores: each row's coefficient over its weights, unevenly
     scores = load_file(tmp_path / "attribution" / "scores.safetensors")
@@ -272,6 +323,8 @@ def test_the_text_spread_and_the_selective_selection_need_key_value_neurons(tmp_
         RegressionWriter(spread="even", selection="selective")
     with pytest.raises(UserInputError, match="spread must be one of"):
         RegressionWriter(spread="rows")
+    with pytest.raises(UserInputError, match="row_weights must be ablation or uniform"):
+        RegressionWriter(row_weights="gradient")
     module = RegressionCADModule(num_inference_steps=2, granularity="neuron")  # FF rows
     data = MaskDataModule(concept="circle", samples=1, masks=4, heldout_masks=0, batch_size=4)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

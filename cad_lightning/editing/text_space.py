@@ -40,6 +40,7 @@ per round; no UNet call.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from typing import Mapping, Sequence
@@ -72,22 +73,49 @@ def token_second_moment(backbone, prompts: Sequence[str]) -> torch.Tensor:
     return flat.T @ flat / len(prompts)
 
 
+def token_ids(backbone, prompts: Sequence[str]) -> list[list[int]]:
+    """The token ids of ``prompts`` as :meth:`DiffusionBackbone.encode` feeds them to the text encoder."""
+    tokenizer = backbone.tokenizer
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.tolist()
+
+
+def aligned_difference(concept: torch.Tensor, base: torch.Tensor, concept_ids: Sequence[int],
+                       base_ids: Sequence[int]) -> torch.Tensor:
+    """The token embeddings of a concept prompt minus those of its base prompt (rows × D), the tokens aligned:
+    tokens of both prompts (the same word, or a word replaced by one as long: 'circle' → 'shape') give their
+    difference, a token only the concept prompt has ('red' in 'a red star' against 'a star') gives its whole
+    embedding (the base prompt has nothing there for a key or value to read), a token only the base prompt
+    has gives minus its embedding; the padding the concept's longer prompt pushes off the end is left out."""
+    matcher = difflib.SequenceMatcher(a=list(concept_ids), b=list(base_ids), autojunk=False)
+    rows = []
+    for op, a0, a1, b0, b1 in matcher.get_opcodes():
+        if op == "equal" or (op == "replace" and a1 - a0 == b1 - b0):
+            rows.append(concept[a0:a1] - base[b0:b1])
+            continue
+        rows.append(concept[a0:a1])
+        if b1 < len(base_ids) or a1 < len(concept_ids):  # not the tail pushed off by the concept's own tokens
+            rows.append(-base[b0:b1])
+    return torch.cat(rows)
+
+
 @torch.no_grad()
 def concept_difference(backbone, prompts: Sequence[str], base_prompts: Sequence[str]) -> torch.Tensor:
-    """Δ (positions × D, float64 on the CPU): the token embeddings of the concept's prompts minus those of their
-    base prompts ('a red circle' − 'a red shape'), position by position, every prompt's positions stacked: what
-    a cross-attention key or value row reads differently when the concept is named."""
+    """Δ (tokens × D, float64 on the CPU): the token embeddings of the concept's prompts minus those of their
+    base prompts, token by token (:func:`aligned_difference`), every prompt's rows stacked: what a
+    cross-attention key or value row reads differently when the concept is named."""
     if len(prompts) == 0 or len(prompts) != len(base_prompts):
         raise ValueError(f"concept_difference needs prompts and as many base prompts, got {len(prompts)} and {len(base_prompts)}.")
-    difference = backbone.encode(list(prompts)).double().cpu() - backbone.encode(list(base_prompts)).double().cpu()
-    return difference.reshape(-1, difference.shape[-1])
+    concept, base = backbone.encode(list(prompts)).double().cpu(), backbone.encode(list(base_prompts)).double().cpu()
+    ids, base_ids = token_ids(backbone, prompts), token_ids(backbone, base_prompts)
+    return torch.cat([aligned_difference(concept[k], base[k], ids[k], base_ids[k]) for k in range(len(prompts))])
 
 
 def concept_shares(weight: torch.Tensor, difference: torch.Tensor) -> torch.Tensor:
     """Each weight's share of its row's concept output (rows × D, float64; every row sums to 1).
 
     Row ``i`` of a key or value matrix changes its outputs on the concept's tokens by ``v_i = Δ W_iᵀ`` (one value
-    per position); weight ``j`` contributes ``W_ij Δ_·j`` of it, which is ``⟨W_ij Δ_·j, v_i⟩ / ‖v_i‖²`` of the
+    per row of Δ: per token); weight ``j`` contributes ``W_ij Δ_·j`` of it, which is ``⟨W_ij Δ_·j, v_i⟩ / ‖v_i‖²`` of the
     row's change along ``v_i`` (exact: the shares of a row add up to 1; a weight pulling against the row's change
     gets a negative share). A row whose output does not change with the concept (``v_i = 0``) spreads evenly."""
     w = weight.detach().double().cpu()
@@ -121,6 +149,28 @@ def uniform_sensitivity(weights: Mapping[str, torch.Tensor], second_moment: torc
     change of the keys and values over the prompts to preserve, rows unweighted."""
     diagonal = second_moment.double().cpu().diagonal()
     return {n: (w.detach().double().cpu() ** 2 * diagonal[None, :]).float() for n, w in weights.items()}
+
+
+def measured_sensitivity(weights: Mapping[str, torch.Tensor], second_moment: torch.Tensor,
+                         damage: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An output sensitivity for :func:`text_space_selection` from measured row ablations: ``damage[name][i]``
+    is how far ablating row ``i`` alone moves the model's predictions on the prompts to preserve (e.g.
+    :func:`cad_lightning.attribution.mask_scores.ablation_damage`). The row's downstream weight is the damage
+    per unit of its exact change in text space, ``h_i = damage_i / W_i C W_iᵀ``, so removing a whole row is
+    charged what its ablation was measured to cost; the sensitivity is ``h_i W_ij² C_jj`` (rows sum to
+    ``h_i Σ_j W_ij² C_jj``, as :func:`text_space_selection` reads it). A row that changes nothing in text
+    space (``W_i C W_iᵀ = 0``) gets h = 0."""
+    C = second_moment.double().cpu()
+    out = {}
+    for name, w in weights.items():
+        w = w.detach().double().cpu()
+        quadratic = ((w @ C) * w).sum(1)
+        d = damage[name].detach().double().cpu().reshape(-1)
+        if d.shape[0] != w.shape[0]:
+            raise ValueError(f"measured_sensitivity: {d.shape[0]} damages for the {w.shape[0]} rows of {name!r}.")
+        h = torch.where(quadratic > 0, d.clamp(min=0) / quadratic.clamp(min=1e-300), torch.zeros_like(d))
+        out[name] = (h[:, None] * w.pow(2) * C.diagonal()[None, :]).float()
+    return out
 
 
 def coupling(h: torch.Tensor, moments: torch.Tensor | None, shrink: float) -> torch.Tensor:
