@@ -171,7 +171,9 @@ def test_same_seeds_give_the_same_images_with_an_empty_edit(tiny_sd_folder, weig
     assert np.array_equal(pixels["none"], pixels["empty"])
     assert not np.array_equal(pixels["none"], pixels["ablate"])  # the edit is applied
     expected = (weights["images"][:3] * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(pixels["none"], expected)  # the CSV's seeds, independent of batching
+    # the CSV's seeds, independent of batching: the same images up to the float rounding of another batch size
+    # (CPU matrix kernels can round differently for another number of rows: one level of 255 at most)
+    assert np.abs(pixels["none"].astype(int) - expected.astype(int)).max() <= 1
 
 
 # --------------------------------------------------------------------------------------------- errors
