@@ -314,6 +314,9 @@ def test_selective_regression_edits_of_key_value_neurons(tmp_path):
     control = load_masks(tmp_path / "edits" / "random-erase-0.3.safetensors")
     assert all(torch.equal((~control[n]).sum(1), (~edit[n]).sum(1)) for n in edit)  # same count in every row
     assert [r["selection"] for r in report["results"]] == ["regression", "random"]
+    edited = report["results"][0]  # read against the mean of the control's 3 draws, as first-order edits are
+    assert len(edited["random_retained_ssim_draws"]) == 3
+    assert edited["random_retained_ssim"] == pytest.approx(sum(edited["random_retained_ssim_draws"]) / 3)
 
 
 def test_the_text_spread_and_the_selective_selection_need_key_value_neurons(tmp_path):
