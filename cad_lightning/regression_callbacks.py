@@ -39,6 +39,7 @@ from cad_lightning.callbacks import AttributionWriter, file_sha256, markdown_rep
 from cad_lightning.utils import write_json, write_text
 from cad_lightning.editing.select import count_ablated, select_components
 from cad_lightning.attribution.mask_scores import ablation_damage
+from cad_lightning.attribution.objectives import EraseObjective
 from cad_lightning.editing.text_space import (concept_difference, measured_sensitivity, reads_text_only, spread_over_text,
                                              uniform_sensitivity)
 from cad_lightning.errors import UserInputError
@@ -235,14 +236,13 @@ class RegressionWriter(Callback):
         seeds = [datamodule.seed + k for k in range(len(prompts))]
         h, backbone, layout = pl_module.hparams, pl_module.backbone, pl_module.layout
         start = time.perf_counter()
-        run = backbone.trajectory(prompts, seed=seeds, guidance_scale=h.guidance_scale,
-                                  num_inference_steps=h.num_inference_steps)
-        steps, n = run.latents.shape[:2]
-        damage = ablation_damage(backbone, run.latents.reshape(steps * n, *run.latents.shape[2:]),
-                                 run.timesteps.repeat_interleave(n), backbone.encode(prompts).repeat(steps, 1, 1),
-                                 layout, h.chunk_size)
+        # the states of their sampling runs, as the concept's own are sampled (the same sampler settings)
+        states = EraseObjective(guidance_scale=h.guidance_scale, num_inference_steps=h.num_inference_steps).inputs(
+            backbone, prompts, seeds)
+        damage = ablation_damage(backbone, states.x_t, states.t, states.text, layout, h.chunk_size)
         rank_zero_info(f"Row weights of the selective edits: {layout.n_components} rows ablated one by one on "
-                       f"{len(prompts)} prompts to preserve x {steps} steps in {time.perf_counter() - start:.0f} s")
+                       f"{states.x_t.shape[0]} states of {len(prompts)} prompts to preserve in "
+                       f"{time.perf_counter() - start:.0f} s")
         return {b.name: damage[b.offset : b.offset + b.size] for b in layout.blocks}
 
     @staticmethod

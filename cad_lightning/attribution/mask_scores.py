@@ -24,6 +24,7 @@ Three scores, selected by ``score``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -81,11 +82,14 @@ def presence_inputs(backbone: DiffusionBackbone, objective: ConceptObjective, in
     return PresenceInputs(frozen.x_t, frozen.t, frozen.text, base, direction)
 
 
-def _grouped(masks: torch.Tensor, states: int, chunk_size: int, score_group) -> torch.Tensor:
-    """Masks in groups of about ``chunk_size`` states (at least one mask's states) per pass; ``score_group``
-    returns the group's per-mask values."""
+def _grouped(masks: torch.Tensor | Callable[[int, int], torch.Tensor], count: int, states: int, chunk_size: int,
+             score_group) -> torch.Tensor:
+    """``count`` masks in groups of about ``chunk_size`` states (at least one mask's states) per pass;
+    ``masks``: the mask rows, or a function (start, stop) → those rows (built group by group);
+    ``score_group`` returns the group's per-mask values."""
     per_pass = max(1, chunk_size // states)
-    return torch.cat([score_group(masks[start : start + per_pass]) for start in range(0, masks.shape[0], per_pass)])
+    rows = masks if callable(masks) else lambda start, stop: masks[start:stop]
+    return torch.cat([score_group(rows(start, min(start + per_pass, count))) for start in range(0, count, per_pass)])
 
 
 def _tiled(tensor: torch.Tensor, g: int) -> torch.Tensor:
@@ -107,7 +111,7 @@ def presence_scores(backbone: DiffusionBackbone, inputs: PresenceInputs, layout:
         along = ((eps.float().flatten(1) - _tiled(inputs.base_noise, g).flatten(1)) * _tiled(direction, g)).sum(1)
         return along.double().reshape(g, states).sum(1).cpu() / mass
 
-    return _grouped(masks, states, chunk_size, score_group)
+    return _grouped(masks, masks.shape[0], states, chunk_size, score_group)
 
 
 @torch.no_grad()
@@ -132,7 +136,7 @@ def objective_scores(
             j = objective.value(backbone, tiled)
         return j.double().reshape(g, states).mean(1).cpu()
 
-    return _grouped(masks, states, chunk_size, score_group)
+    return _grouped(masks, masks.shape[0], states, chunk_size, score_group)
 
 
 @torch.no_grad()
@@ -153,7 +157,12 @@ def ablation_damage(backbone: DiffusionBackbone, x_t: torch.Tensor, t: torch.Ten
         moved = (eps.float().flatten(1) - _tiled(reference, g)).double().pow(2).sum(1)
         return moved.reshape(g, states).sum(1).cpu()
 
-    return _grouped(~torch.eye(n, dtype=torch.bool), states, chunk_size, score_group)
+    def all_but_one(start: int, stop: int) -> torch.Tensor:  # rows start..stop-1 of the n × n "all but i" masks
+        group = torch.ones(stop - start, n, dtype=torch.bool)
+        group[torch.arange(stop - start), torch.arange(start, stop)] = False
+        return group
+
+    return _grouped(all_but_one, n, states, chunk_size, score_group)
 
 
 def concept_index(detector, concept: str) -> tuple[str, int]:
