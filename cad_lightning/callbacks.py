@@ -25,16 +25,13 @@ Selections (``selections``):
 - ``random``: the control, the same number of ablated weights per row as the first other selection, at random
   positions.
 
-Every edit is evaluated on the same prompts, seeds and sampler noise as the unedited model: the target's and
-the retained concepts' accuracies, and the collateral (cad_lightning/evaluation/collateral.py: SSIM and KID
-of the retained images against the unedited ones, the target prompts' other words, what is drawn instead),
-beside the random control of equal count.
+This callback's job is the first-order scores and the selection of edits from them (with the rounds that edit
+the model between epochs). What every estimator does with selected edits (random controls, evaluation, files,
+report) is :class:`cad_lightning.edit_outputs.EditOutputs`, which it owns.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import math
 import platform
 import time
@@ -48,44 +45,27 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from cad_lightning.attribution.localisation import localisation, top_components, unet_levels
+from cad_lightning.edit_outputs import EditOutputs
 from cad_lightning.editing import (
     MULTI_CONCEPT,
     SCOPES,
     combine_masks,
     count_ablated,
     joint_scores,
-    load_masks,
-    random_like,
     restore_weights,
     retain_adjusted_scores,
-    save_edited_unet,
-    save_masks,
     select_components,
     union_selection,
 )
 from cad_lightning.editing.coherent import GuidedChange, coherent_selection, round_schedule
-from cad_lightning.editing.text_space import TEXT_SPACE_STEP, reads_text_only, text_space_selection, token_second_moment
+from cad_lightning.editing.text_space import TEXT_SPACE_STEP, preserved_moment, reads_text_only, text_space_selection
 from cad_lightning.errors import UserInputError
-from cad_lightning.plots import localisation_figure, save_figure
-from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_image, save_image, write_json, write_text
+from cad_lightning.reports import file_sha256
+from cad_lightning.utils import atomic_path, write_json
 
 SELECTIONS = ("cad", "selective", "retain", "iterative", "random")
 COLLATERAL_SPACES = ("auto", "text", "states")
-EVALUATE_AT = ("all", "goal", "floor")
 STATES_STEP = 0.02  # rounds with sampled states cost a forward and backward pass each
-
-
-def ratio_tag(ratio: float) -> str:
-    return f"{ratio:g}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class AttributionWriter(Callback):
@@ -176,17 +156,13 @@ class AttributionWriter(Callback):
             raise UserInputError(f"AttributionWriter multi_concept must be one of {', '.join(MULTI_CONCEPT)}, "
                                  f"got {multi_concept!r}.")
         self.multi_concept = multi_concept
-        if not (isinstance(localise_top, (int, float)) and 0 < localise_top < 1):
-            raise UserInputError(f"AttributionWriter localise_top must be in (0, 1), got {localise_top!r}.")
-        self.localise_top = float(localise_top)
-        if ratios is None or isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__"):
-            raise UserInputError(f"AttributionWriter ratios must be a list of numbers in (0, 1), got {ratios!r}.")
-        ratios = list(ratios)
-        if not ratios:
-            raise UserInputError("AttributionWriter ratios is empty; give at least one ratio in (0, 1).")
-        for r in ratios:
-            if not isinstance(r, (int, float)) or not 0 < r < 1:
-                raise UserInputError(f"AttributionWriter ratios: {r!r} is not a number in (0, 1).")
+        # the random controls, evaluation, edit files and report of the selected edits
+        self.outputs = EditOutputs(
+            "AttributionWriter", ratios, random_at=random_at, random_draws=random_draws, evaluate_at=evaluate_at,
+            search_margin=search_margin, search_images=search_images, save_unet=save_unet, evaluate=evaluate,
+            eval_target_images=eval_target_images, eval_retain_images=eval_retain_images, floor_images=floor_images,
+            eval_batch_size=eval_batch_size, localise_top=localise_top, scope=scope)
+        self.ratios = self.outputs.ratios
         if scope not in SCOPES:
             raise UserInputError(f"AttributionWriter scope must be one of {', '.join(SCOPES)}, got '{scope}'.")
         for s in selections:
@@ -194,20 +170,6 @@ class AttributionWriter(Callback):
                 raise UserInputError(f"AttributionWriter selections: '{s}' is not one of {', '.join(SELECTIONS)}.")
         if not 0 < iterative_step < 1:
             raise UserInputError(f"AttributionWriter iterative_step must be in (0, 1), got {iterative_step}.")
-        self.ratios = sorted(set(float(r) for r in ratios))
-        if random_at not in ("all", "largest"):
-            raise UserInputError(f"AttributionWriter random_at must be 'all' or 'largest', got '{random_at}'.")
-        self.random_at = random_at
-        if isinstance(random_draws, bool) or not isinstance(random_draws, int) or random_draws < 1:
-            raise UserInputError(f"AttributionWriter random_draws must be a whole number >= 1, got {random_draws!r}.")
-        self.random_draws = random_draws
-        if evaluate_at not in EVALUATE_AT:
-            raise UserInputError(f"AttributionWriter evaluate_at must be one of {', '.join(EVALUATE_AT)}, got {evaluate_at!r}.")
-        if not (isinstance(search_margin, (int, float)) and 0 <= search_margin < 1):
-            raise UserInputError(f"AttributionWriter search_margin must be in [0, 1), got {search_margin!r}.")
-        if isinstance(search_images, bool) or not isinstance(search_images, int) or search_images < 1:
-            raise UserInputError(f"AttributionWriter search_images must be a whole number >= 1, got {search_images!r}.")
-        self.evaluate_at, self.search_margin, self.search_images = evaluate_at, float(search_margin), search_images
         self.scope, self.selections = scope, list(dict.fromkeys(selections))
         if not collateral_offset >= 0:
             raise UserInputError(f"AttributionWriter collateral_offset must be 0 or more, got {collateral_offset}.")
@@ -239,16 +201,11 @@ class AttributionWriter(Callback):
         self.collateral_runs = collateral_runs
         self.sensitivity: dict[str, torch.Tensor] | None = None
         self.row_moments: dict[str, torch.Tensor] | None = None
-        self.save_unet, self.evaluate = save_unet, evaluate
-        self.eval_target_images, self.eval_retain_images = eval_target_images, eval_retain_images
-        self.floor_images, self.eval_batch_size = floor_images, eval_batch_size
         self.scores: dict[str, dict[str, torch.Tensor]] | None = None
         self.iterative_masks: dict[float, dict[str, torch.Tensor]] = {}
         self._cumulative: dict[str, torch.Tensor] | None = None
         self._original: dict[str, torch.Tensor] = {}
         self._start = 0.0
-        self._detector_cache = None
-        self._floor_cache: dict[str, float] | None = None
         self._taken = False  # whether the results of a stopped run were taken
 
     # --- set-up -------------------------------------------------------------------------------
@@ -256,9 +213,6 @@ class AttributionWriter(Callback):
         if stage != "fit":
             return
         datamodule = trainer.datamodule
-        if len(getattr(datamodule, "targets", [])) > 1 and self.evaluate_at == "floor":
-            raise UserInputError("AttributionWriter evaluate_at 'floor' searches one concept's floor; with several "
-                                 "data.concepts use evaluate_at 'goal' or 'all'.")
         if "retain" in self.selections and not (datamodule.retain_samples > 0 and datamodule.retain_concepts):
             raise UserInputError(
                 "The 'retain' selection needs scores of retained concepts: set data.retain_samples > 0 "
@@ -274,15 +228,7 @@ class AttributionWriter(Callback):
         if self.rescore_every is not None:
             trainer.fit_loop.max_epochs = 1 + len(self._rescore_stops())
         self.mode = "erase" if pl_module.hparams.objective == "erase" else "amplify"
-        if self.evaluate_at != "all" and self.mode != "erase":
-            raise UserInputError(f"AttributionWriter evaluate_at '{self.evaluate_at}' looks for the smallest edit that "
-                                 "erases the concept; with model.objective amplify use evaluate_at all.")
-        if self.evaluate_at != "all" and not any(s != "random" for s in self.selections):
-            raise UserInputError(f"AttributionWriter evaluate_at '{self.evaluate_at}' looks among the edits of a "
-                                 "selection other than 'random': add one to selections.")
-        if self.evaluate and datamodule.prompt_templates is None:
-            with torch.random.fork_rng(devices=[]):  # its construction draws initial weights: leave the RNG as it was
-                self._detector(pl_module)  # a classifier that does not load is refused before any work
+        self.outputs.prepare(pl_module, datamodule, self.mode, selects=any(s != "random" for s in self.selections))
         self._start = time.perf_counter()
 
     def _iterative_schedule(self) -> list[float]:
@@ -413,13 +359,13 @@ class AttributionWriter(Callback):
         """What the artifacts are made from (saved when a run is stopped while writing them)."""
         return {"scores": self.scores, "sensitivity": self.sensitivity, "row_moments": self.row_moments,
                 "staged": self._staged, "keep": self._keep, "iterative": self.iterative_masks,
-                "cumulative": self._cumulative, "floor": self._floor_cache}
+                "cumulative": self._cumulative, "floor": self.outputs.floor_cache}
 
     def _take_results(self, results: dict) -> None:
         self.scores, self.sensitivity, self.row_moments = results["scores"], results["sensitivity"], results["row_moments"]
         self._staged, self._keep = results["staged"], results["keep"]
         self.iterative_masks, self._cumulative = results["iterative"], results["cumulative"]
-        self._floor_cache = results["floor"]
+        self.outputs.floor_cache = results["floor"]
 
     def _stop_point(self, trainer, pl_module, phase: str) -> None:
         """Where a run stopped by a signal after its last batch saves its results and stops (see Preemption)."""
@@ -443,40 +389,24 @@ class AttributionWriter(Callback):
         target = " + ".join(targets)
         scores = self._edit_scores(pl_module)
         self._write_scores(run_dir, trainer, pl_module, scores)
-        located = self._localise(run_dir, trainer, pl_module, scores)
-        edits = self._build_edits(pl_module)
-        self._stop_point(trainer, pl_module, "writing")
-        evaluable = self.evaluate and trainer.datamodule.prompt_templates is None
-        search = None
-        if self.evaluate_at == "floor" and evaluable:
-            edits, search = self._search_floor(trainer, pl_module, edits)
-        self._add_random(edits)
         report = {
             "concept": targets[0], "objective": pl_module.hparams.objective, "mode": self.mode, "scope": self.scope,
             "base_prompt": trainer.datamodule.base_prompt, "base_word": trainer.datamodule.base_word,
-            "ratios": self.ratios, "evaluate_at": self.evaluate_at,
+            "ratios": self.ratios, "evaluate_at": self.outputs.evaluate_at,
         }
         if len(targets) > 1:
             report.update(concepts=targets, multi_concept=self.multi_concept)
-        report.update(located)
-        if search is not None:
-            report["search"] = search
+        report.update(self.outputs.localise(run_dir, trainer, pl_module, scores))
         if "selective" in self.selections:
             report["collateral_space"] = self._space(scores)
             # in text space, whether the rows' changes were combined through their output gradients' correlation
             report["row_coupling"] = report["collateral_space"] == "text" and self.row_moments is not None
             report["rescored_at"] = self._rescore_stops() if self.rescore_every is not None else []
-        if self.evaluate_at == "goal" and evaluable:
-            # the edits are evaluated smallest first until one meets the goal; only those evaluated are written
-            report.update(self._evaluate(run_dir, trainer, pl_module, edits))
-            report["edits"] = self._write_edits(run_dir, pl_module, edits)
-        else:
-            report["edits"] = self._write_edits(run_dir, pl_module, edits)
-            if self.evaluate:
-                report.update(self._evaluate(run_dir, trainer, pl_module, edits, search))
-        report["wall_time_s"] = time.perf_counter() - self._start
-        write_json(run_dir / "report.json", report)
-        write_text(run_dir / "report.md", markdown_report(report))
+        edits = self._build_edits(pl_module)
+        self.outputs.emit(run_dir, trainer, pl_module, edits, report,
+                          apply=lambda masks: self._checked_apply(trainer, pl_module, masks),
+                          random="random" in self.selections, random_fallback=next(iter(self.scores.values())),
+                          start=self._start, checkpoint=lambda: self._stop_point(trainer, pl_module, "writing"))
         rank_zero_info(f"Attribution of '{target}' written to {run_dir}")
 
     def _write_scores(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:
@@ -546,18 +476,6 @@ class AttributionWriter(Callback):
             for name, tensor in scores.items():
                 experiment.add_histogram(f"scores/{name}", tensor.flatten(), 0)
 
-    def _localise(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> dict:
-        """Where the concept's attribution sits, by block and by kind, and its top weights: for the report, as
-        ``localisation.png`` and as a TensorBoard figure."""
-        levels, size = unet_levels(pl_module.backbone.denoiser)
-        loc = localisation(scores, self.localise_top, levels, size)
-        fig = localisation_figure(loc, " + ".join(f"'{c}'" for c in pl_module.targets))
-        save_figure(fig, run_dir / "localisation.png")
-        experiment = getattr(trainer.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_figure"):
-            experiment.add_figure("attribution/localisation", fig, 0)
-        return {"localisation": loc, "top_components": top_components(scores, 20, levels, size)}
-
     def _build_edits(self, pl_module) -> dict[str, dict[float, dict[str, torch.Tensor]]]:
         scores = self._edit_scores(pl_module)
         targets = pl_module.targets
@@ -583,76 +501,6 @@ class AttributionWriter(Callback):
                                                 weight=self.retain_weight, mode=self.mode)
             edits[selection] = {r: select_components(source, r, mode=self.mode, scope=self.scope) for r in self.ratios}
         return edits
-
-    def _add_random(self, edits: dict[str, dict[float, dict[str, torch.Tensor]]]) -> None:
-        """The random control (draw 0) beside the edits, at every ratio they have (``random_at`` all) or the largest."""
-        if "random" not in self.selections:
-            return
-        reference: dict[float, dict[str, torch.Tensor]] = {}
-        for per_ratio in edits.values():  # a ratio's count is the same in every selection
-            for r, m in per_ratio.items():
-                reference.setdefault(r, m)
-        if not reference:
-            reference = {r: select_components(self.scores[next(iter(self.scores))], r, mode=self.mode, scope=self.scope)
-                         for r in self.ratios}
-        largest = max(reference)
-        self._control_reference = {r: reference[r] for r in sorted(reference) if self.random_at == "all" or r == largest}
-        edits["random"] = self._random_draw(0)
-
-    def _search_floor(self, trainer, pl_module, edits):
-        """Each selection's edits reduced to the smallest that reaches the floor (``evaluate_at`` floor); the
-        search's record for the report: ``{selection: {"goal", "images", "found", "probes"}}``."""
-        from cad_lightning.evaluation.edits import search_floor
-
-        concept = pl_module.concepts[0]
-        goal = self._floor(trainer, pl_module).get(concept, 0.0) + self.search_margin
-        record, kept = {}, {}
-        for selection, per_ratio in edits.items():
-            found, probes = search_floor(
-                pl_module.backbone, self._detector(pl_module), concept, per_ratio,
-                lambda masks: self._checked_apply(trainer, pl_module, masks), goal, self.search_images, self.eval_batch_size,
-                progress=bool(trainer.progress_bar_callback))
-            chosen = found if found is not None else max(per_ratio)
-            kept[selection] = {chosen: per_ratio[chosen]}
-            record[selection] = {"goal": goal, "images": self.search_images, "found": found, "probes": probes}
-        return kept, record
-
-    def _detector(self, pl_module):
-        if self._detector_cache is None:
-            from cad_lightning.evaluation.classifier import load_concept_classifier
-
-            self._detector_cache = load_concept_classifier(pl_module.model_folder)
-        return self._detector_cache.to(pl_module.device)
-
-    def _floor(self, trainer, pl_module) -> dict[str, float]:
-        """The floor of every concept: how often the target prompts without the concept are drawn as it."""
-        if self._floor_cache is None:
-            from cad_lightning.evaluation.concepts import empty_prompt_rates, evaluation_items
-
-            datamodule, targets = trainer.datamodule, pl_module.targets
-            detector = self._detector(pl_module)
-            if datamodule.base_word is None:
-                self._floor_cache = empty_prompt_rates(pl_module.backbone, detector, datamodule.base_prompt,
-                                                       self.floor_images)
-            else:  # each target prompt without its concept; every target's floor from its own prompts
-                rates = {}
-                for concept in targets:
-                    items = evaluation_items(concept, [], self.eval_target_images, 0)
-                    base = [datamodule.base_for(item.prompt, concept) for item in items]
-                    rates[concept] = empty_prompt_rates(pl_module.backbone, detector, base, self.floor_images)
-                self._floor_cache = {**rates[targets[0]], **{c: r[c] for c, r in rates.items()}}
-        return self._floor_cache
-
-    def _goal_floor(self, pl_module, floor: dict[str, float]) -> float | dict[str, float] | None:
-        """What an edit's target accuracy is read against: the target's floor, or each target's."""
-        targets = pl_module.targets
-        return floor.get(targets[0]) if len(targets) == 1 else {c: floor.get(c, 0.0) for c in targets}
-
-    def _random_draw(self, draw: int) -> dict[float, dict[str, torch.Tensor]]:
-        """Draw ``draw`` of the random control at every ratio that has one (draw 0 is the one written as edits).
-        Each (draw, ratio) has its own seed, so a ratio's control does not depend on the other ratios asked for."""
-        return {r: random_like(m, torch.Generator().manual_seed(draw * 1_000_003 + round(r * 1_000_000)))
-                for r, m in self._control_reference.items()}
 
     def _space(self, names) -> str:
         """The collateral space of the ``selective`` selection for the scored parameters ``names``."""
@@ -685,234 +533,8 @@ class AttributionWriter(Callback):
             progress=lambda rounds: tqdm(rounds, desc="selective edit rounds", leave=False,
                                          disable=not pl_module.trainer.progress_bar_callback))
 
-    @staticmethod
-    def text_space_moment(pl_module) -> torch.Tensor:
-        """C of the text-space collateral: the token embeddings' second moment over the prompts to preserve, the
-        base prompt and the unconditional branch of guidance ("")."""
-        datamodule = pl_module.trainer.datamodule
-        prompts = list(dict.fromkeys([*datamodule.prompts_to_preserve(), datamodule.base_prompt, ""]))
-        return token_second_moment(pl_module.backbone, prompts)
-
     def _text_space(self, pl_module, scores, ratios, initial=None) -> dict[float, dict[str, torch.Tensor]]:
         return text_space_selection(
-            scores, self.sensitivity, {n: self._original[n] for n in scores}, self.text_space_moment(pl_module), ratios,
+            scores, self.sensitivity, {n: self._original[n] for n in scores}, preserved_moment(pl_module.backbone, pl_module.trainer.datamodule), ratios,
             step=self.selective_step or TEXT_SPACE_STEP, offset=self.collateral_offset, mode=self.mode,
             scope=self.scope, row_moments=self.row_moments, initial=initial)
-
-    def _write_edits(self, run_dir: Path, pl_module, edits) -> list[dict]:
-        written = []
-        for selection, per_ratio in edits.items():
-            for ratio, masks in per_ratio.items():
-                stem = f"{selection}-{self.mode}-{ratio_tag(ratio)}"
-                path = run_dir / "edits" / f"{stem}.safetensors"
-                entry = {"selection": selection, "ratio": ratio, "ablated": count_ablated(masks),
-                         "masks": str(path.relative_to(run_dir))}
-                if pl_module.hparams.edit:
-                    # the file holds the whole edit from the original model: the edit attributed on, then this one
-                    masks = combine_masks(load_masks(pl_module.hparams.edit), masks)
-                    entry["ablated_with_previous_edit"] = count_ablated(masks)
-                save_masks(path, masks, metadata={"selection": selection, "mode": self.mode, "ratio": str(ratio),
-                                                  "scope": self.scope, "concept": " + ".join(pl_module.targets)})
-                if self.save_unet:
-                    folder = run_dir / "edits" / stem / pl_module.backbone.part
-                    save_edited_unet(pl_module.backbone.denoiser, masks, folder)
-                    entry["unet"] = str(folder.relative_to(run_dir))
-                written.append(entry)
-        return written
-
-    def _evaluate(self, run_dir: Path, trainer, pl_module, edits, search: dict | None = None) -> dict:
-        from cad_lightning.evaluation.concepts import evaluation_items
-        from cad_lightning.evaluation.edits import evaluate_edits, goal_met, read_against_controls
-
-        datamodule = trainer.datamodule
-        if datamodule.prompt_templates is not None:
-            return {"evaluation": "skipped: the concept classifier reads only shapes-world concepts"}
-        detector = self._detector(pl_module)
-        backbone = pl_module.backbone
-        targets, retained = pl_module.targets, datamodule.retain_concepts
-        concept = targets[0] if len(targets) == 1 else targets
-        items = evaluation_items(concept, retained, self.eval_target_images, self.eval_retain_images)
-        floor = self._floor(trainer, pl_module)
-        goal_floor = self._goal_floor(pl_module, floor)
-        draws_only = {}  # further draws of the random control: only their retained images' SSIM is read
-        if "random" in edits:
-            draws_only = {f"random draw {d}": self._random_draw(d) for d in range(1, self.random_draws)}
-        erase = self.mode == "erase"
-        until = None
-        if self.evaluate_at == "goal":  # ratio by ratio, smallest first, until an edit meets the goal
-            until = lambda rows: goal_met(read_against_controls(rows, goal_floor, erase))  # noqa: E731
-        before, results, images = evaluate_edits(
-            backbone, detector, concept, retained, items, edits, lambda masks: self._checked_apply(trainer, pl_module, masks),
-            self.eval_batch_size, progress=bool(trainer.progress_bar_callback), ssim_only=draws_only, until=until)
-        results = read_against_controls(results, goal_floor, erase)
-        for selection in list(edits):  # what was not evaluated is not written either
-            edits[selection] = {r: m for r, m in edits[selection].items() if f"{selection} {r:g}" in images}
-        # the grids show six target images (the first of each target in turn) and the last six (retained) images
-        n = len(items)
-        by_target = [[i for i, item in enumerate(items) if item.group == "target" and item.target == c] for c in targets]
-        firsts = [i for column in itertools.zip_longest(*by_target) for i in column if i is not None][:6]
-        show = list(dict.fromkeys([*firsts, *(n - 1 - i for i in range(min(6, n)))]))
-        for selection in edits:
-            keys = ["unedited"] + [f"{selection} {ratio:g}" for ratio in sorted(edits[selection])]
-            rows = torch.cat([images[k][show] for k in keys])
-            save_image(labelled_grid(rows, keys, ncol=len(show)), run_dir / "samples" / f"{selection}-{self.mode}.png")
-            log_image(trainer.logger, f"samples/{selection}", image_grid(rows, ncol=len(show)), 0)
-        experiment = getattr(trainer.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_scalar"):
-            for r in results:
-                step = round(r["ratio"] * 10_000)  # basis points of ablated components
-                for key, tag in (("target", "target_accuracy"), ("retained_mean", "retained_mean_accuracy"),
-                                 ("retained_min_relative", "retained_worst_relative"),
-                                 ("other_words_relative", "other_words_relative"),
-                                 ("retained_ssim", "retained_ssim"), ("retained_kid", "retained_kid")):
-                    if r.get(key) is not None:
-                        experiment.add_scalar(f"edit/{r['selection']}/{tag}", r[key], step)
-                if len(targets) > 1:
-                    for c, accuracy in r["targets"].items():
-                        experiment.add_scalar(f"edit/{r['selection']}/target_accuracy/{c}", accuracy, step)
-        plot_tradeoff(run_dir / "tradeoff.png", targets, before, floor, results, retained, search)
-        return {"floor": floor, "before": before, "results": results,
-                "eval": {"target_images": self.eval_target_images, "retain_images": self.eval_retain_images,
-                         "sampler": backbone.sampler_settings()}}
-
-
-def plot_tradeoff(path: Path, concept: str | list[str], before: dict, floor: dict[str, float] | float | None,
-                  results: list[dict], retained: list[str], search: dict | None = None) -> None:
-    """Ablated fraction → target accuracy (each target's, for several), mean retained accuracy and retained SSIM,
-    one line per selection (and the floor search's probes of the target, when there was one); ``floor``: the
-    floor of every concept (or the target's)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(13, 3.6))
-    axes = fig.subplots(1, 3, sharex=True)
-    retained_before = sum(before[c] for c in retained if c in before) / max(1, sum(c in before for c in retained))
-    targets = [concept] if isinstance(concept, str) else list(concept)
-    floors = floor if isinstance(floor, dict) else {targets[0]: floor}
-    for selection in dict.fromkeys(r["selection"] for r in results):
-        rows = sorted((r for r in results if r["selection"] == selection), key=lambda r: r["ratio"])
-        x = [0.0] + [r["ratio"] for r in rows]
-        for n, c in enumerate(targets):
-            accuracy = [r.get("targets", {}).get(c, r["target"]) for r in rows]
-            axes[0].plot(x, [before[c]] + accuracy, marker="o", linestyle=("-", "--", ":", "-.")[n % 4],
-                         label=selection if len(targets) == 1 else f"{selection}: {c}")
-        axes[1].plot(x, [retained_before] + [r["retained_mean"] for r in rows], marker="o", label=selection)
-        axes[2].plot(x, [1.0] + [r.get("retained_ssim", float("nan")) for r in rows], marker="o", label=selection)
-    for selection, search in (search or {}).items():
-        probes = search["probes"]
-        axes[0].plot([p["ratio"] for p in probes], [p["target"] for p in probes], linestyle="none", marker="x",
-                     label=f"{selection}: search probes")
-    for n, c in enumerate(targets):
-        if floors.get(c) is not None:
-            axes[0].axhline(floors[c], color="grey", linestyle=("--", ":", "-.", "-")[n % 4],
-                            label="floor (base prompt)" if len(targets) == 1 else f"floor: {c}")
-    axes[0].set_title(f"target: {', '.join(targets)}")
-    axes[1].set_title("retained concepts (mean)")
-    axes[2].set_title("retained images: SSIM to unedited")
-    for ax in axes:
-        ax.set_xlabel("ablated fraction of components")
-        ax.set_ylabel("classifier accuracy" if ax is not axes[2] else "SSIM (same seeds)")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def _fmt(value, spec: str = ".3f") -> str:
-    return "n/a" if value is None or value != value else format(value, spec)
-
-
-def markdown_report(report: dict) -> str:
-    estimator = f" ({report['estimator']} estimator)" if "estimator" in report else ""
-    targets = report.get("concepts", [report["concept"]])
-    several = (f", one edit for {len(targets)} concepts (selection: {report['multi_concept']})"
-               if len(targets) > 1 else "")
-    lines = [f"# CAD {report['mode']} of {' and '.join(repr(c) for c in targets)}{estimator}{several}", "",
-             f"objective: {report['objective']}, scope: {report['scope']}, "
-             + (f"selective collateral measured in {report['collateral_space']} space"
-                + (" (rows coupled by their output gradients' correlation)" if report.get("row_coupling") else "")
-                + (f", grown on scores of the edited model from {', '.join(f'{r:g}' for r in report['rescored_at'])} on"
-                   if report.get("rescored_at") else "")
-                + ", " if "collateral_space" in report else "")
-             + (
-                 f"base prompt: '{report['base_prompt']}'" if report.get("base_word") is None else
-                 f"base prompts: each prompt without {' or '.join(repr(c) for c in targets)}"
-                 + ("" if report["base_word"] in ("auto", "") else f" ('{report['base_word']}' in its place)")), ""]
-    if "results" in report:
-        lines += ["; ".join(f"unedited accuracy on '{c}': {report['before'][c]:.3f}, floor (base prompts drawn as "
-                            f"'{c}'): {report['floor'].get(c, float('nan')):.3f}" for c in targets), "",
-                  "Every edit is evaluated on the same prompts, seeds and sampler noise as the unedited model. *other "
-                  "words*: the target prompts' other named words still drawn, relative to unedited; *SSIM*, *KID*: "
-                  "retained images against the unedited ones (KID ×1000 on the concept classifier's features); "
-                  "*selective*: target ≤ floor + 0.05 (each target its own), retained and other words ≥ 0.90 of unedited, SSIM ≥ the "
-                  "random control's of equal count (*random SSIM*: the mean over the control's draws).", "",
-                  "| selection | ratio | ablated weights | target accuracy | drawn instead | retained mean | "
-                  "worst retained / unedited | other words | SSIM | KID | random SSIM | selective |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in report["results"]:
-            worst = _fmt(r["retained_min_relative"])
-            if r.get("retained_worst") and r["retained_min_relative"] is not None and r["retained_min_relative"] < 1:
-                worst += f" ({r['retained_worst']})"
-            instead = ", ".join(f"{w} {v:.2f}" for w, v in list(r.get("drawn_instead", {}).items())[:2])
-            flag = {True: "yes", False: "no", None: ""}[r.get("selective")]
-            target = (f"{r['target']:.3f}" if len(targets) == 1 else
-                      ", ".join(f"{c} {r['targets'][c]:.3f}" for c in targets))
-            if len(targets) > 1:
-                instead = "; ".join(f"{c}: " + ", ".join(f"{w} {v:.2f}" for w, v in list(d.items())[:2])
-                                    for c, d in r.get("drawn_instead_by_target", {}).items())
-            lines.append(f"| {r['selection']} | {r['ratio']:g} | {r['ablated']} | {target} | {instead} | "
-                         f"{r['retained_mean']:.3f} | {worst} | {_fmt(r.get('other_words_relative'), '.2f')} | "
-                         f"{_fmt(r.get('retained_ssim'))} | {_fmt(r.get('retained_kid'), '.2f')} | "
-                         f"{_fmt(r.get('random_retained_ssim'))} | {flag} |")
-        if report.get("evaluate_at") == "goal":
-            evaluated = sorted({r["ratio"] for r in report["results"]})
-            skipped = [r for r in report["ratios"] if r > max(evaluated, default=0.0)]
-            met = sorted({r["ratio"] for r in report["results"] if r.get("selective")})
-            lines += ["", "Edits evaluated smallest first until one met the goal (evaluate_at goal): "
-                      + (f"{met[0]:g} meets it" if met else "none of the ratios meets it")
-                      + (f"; {', '.join(f'{r:g}' for r in skipped)} neither evaluated nor written." if skipped else ".")]
-        for selection, search in report.get("search", {}).items():
-            found = search["found"]
-            lines += ["", f"**{selection}: the smallest edit that reaches the floor** (goal: target ≤ floor + margin = "
-                      f"{search['goal']:.3f} on {search['images']} images of the target prompts with other seeds than the "
-                      "evaluation's; the edits are nested, so it is found by bisection): "
-                      + (f"{found:g}, evaluated above." if found is not None else
-                         f"none of the ratios reaches it; the largest, {max(p['ratio'] for p in search['probes']):g}, "
-                         "is evaluated above."), "",
-                      "| ratio | ablated weights | target accuracy (search prompts) | drawn instead | reaches the goal |",
-                      "|---|---|---|---|---|"]
-            for p in search["probes"]:
-                instead = ", ".join(f"{w} {v:.2f}" for w, v in list(p["drawn_instead"].items())[:2])
-                lines.append(f"| {p['ratio']:g} | {p['ablated']} | {p['target']:.3f} | {instead} | "
-                             f"{'yes' if p['reached'] else 'no'} |")
-        lines += ["", "![trade-off](tradeoff.png)", ""]
-        lines += [f"![{s}](samples/{s}-{report['mode']}.png)" for s in dict.fromkeys(r["selection"] for r in report["results"])]
-        lines += [""]
-    else:
-        lines += [str(report.get("evaluation", "not evaluated")), ""]
-    lines += localisation_lines(report)
-    lines += ["## Edits", ""] + [f"- `{e['masks']}` ({e['ablated']} weights)" for e in report["edits"]]
-    return "\n".join(lines) + "\n"
-
-
-def localisation_lines(report: dict) -> list[str]:
-    """The report's section on where the concept's attribution sits (see attribution/localisation.py)."""
-    loc = report.get("localisation")
-    if loc is None:
-        return []
-    lines = ["## Where the concept lives", "",
-             f"Shares of the top {loc['top_fraction']:.2%} of scored weights by score ({loc['k']} weights: *positive*, "
-             "they induce the concept; *negative*, they suppress it), of their attribution mass, against the share of "
-             "weights.", "", "![localisation](localisation.png)", ""]
-    for key, title in (("by_block", "UNet block (latent resolution)"), ("by_kind", "component kind")):
-        lines += [f"| {title} | weights | top-k positive mass | top-k negative mass |", "|---|---|---|---|"]
-        lines += [f"| {g} | {v['weights']:.3f} | {v['positive']:.3f} | {v['negative']:.3f} |" for g, v in loc[key].items()]
-        lines += [""]
-    top = report.get("top_components", [])
-    if top:
-        lines += [f"The {len(top)} weights with the largest scores:", "", "| # | parameter | index | block | kind | score |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {i + 1} | `{r['parameter']}` | {tuple(r['index'])} | {r['block']} | {r['kind']} | {r['score']:.3g} |"
-                  for i, r in enumerate(top)]
-        lines += [""]
-    return lines

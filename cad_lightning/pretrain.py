@@ -11,7 +11,6 @@ at the end of training they are exported as a diffusers model folder.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -21,7 +20,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from cad_lightning.backbones.backbone import SAMPLER_DEFAULTS_FILE, DiffusionBackbone
 from cad_lightning.backbones.tokenizer import build_word_tokenizer
@@ -30,14 +29,6 @@ from cad_lightning.evaluation.classifier import ConceptClassifier, load_concept_
 from cad_lightning.utils import atomic_folder, atomic_path, image_grid, log_image
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor: float = 0.05):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class TextToImagePretrain(pl.LightningModule):
@@ -54,7 +45,7 @@ class TextToImagePretrain(pl.LightningModule):
         snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023): each sample's loss is weighted by
             min(SNR(t), γ) / SNR(t), so the nearly noise-free timesteps stop dominating the gradient and the
             model learns the content decided at high noise (shape, colour) sooner; None: the plain ε loss.
-        learning_rate / warmup_steps: AdamW peak rate, linear warm-up, then cosine decay over ``max_steps``.
+        learning_rate / warmup_steps: AdamW peak rate, linear warm-up, then cosine decay over ``max_steps`` to 5% of it.
         export_dir: folder the EMA model is written to at the end of training (diffusers folder format).
         sample_steps / guidance_scale / sample_eta / use_clipped_model_output: the default sampler (DDIM steps,
             classifier-free guidance, DDIM's eta, and whether each step re-derives ε from the clipped x_0; see
@@ -194,7 +185,7 @@ class TextToImagePretrain(pl.LightningModule):
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=0.0)
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
-        scheduler = cosine_with_warmup(optimizer, self.hparams.warmup_steps, total)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, self.hparams.warmup_steps, total, min_lr_rate=0.05)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:
@@ -272,7 +263,7 @@ class ClassifierPretrain(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.classifier.parameters(), lr=self.hparams.learning_rate)
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 2_000
-        scheduler = cosine_with_warmup(optimizer, 50, total, floor=0.01)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 50, total, min_lr_rate=0.01)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:

@@ -6,7 +6,7 @@
   fidelity on the held-out masks; with ``ratios``, also the edits of the fitted α (the text-space rounds of
   the selective edits, rows weighed by their measured ablations, or the top components), random controls,
   their evaluation and the report, as the first-order writer does.
-- :class:`FirstOrderFidelity`: beside an :class:`AttributionWriter`, measures how well its first-order
+- :class:`FirstOrderFidelity`: after an ``AttributionWriter``, measures how well the first-order
   scores predict the effect of random per-weight ablations.
 
 Artifacts (run directory ``trainer.log_dir``, every file written atomically):
@@ -31,19 +31,21 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from cad_lightning.attribution.fidelity import first_order_fidelity, write_fidelity
 from cad_lightning.attribution.linear_fit import METHODS, fit_linear
-from cad_lightning.callbacks import AttributionWriter, file_sha256, markdown_report
-from cad_lightning.utils import write_json, write_text
-from cad_lightning.editing.select import count_ablated, select_components
 from cad_lightning.attribution.mask_scores import ablation_damage
 from cad_lightning.attribution.objectives import EraseObjective
-from cad_lightning.editing.text_space import (concept_difference, measured_sensitivity, reads_text_only, spread_over_text,
+from cad_lightning.edit_outputs import EditOutputs
+from cad_lightning.editing import restore_weights
+from cad_lightning.editing.select import count_ablated, select_components
+from cad_lightning.editing.text_space import (TEXT_SPACE_STEP, concept_difference, measured_sensitivity, preserved_moment,
+                                             reads_text_only, spread_over_text, text_space_selection,
                                              uniform_sensitivity)
 from cad_lightning.errors import UserInputError
-from cad_lightning.utils import atomic_path
+from cad_lightning.reports import file_sha256
+from cad_lightning.utils import atomic_path, write_json
 
 
 class RegressionWriter(Callback):
@@ -72,14 +74,16 @@ class RegressionWriter(Callback):
             preserve and of the empty prompt: how far it moves their predictions, per unit of its change in text
             space; one UNet pass per state and row, no gradient) or ``uniform`` (every row the same).
         damage_prompts: prompts to preserve that ``row_weights ablation`` samples (besides the empty prompt).
-        collateral_offset: as in :class:`AttributionWriter`, for the ``selective`` selection.
+        collateral_offset: as in ``AttributionWriter``, for the ``selective`` selection.
         min_spearman: the held-out Spearman correlation below which the fit is reported as too poor to trust
             (a warning with the held-out numbers and ``"trusted": false`` in ``fidelity.json``).
         random_draws: random controls evaluated per ratio for ``selective`` edits (draw 0 written as the edit
-            ``random``; the edits are read against the mean SSIM of the draws), as in :class:`AttributionWriter`;
+            ``random``; the edits are read against the mean SSIM of the draws), as in ``AttributionWriter``;
             ``top`` edits have one control of random whole components.
+        evaluate_at: ``all`` (every ratio's edit) or ``goal`` (smallest first, each beside its control, until one
+            meets the selective-edit goal; the larger are neither evaluated nor written), as in ``AttributionWriter``.
         random_control / save_unet / evaluate / eval_target_images / eval_retain_images / floor_images /
-            eval_batch_size: as in :class:`AttributionWriter`.
+            eval_batch_size: as in ``AttributionWriter``.
     """
 
     def __init__(self, method: str = "ridge", strengths: list[float] | None = None, folds: int = 5,
@@ -88,7 +92,7 @@ class RegressionWriter(Callback):
                  eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96,
                  min_spearman: float = 0.6, spread: str = "auto", selection: str = "auto",
                  collateral_offset: float = 0.03, row_weights: str = "ablation", damage_prompts: int = 7,
-                 random_draws: int = 3) -> None:
+                 random_draws: int = 3, evaluate_at: str = "all") -> None:
         super().__init__()
         if row_weights not in ("ablation", "uniform"):
             raise UserInputError(f"RegressionWriter row_weights must be ablation or uniform, got '{row_weights}'.")
@@ -107,12 +111,17 @@ class RegressionWriter(Callback):
             raise UserInputError(f"RegressionWriter min_spearman must be in [-1, 1], got {min_spearman}.")
         self.min_spearman = min_spearman
         self.random_control = random_control
-        # the edits reuse the first-order writer's selection, artifacts and evaluation
-        self.editor = None if ratios is None else AttributionWriter(
-            ratios=ratios, scope="global", selections=["cad"], collateral_offset=collateral_offset,
-            save_unet=save_unet, evaluate=evaluate, eval_target_images=eval_target_images,
-            eval_retain_images=eval_retain_images, floor_images=floor_images, eval_batch_size=eval_batch_size,
-            random_draws=random_draws)
+        if not collateral_offset >= 0:
+            raise UserInputError(f"RegressionWriter collateral_offset must be 0 or more, got {collateral_offset}.")
+        self.collateral_offset = float(collateral_offset)
+        if evaluate_at not in ("all", "goal"):
+            raise UserInputError(f"RegressionWriter evaluate_at must be all or goal, got {evaluate_at!r}.")
+        # the random controls, evaluation, edit files and report of the edits, as for first-order edits
+        self.outputs = None if ratios is None else EditOutputs(
+            "RegressionWriter", ratios, random_draws=random_draws, evaluate_at=evaluate_at, save_unet=save_unet,
+            evaluate=evaluate, eval_target_images=eval_target_images, eval_retain_images=eval_retain_images,
+            floor_images=floor_images, eval_batch_size=eval_batch_size)
+        self._original: dict[str, torch.Tensor] = {}
         if method not in METHODS:
             raise UserInputError(f"RegressionWriter method must be one of {', '.join(METHODS)}, got '{method}'.")
         if strengths is not None and (not strengths or any(not s > 0 for s in strengths)):
@@ -136,18 +145,19 @@ class RegressionWriter(Callback):
         if self._selection == "selective" and self._spread != "text":
             raise UserInputError("RegressionWriter selection 'selective' needs the text spread (cross-attention key/value "
                                  "neurons); use selection top.")
-        if self.editor is not None:
-            self.editor.mode = "erase" if pl_module.hparams.objective == "erase" else "amplify"
-            self.editor._start = self._start
-            if self._selection == "selective":  # the control: random weights in the same rows, as first-order's
-                self.editor.selections = ["selective", "random"] if self.random_control else ["selective"]
-                self.editor.scope = "matrix"
-            else:  # one control of random whole components
-                self.editor.random_draws = 1
+        if self.outputs is not None and stage == "fit":
+            # the control of selective edits: random weights in the same rows, as first-order's (with its further
+            # draws); of top edits: one draw of random whole components
+            self.outputs.scope = "matrix" if self._selection == "selective" else "global"
+            if self._selection != "selective":
+                self.outputs.random_draws = 1
+            mode = "erase" if pl_module.hparams.objective == "erase" else "amplify"
+            self.outputs.prepare(pl_module, trainer.datamodule, mode)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.editor is not None:
-            self.editor.on_train_start(trainer, pl_module)  # the original component weights
+        if self.outputs is not None:  # the original component weights, which the edits are put on
+            params = dict(pl_module.backbone.denoiser.named_parameters())
+            self._original = {n: params[n].detach().clone() for n in pl_module.component_names}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         scores = pl_module.gathered_scores()  # a collective: every rank takes part
@@ -191,41 +201,37 @@ class RegressionWriter(Callback):
         self._write_meta(attribution, trainer, pl_module, fit, y, record if heldout_ids else None)
         if trainer.logger is not None:
             trainer.logger.log_metrics({"regression/train_r2": fit.train_r2, "regression/fit_time_s": fit.fit_time_s}, step=0)
-        if self.editor is not None:
+        if self.outputs is not None:
             self._edit(run_dir, trainer, pl_module, per_weight)
         rank_zero_info(f"Regression attribution of '{concept}' written to {run_dir} (fit {fit.fit_time_s:.2f} s"
               + (f", held-out Spearman {record['spearman']:.3f})" if heldout_ids else ")"))
 
     def _edit(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:
-        editor, datamodule = self.editor, trainer.datamodule
-        editor.scores = {pl_module.concepts[0]: scores}
+        outputs, datamodule, ratios = self.outputs, trainer.datamodule, self.outputs.ratios
         if self._selection == "selective":  # no gradient passes: rows weighed by their measured ablations, or equally
-            original, moment = {n: editor._original[n] for n in scores}, editor.text_space_moment(pl_module)
-            editor.sensitivity = (measured_sensitivity(original, moment, self._row_damage(pl_module, datamodule))
-                                  if self.row_weights == "ablation" else uniform_sensitivity(original, moment))
-            editor.row_moments = None
-        edits = editor._build_edits(pl_module)
-        edits = {"regression": edits.pop("selective" if self._selection == "selective" else "cad")}
-        # the control ablates what the edit ablates in kind: random weights within the same rows for per-weight
-        # edits (the first-order writer's control, with its further draws), random whole components else
-        if self._selection == "selective":
-            editor._add_random(edits)
-        elif self.random_control:
-            edits["random"] = self._random_components(pl_module.layout, edits["regression"], editor.ratios)
+            original, moment = {n: self._original[n] for n in scores}, preserved_moment(pl_module.backbone, datamodule)
+            sensitivity = (measured_sensitivity(original, moment, self._row_damage(pl_module, datamodule))
+                           if self.row_weights == "ablation" else uniform_sensitivity(original, moment))
+            edits = {"regression": text_space_selection(
+                scores, sensitivity, original, moment, ratios, step=TEXT_SPACE_STEP, offset=self.collateral_offset,
+                mode=outputs.mode, scope=outputs.scope)}
+        else:
+            edits = {"regression": {r: select_components(scores, r, mode=outputs.mode, scope=outputs.scope)
+                                    for r in ratios}}
+            if self.random_control:  # the control ablates what the edit ablates in kind: whole components
+                edits["random"] = self._random_components(pl_module.layout, edits["regression"], ratios)
         report = {
             "concept": pl_module.concepts[0], "estimator": "regression", "objective": pl_module.hparams.objective,
-            "mode": editor.mode, "scope": editor.scope, "granularity": pl_module.layout.granularity,
+            "mode": outputs.mode, "scope": outputs.scope, "granularity": pl_module.layout.granularity,
             "spread": self._spread, "selection": self._selection,
             **({"row_weights": self.row_weights} if self._selection == "selective" else {}),
-            "base_prompt": datamodule.base_prompt, "base_word": datamodule.base_word, "ratios": editor.ratios,
-            "edits": editor._write_edits(run_dir, pl_module, edits),
+            "base_prompt": datamodule.base_prompt, "base_word": datamodule.base_word, "ratios": ratios,
+            "evaluate_at": outputs.evaluate_at,
         }
-        report.update(editor._localise(run_dir, trainer, pl_module, scores))  # each weight: its component's share
-        if editor.evaluate:
-            report.update(editor._evaluate(run_dir, trainer, pl_module, edits))
-        report["wall_time_s"] = time.perf_counter() - self._start
-        write_json(run_dir / "report.json", report)
-        write_text(run_dir / "report.md", markdown_report(report))
+        report.update(outputs.localise(run_dir, trainer, pl_module, scores))  # each weight: its component's share
+        outputs.emit(run_dir, trainer, pl_module, edits, report,
+                     apply=lambda masks: restore_weights(pl_module.backbone.denoiser, self._original, masks),
+                     random=self._selection == "selective" and self.random_control, start=self._start)
 
     def _row_damage(self, pl_module, datamodule) -> dict[str, torch.Tensor]:
         """Per K/V matrix, how far ablating each of its rows alone moves the predictions of the unmasked model's
@@ -313,7 +319,9 @@ class RegressionWriter(Callback):
 
 
 class FirstOrderFidelity(Callback):
-    """Fidelity of first-order scores: put it after an AttributionWriter in ``trainer.callbacks``.
+    """Fidelity of first-order scores: put it after an AttributionWriter in ``trainer.callbacks``; it reads the
+    scores that writer wrote (``attribution/scores.safetensors``, or for several targets the first one's own in
+    ``attribution/concept_scores.safetensors``).
 
     On ``masks`` random masks that ablate each component weight with probability ``density``, the predicted
     ΔJ (−Σ α over the ablated weights) is compared with the measured one, on the run's own items (J as the
@@ -337,17 +345,27 @@ class FirstOrderFidelity(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        writer = next((c for c in trainer.callbacks if isinstance(c, AttributionWriter)), None)
-        if writer is None or writer.scores is None:
-            raise UserInputError("FirstOrderFidelity needs an AttributionWriter before it in trainer.callbacks.")
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        scores = self._written_scores(run_dir / "attribution", pl_module.concepts[0])
         items = [i for i in trainer.datamodule.items() if i["concept"] == pl_module.concepts[0]]
         prompts, seeds = [i["prompt"] for i in items], [int(i["seed"]) for i in items]
-        scores = writer.scores[pl_module.concepts[0]]
         predicted, measured = first_order_fidelity(pl_module.backbone, pl_module.objective, prompts, seeds, scores,
                                                    self.density, self.masks, self.seed, pl_module.hparams.chunk_size)
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         record = {"estimator": "first_order", "score": f"objective ({pl_module.hparams.objective}) J, change under the mask",
                   "granularity": "weight", "density": self.density}
         self.record = write_fidelity(run_dir, record, predicted, measured, trainer.logger,
                                      xlabel="predicted ΔJ (−Σ α over ablated weights)", ylabel="measured ΔJ")
         rank_zero_info(f"First-order fidelity: Pearson {self.record['pearson']:.3f}, Spearman {self.record['spearman']:.3f}")
+
+    @staticmethod
+    def _written_scores(attribution: Path, concept: str) -> dict[str, torch.Tensor]:
+        """The first-order scores of ``concept`` as the run's AttributionWriter wrote them."""
+        several = attribution / "concept_scores.safetensors"
+        if several.is_file():
+            prefix = f"{concept}::"
+            return {k[len(prefix):]: v for k, v in load_file(str(several)).items() if k.startswith(prefix)}
+        path = attribution / "scores.safetensors"
+        if not path.is_file():
+            raise UserInputError("FirstOrderFidelity reads the scores an AttributionWriter writes: put one before it "
+                                 "in trainer.callbacks.")
+        return load_file(str(path))

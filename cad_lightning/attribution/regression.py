@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from cad_lightning.attribution.mask_scores import (SCORES, classifier_scores, concept_index, freeze_base,
                                                    objective_scores, presence_inputs, presence_scores)
@@ -178,13 +179,9 @@ class RegressionCADModule(CADModule):
     def gathered_scores(self) -> dict[int, float]:
         """``{mask id: score}`` of every rank (a collective: call it on all ranks)."""
         pairs = torch.tensor(sorted(self.done.items()), dtype=torch.float64).reshape(-1, 2).to(self.device)
-        strategy = self.trainer.strategy
-        count = strategy.all_gather(torch.tensor([pairs.shape[0]], device=self.device)).reshape(-1)
-        longest = int(count.max())
-        padded = torch.full((longest, 2), -1.0, dtype=torch.float64, device=self.device)
-        padded[: pairs.shape[0]] = pairs
-        everything = strategy.all_gather(padded).reshape(-1, 2).cpu()
-        return {int(i): float(s) for i, s in everything.tolist() if i >= 0}
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        parts = gather_all_tensors(pairs) if distributed else [pairs]  # ranks hold different numbers of masks
+        return {int(i): float(s) for part in parts for i, s in part.cpu().tolist()}
 
     def reduced_scores(self):
         raise RuntimeError("The regression estimator has no accumulated scores; RegressionWriter fits them at the end of fit.")

@@ -73,6 +73,13 @@ def token_second_moment(backbone, prompts: Sequence[str]) -> torch.Tensor:
     return flat.T @ flat / len(prompts)
 
 
+def preserved_moment(backbone, datamodule) -> torch.Tensor:
+    """C of the text-space collateral: the token embeddings' second moment over the data's prompts to preserve,
+    its base prompt and the unconditional branch of guidance ("")."""
+    prompts = list(dict.fromkeys([*datamodule.prompts_to_preserve(), datamodule.base_prompt, ""]))
+    return token_second_moment(backbone, prompts)
+
+
 def token_ids(backbone, prompts: Sequence[str]) -> list[list[int]]:
     """The token ids of ``prompts`` as :meth:`DiffusionBackbone.encode` feeds them to the text encoder."""
     tokenizer = backbone.tokenizer

@@ -1,0 +1,315 @@
+"""What every estimator does with its edits once they are selected: random controls of equal count, the floor
+search, the evaluation with the model's concept classifier, the edit files and the report.
+
+:class:`EditOutputs` is owned by a writer callback (``AttributionWriter`` for first-order scores,
+``RegressionWriter`` for the fitted coefficients); the writer selects the edits, ``{selection: {ratio: masks}}``,
+and hands them over with a function that puts an edit on the model. The outputs, in the run directory:
+``edits/<selection>-<mode>-<ratio>.safetensors`` (ablation masks; with ``save_unet`` also the edited UNet),
+``report.json``, ``report.md``, ``tradeoff.png``, ``localisation.png``, ``samples/<selection>-<mode>.png`` and
+TensorBoard scalars and images.
+
+Every edit is evaluated on the same prompts, seeds and sampler noise as the unedited model: the target's and
+the retained concepts' accuracies, and the collateral (cad_lightning/evaluation/collateral.py: SSIM and KID
+of the retained images against the unedited ones, the target prompts' other words, what is drawn instead),
+beside the random control of equal count.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cad_lightning.attribution.localisation import localisation, top_components, unet_levels
+from cad_lightning.editing import combine_masks, count_ablated, load_masks, random_like, save_edited_unet, save_masks
+from cad_lightning.editing.select import select_components
+from cad_lightning.errors import UserInputError
+from cad_lightning.plots import localisation_figure, save_figure
+from cad_lightning.reports import markdown_report, plot_tradeoff, ratio_tag
+from cad_lightning.utils import image_grid, labelled_grid, log_image, save_image, write_json, write_text
+
+EVALUATE_AT = ("all", "goal", "floor")
+Edits = dict[str, dict[float, dict[str, torch.Tensor]]]  # {selection: {ratio: masks (1 = keep)}}
+
+
+def checked_ratios(ratios, owner: str) -> list[float]:
+    """``ratios`` sorted and without repeats, each a number in (0, 1); a clear error naming ``owner`` else."""
+    if ratios is None or isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__"):
+        raise UserInputError(f"{owner} ratios must be a list of numbers in (0, 1), got {ratios!r}.")
+    ratios = list(ratios)
+    if not ratios:
+        raise UserInputError(f"{owner} ratios is empty; give at least one ratio in (0, 1).")
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
+            raise UserInputError(f"{owner} ratios: {r!r} is not a number in (0, 1).")
+    return sorted(set(float(r) for r in ratios))
+
+
+def _whole(value, least: int = 1) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= least
+
+
+class EditOutputs:
+    """Controls, evaluates, writes and reports the edits a writer selected (see the module docstring).
+
+    Args:
+        owner: the writer's name, for error messages.
+        ratios: the edits' fractions of the scored weights (sorted, see :func:`checked_ratios`).
+        random_at / random_draws / evaluate_at / search_margin / search_images / save_unet / evaluate /
+            eval_target_images / eval_retain_images / floor_images / eval_batch_size / localise_top: as in
+            ``AttributionWriter``.
+
+    ``mode`` (erase | amplify) and ``scope`` are set by the owner once the model is known (``prepare``).
+    """
+
+    def __init__(self, owner: str, ratios: list[float], random_at: str = "all", random_draws: int = 1,
+                 evaluate_at: str = "all", search_margin: float = 0.0, search_images: int = 32,
+                 save_unet: bool = True, evaluate: bool = True, eval_target_images: int = 32,
+                 eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96,
+                 localise_top: float = 0.01, scope: str = "global") -> None:
+        self.owner = owner
+        self.ratios = checked_ratios(ratios, owner)
+        if random_at not in ("all", "largest"):
+            raise UserInputError(f"{owner} random_at must be 'all' or 'largest', got '{random_at}'.")
+        if not _whole(random_draws):
+            raise UserInputError(f"{owner} random_draws must be a whole number >= 1, got {random_draws!r}.")
+        if evaluate_at not in EVALUATE_AT:
+            raise UserInputError(f"{owner} evaluate_at must be one of {', '.join(EVALUATE_AT)}, got {evaluate_at!r}.")
+        if not (isinstance(search_margin, (int, float)) and 0 <= search_margin < 1):
+            raise UserInputError(f"{owner} search_margin must be in [0, 1), got {search_margin!r}.")
+        if not _whole(search_images):
+            raise UserInputError(f"{owner} search_images must be a whole number >= 1, got {search_images!r}.")
+        if not (isinstance(localise_top, (int, float)) and 0 < localise_top < 1):
+            raise UserInputError(f"{owner} localise_top must be in (0, 1), got {localise_top!r}.")
+        self.random_at, self.random_draws = random_at, random_draws
+        self.evaluate_at, self.search_margin, self.search_images = evaluate_at, float(search_margin), search_images
+        self.save_unet, self.evaluate = save_unet, evaluate
+        self.eval_target_images, self.eval_retain_images = eval_target_images, eval_retain_images
+        self.floor_images, self.eval_batch_size = floor_images, eval_batch_size
+        self.localise_top = float(localise_top)
+        self.mode, self.scope = "erase", scope
+        self.floor_cache: dict[str, float] | None = None  # kept in a stopped run's results (see Preemption)
+        self._detector_cache = None
+        self._control_reference: dict[float, dict[str, torch.Tensor]] = {}
+
+    # --- set-up -------------------------------------------------------------------------------
+    def prepare(self, pl_module, datamodule, mode: str, selects: bool = True) -> None:
+        """Before any work: the mode, the refusals that need the model and data, the classifier loaded.
+        ``selects``: whether the owner has a selection other than the random control."""
+        self.mode = mode
+        if self.evaluate_at == "floor" and len(getattr(datamodule, "targets", [])) > 1:
+            raise UserInputError(f"{self.owner} evaluate_at 'floor' searches one concept's floor; with several "
+                                 "data.concepts use evaluate_at 'goal' or 'all'.")
+        if self.evaluate_at != "all" and mode != "erase":
+            raise UserInputError(f"{self.owner} evaluate_at '{self.evaluate_at}' looks for the smallest edit that "
+                                 "erases the concept; with model.objective amplify use evaluate_at all.")
+        if self.evaluate_at != "all" and not selects:
+            raise UserInputError(f"{self.owner} evaluate_at '{self.evaluate_at}' looks among the edits of a "
+                                 "selection other than 'random': add one to selections.")
+        if self.evaluate and datamodule.prompt_templates is None:
+            with torch.random.fork_rng(devices=[]):  # its construction draws initial weights: leave the RNG as it was
+                self.detector(pl_module)  # a classifier that does not load is refused before any work
+
+    def evaluable(self, datamodule) -> bool:
+        """Whether the edits are evaluated: asked for, and concepts the shapes world's classifier reads."""
+        return self.evaluate and datamodule.prompt_templates is None
+
+    # --- the random control -------------------------------------------------------------------
+    def add_random(self, edits: Edits, fallback: dict[str, torch.Tensor] | None = None) -> None:
+        """The random control (draw 0) beside the edits: per ratio, random weights with the same count in each
+        row as the edit's, at every ratio the edits have (``random_at`` all) or the largest. ``fallback``: scores
+        to select reference edits from when there are none (a run of the control alone)."""
+        reference: dict[float, dict[str, torch.Tensor]] = {}
+        for per_ratio in edits.values():  # a ratio's count is the same in every selection
+            for r, m in per_ratio.items():
+                reference.setdefault(r, m)
+        if not reference and fallback is not None:
+            reference = {r: select_components(fallback, r, mode=self.mode, scope=self.scope) for r in self.ratios}
+        largest = max(reference)
+        self._control_reference = {r: reference[r] for r in sorted(reference) if self.random_at == "all" or r == largest}
+        edits["random"] = self.random_draw(0)
+
+    def random_draw(self, draw: int) -> dict[float, dict[str, torch.Tensor]]:
+        """Draw ``draw`` of the random control at every ratio that has one (draw 0 is the one written as edits).
+        Each (draw, ratio) has its own seed, so a ratio's control does not depend on the other ratios asked for."""
+        return {r: random_like(m, torch.Generator().manual_seed(draw * 1_000_003 + round(r * 1_000_000)))
+                for r, m in self._control_reference.items()}
+
+    # --- the classifier and the floor ---------------------------------------------------------
+    def detector(self, pl_module):
+        if self._detector_cache is None:
+            from cad_lightning.evaluation.classifier import load_concept_classifier
+
+            self._detector_cache = load_concept_classifier(pl_module.model_folder)
+        return self._detector_cache.to(pl_module.device)
+
+    def floor(self, pl_module, datamodule) -> dict[str, float]:
+        """The floor of every concept: how often the target prompts without the concept are drawn as it."""
+        if self.floor_cache is None:
+            from cad_lightning.evaluation.concepts import empty_prompt_rates, evaluation_items
+
+            targets = pl_module.targets
+            detector = self.detector(pl_module)
+            if datamodule.base_word is None:
+                self.floor_cache = empty_prompt_rates(pl_module.backbone, detector, datamodule.base_prompt,
+                                                      self.floor_images)
+            else:  # each target prompt without its concept; every target's floor from its own prompts
+                rates = {}
+                for concept in targets:
+                    items = evaluation_items(concept, [], self.eval_target_images, 0)
+                    base = [datamodule.base_for(item.prompt, concept) for item in items]
+                    rates[concept] = empty_prompt_rates(pl_module.backbone, detector, base, self.floor_images)
+                self.floor_cache = {**rates[targets[0]], **{c: r[c] for c, r in rates.items()}}
+        return self.floor_cache
+
+    @staticmethod
+    def goal_floor(targets: list[str], floor: dict[str, float]) -> float | dict[str, float] | None:
+        """What an edit's target accuracy is read against: the target's floor, or each target's."""
+        return floor.get(targets[0]) if len(targets) == 1 else {c: floor.get(c, 0.0) for c in targets}
+
+    def search_floor(self, trainer, pl_module, edits: Edits, apply: Callable) -> tuple[Edits, dict]:
+        """Each selection's edits reduced to the smallest that reaches the floor (``evaluate_at`` floor); the
+        search's record for the report: ``{selection: {"goal", "images", "found", "probes"}}``."""
+        from cad_lightning.evaluation.edits import search_floor
+
+        concept = pl_module.concepts[0]
+        goal = self.floor(pl_module, trainer.datamodule).get(concept, 0.0) + self.search_margin
+        record, kept = {}, {}
+        for selection, per_ratio in edits.items():
+            found, probes = search_floor(
+                pl_module.backbone, self.detector(pl_module), concept, per_ratio, apply, goal, self.search_images,
+                self.eval_batch_size, progress=bool(trainer.progress_bar_callback))
+            chosen = found if found is not None else max(per_ratio)
+            kept[selection] = {chosen: per_ratio[chosen]}
+            record[selection] = {"goal": goal, "images": self.search_images, "found": found, "probes": probes}
+        return kept, record
+
+    # --- the outputs --------------------------------------------------------------------------
+    def localise(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> dict:
+        """Where the concept's attribution sits, by block and by kind, and its top weights: for the report, as
+        ``localisation.png`` and as a TensorBoard figure."""
+        levels, size = unet_levels(pl_module.backbone.denoiser)
+        loc = localisation(scores, self.localise_top, levels, size)
+        fig = localisation_figure(loc, " + ".join(f"'{c}'" for c in pl_module.targets))
+        save_figure(fig, run_dir / "localisation.png")
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            experiment.add_figure("attribution/localisation", fig, 0)
+        return {"localisation": loc, "top_components": top_components(scores, 20, levels, size)}
+
+    def write(self, run_dir: Path, pl_module, edits: Edits) -> list[dict]:
+        """The edits' mask files (and with ``save_unet`` the edited UNets); their entries for the report."""
+        written = []
+        for selection, per_ratio in edits.items():
+            for ratio, masks in per_ratio.items():
+                stem = f"{selection}-{self.mode}-{ratio_tag(ratio)}"
+                path = run_dir / "edits" / f"{stem}.safetensors"
+                entry = {"selection": selection, "ratio": ratio, "ablated": count_ablated(masks),
+                         "masks": str(path.relative_to(run_dir))}
+                if pl_module.hparams.edit:
+                    # the file holds the whole edit from the original model: the edit attributed on, then this one
+                    masks = combine_masks(load_masks(pl_module.hparams.edit), masks)
+                    entry["ablated_with_previous_edit"] = count_ablated(masks)
+                save_masks(path, masks, metadata={"selection": selection, "mode": self.mode, "ratio": str(ratio),
+                                                  "scope": self.scope, "concept": " + ".join(pl_module.targets)})
+                if self.save_unet:
+                    folder = run_dir / "edits" / stem / pl_module.backbone.part
+                    save_edited_unet(pl_module.backbone.denoiser, masks, folder)
+                    entry["unet"] = str(folder.relative_to(run_dir))
+                written.append(entry)
+        return written
+
+    def evaluate_edits(self, run_dir: Path, trainer, pl_module, edits: Edits, apply: Callable,
+                       search: dict | None = None) -> dict:
+        """Accuracy and collateral of every edit (``evaluate_at`` goal: smallest first until one meets the goal;
+        those not evaluated are dropped from ``edits``), the sample grids, TensorBoard scalars and the trade-off
+        chart; the report's entries."""
+        from cad_lightning.evaluation.concepts import evaluation_items
+        from cad_lightning.evaluation.edits import evaluate_edits, goal_met, read_against_controls
+
+        datamodule = trainer.datamodule
+        if datamodule.prompt_templates is not None:
+            return {"evaluation": "skipped: the concept classifier reads only shapes-world concepts"}
+        detector = self.detector(pl_module)
+        backbone = pl_module.backbone
+        targets, retained = pl_module.targets, datamodule.retain_concepts
+        concept = targets[0] if len(targets) == 1 else targets
+        items = evaluation_items(concept, retained, self.eval_target_images, self.eval_retain_images)
+        floor = self.floor(pl_module, datamodule)
+        goal_floor = self.goal_floor(targets, floor)
+        draws_only = {}  # further draws of the random control: only their retained images' SSIM is read
+        if "random" in edits and self._control_reference:
+            draws_only = {f"random draw {d}": self.random_draw(d) for d in range(1, self.random_draws)}
+        erase = self.mode == "erase"
+        until = None
+        if self.evaluate_at == "goal":  # ratio by ratio, smallest first, until an edit meets the goal
+            until = lambda rows: goal_met(read_against_controls(rows, goal_floor, erase))  # noqa: E731
+        before, results, images = evaluate_edits(
+            backbone, detector, concept, retained, items, edits, apply, self.eval_batch_size,
+            progress=bool(trainer.progress_bar_callback), ssim_only=draws_only, until=until)
+        results = read_against_controls(results, goal_floor, erase)
+        for selection in list(edits):  # what was not evaluated is not written either
+            edits[selection] = {r: m for r, m in edits[selection].items() if f"{selection} {r:g}" in images}
+        # the grids show six target images (the first of each target in turn) and the last six (retained) images
+        n = len(items)
+        by_target = [[i for i, item in enumerate(items) if item.group == "target" and item.target == c] for c in targets]
+        firsts = [i for column in itertools.zip_longest(*by_target) for i in column if i is not None][:6]
+        show = list(dict.fromkeys([*firsts, *(n - 1 - i for i in range(min(6, n)))]))
+        for selection in edits:
+            keys = ["unedited"] + [f"{selection} {ratio:g}" for ratio in sorted(edits[selection])]
+            rows = torch.cat([images[k][show] for k in keys])
+            save_image(labelled_grid(rows, keys, ncol=len(show)), run_dir / "samples" / f"{selection}-{self.mode}.png")
+            log_image(trainer.logger, f"samples/{selection}", image_grid(rows, ncol=len(show)), 0)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_scalar"):
+            for r in results:
+                step = round(r["ratio"] * 10_000)  # basis points of ablated components
+                for key, tag in (("target", "target_accuracy"), ("retained_mean", "retained_mean_accuracy"),
+                                 ("retained_min_relative", "retained_worst_relative"),
+                                 ("other_words_relative", "other_words_relative"),
+                                 ("retained_ssim", "retained_ssim"), ("retained_kid", "retained_kid")):
+                    if r.get(key) is not None:
+                        experiment.add_scalar(f"edit/{r['selection']}/{tag}", r[key], step)
+                if len(targets) > 1:
+                    for c, accuracy in r["targets"].items():
+                        experiment.add_scalar(f"edit/{r['selection']}/target_accuracy/{c}", accuracy, step)
+        plot_tradeoff(run_dir / "tradeoff.png", targets, before, floor, results, retained, search)
+        return {"floor": floor, "before": before, "results": results,
+                "eval": {"target_images": self.eval_target_images, "retain_images": self.eval_retain_images,
+                         "sampler": backbone.sampler_settings()}}
+
+    def emit(self, run_dir: Path, trainer, pl_module, edits: Edits, report: dict, apply: Callable,
+             random: bool = True, random_fallback: dict[str, torch.Tensor] | None = None, start: float | None = None,
+             checkpoint: Callable[[], None] | None = None) -> dict:
+        """The whole sequence for selected ``edits``: the floor search (``evaluate_at`` floor), the random control
+        (``random``; ``random_fallback``: see :meth:`add_random`; an owner with a control of its own puts it in
+        ``edits`` as ``random``), the evaluation and the edit
+        files in the order ``evaluate_at`` asks, then ``report.json`` and ``report.md`` from ``report`` and what
+        they add. ``apply(masks)`` puts an edit on the model (None: the unedited model); ``checkpoint()`` is
+        called where a stopped run may save its results; ``start``: when the run started (its wall time)."""
+        datamodule = trainer.datamodule
+        evaluable = self.evaluable(datamodule)
+        if checkpoint is not None:
+            checkpoint()
+        search = None
+        if self.evaluate_at == "floor" and evaluable:
+            edits, search = self.search_floor(trainer, pl_module, edits, apply)
+            report["search"] = search
+        if random:
+            self.add_random(edits, random_fallback)
+        if self.evaluate_at == "goal" and evaluable:
+            # the edits are evaluated smallest first until one meets the goal; only those evaluated are written
+            report.update(self.evaluate_edits(run_dir, trainer, pl_module, edits, apply))
+            report["edits"] = self.write(run_dir, pl_module, edits)
+        else:
+            report["edits"] = self.write(run_dir, pl_module, edits)
+            if self.evaluate:
+                report.update(self.evaluate_edits(run_dir, trainer, pl_module, edits, apply, search))
+        if start is not None:
+            report["wall_time_s"] = time.perf_counter() - start
+        write_json(run_dir / "report.json", report)
+        write_text(run_dir / "report.md", markdown_report(report))
+        return report

@@ -1,0 +1,163 @@
+"""The run's report of an attribution and its edits: ``report.md`` from ``report.json``, the trade-off chart, the
+localisation section, and the small naming and hashing helpers the writers share."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from cad_lightning.plots import save_figure
+
+
+def ratio_tag(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def plot_tradeoff(path: Path, concept: str | list[str], before: dict, floor: dict[str, float] | float | None,
+                  results: list[dict], retained: list[str], search: dict | None = None) -> None:
+    """Ablated fraction → target accuracy (each target's, for several), mean retained accuracy and retained SSIM,
+    one line per selection (and the floor search's probes of the target, when there was one); ``floor``: the
+    floor of every concept (or the target's)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3, sharex=True)
+    retained_before = sum(before[c] for c in retained if c in before) / max(1, sum(c in before for c in retained))
+    targets = [concept] if isinstance(concept, str) else list(concept)
+    floors = floor if isinstance(floor, dict) else {targets[0]: floor}
+    for selection in dict.fromkeys(r["selection"] for r in results):
+        rows = sorted((r for r in results if r["selection"] == selection), key=lambda r: r["ratio"])
+        x = [0.0] + [r["ratio"] for r in rows]
+        for n, c in enumerate(targets):
+            accuracy = [r.get("targets", {}).get(c, r["target"]) for r in rows]
+            axes[0].plot(x, [before[c]] + accuracy, marker="o", linestyle=("-", "--", ":", "-.")[n % 4],
+                         label=selection if len(targets) == 1 else f"{selection}: {c}")
+        axes[1].plot(x, [retained_before] + [r["retained_mean"] for r in rows], marker="o", label=selection)
+        axes[2].plot(x, [1.0] + [r.get("retained_ssim", float("nan")) for r in rows], marker="o", label=selection)
+    for selection, search in (search or {}).items():
+        probes = search["probes"]
+        axes[0].plot([p["ratio"] for p in probes], [p["target"] for p in probes], linestyle="none", marker="x",
+                     label=f"{selection}: search probes")
+    for n, c in enumerate(targets):
+        if floors.get(c) is not None:
+            axes[0].axhline(floors[c], color="grey", linestyle=("--", ":", "-.", "-")[n % 4],
+                            label="floor (base prompt)" if len(targets) == 1 else f"floor: {c}")
+    axes[0].set_title(f"target: {', '.join(targets)}")
+    axes[1].set_title("retained concepts (mean)")
+    axes[2].set_title("retained images: SSIM to unedited")
+    for ax in axes:
+        ax.set_xlabel("ablated fraction of components")
+        ax.set_ylabel("classifier accuracy" if ax is not axes[2] else "SSIM (same seeds)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None or value != value else format(value, spec)
+
+
+def markdown_report(report: dict) -> str:
+    estimator = f" ({report['estimator']} estimator)" if "estimator" in report else ""
+    targets = report.get("concepts", [report["concept"]])
+    several = (f", one edit for {len(targets)} concepts (selection: {report['multi_concept']})"
+               if len(targets) > 1 else "")
+    lines = [f"# CAD {report['mode']} of {' and '.join(repr(c) for c in targets)}{estimator}{several}", "",
+             f"objective: {report['objective']}, scope: {report['scope']}, "
+             + (f"selective collateral measured in {report['collateral_space']} space"
+                + (" (rows coupled by their output gradients' correlation)" if report.get("row_coupling") else "")
+                + (f", grown on scores of the edited model from {', '.join(f'{r:g}' for r in report['rescored_at'])} on"
+                   if report.get("rescored_at") else "")
+                + ", " if "collateral_space" in report else "")
+             + (
+                 f"base prompt: '{report['base_prompt']}'" if report.get("base_word") is None else
+                 f"base prompts: each prompt without {' or '.join(repr(c) for c in targets)}"
+                 + ("" if report["base_word"] in ("auto", "") else f" ('{report['base_word']}' in its place)")), ""]
+    if "results" in report:
+        lines += ["; ".join(f"unedited accuracy on '{c}': {report['before'][c]:.3f}, floor (base prompts drawn as "
+                            f"'{c}'): {report['floor'].get(c, float('nan')):.3f}" for c in targets), "",
+                  "Every edit is evaluated on the same prompts, seeds and sampler noise as the unedited model. *other "
+                  "words*: the target prompts' other named words still drawn, relative to unedited; *SSIM*, *KID*: "
+                  "retained images against the unedited ones (KID ×1000 on the concept classifier's features); "
+                  "*selective*: target ≤ floor + 0.05 (each target its own), retained and other words ≥ 0.90 of unedited, SSIM ≥ the "
+                  "random control's of equal count (*random SSIM*: the mean over the control's draws).", "",
+                  "| selection | ratio | ablated weights | target accuracy | drawn instead | retained mean | "
+                  "worst retained / unedited | other words | SSIM | KID | random SSIM | selective |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["results"]:
+            worst = _fmt(r["retained_min_relative"])
+            if r.get("retained_worst") and r["retained_min_relative"] is not None and r["retained_min_relative"] < 1:
+                worst += f" ({r['retained_worst']})"
+            instead = ", ".join(f"{w} {v:.2f}" for w, v in list(r.get("drawn_instead", {}).items())[:2])
+            flag = {True: "yes", False: "no", None: ""}[r.get("selective")]
+            target = (f"{r['target']:.3f}" if len(targets) == 1 else
+                      ", ".join(f"{c} {r['targets'][c]:.3f}" for c in targets))
+            if len(targets) > 1:
+                instead = "; ".join(f"{c}: " + ", ".join(f"{w} {v:.2f}" for w, v in list(d.items())[:2])
+                                    for c, d in r.get("drawn_instead_by_target", {}).items())
+            lines.append(f"| {r['selection']} | {r['ratio']:g} | {r['ablated']} | {target} | {instead} | "
+                         f"{r['retained_mean']:.3f} | {worst} | {_fmt(r.get('other_words_relative'), '.2f')} | "
+                         f"{_fmt(r.get('retained_ssim'))} | {_fmt(r.get('retained_kid'), '.2f')} | "
+                         f"{_fmt(r.get('random_retained_ssim'))} | {flag} |")
+        if report.get("evaluate_at") == "goal":
+            evaluated = sorted({r["ratio"] for r in report["results"]})
+            skipped = [r for r in report["ratios"] if r > max(evaluated, default=0.0)]
+            met = sorted({r["ratio"] for r in report["results"] if r.get("selective")})
+            lines += ["", "Edits evaluated smallest first until one met the goal (evaluate_at goal): "
+                      + (f"{met[0]:g} meets it" if met else "none of the ratios meets it")
+                      + (f"; {', '.join(f'{r:g}' for r in skipped)} neither evaluated nor written." if skipped else ".")]
+        for selection, search in report.get("search", {}).items():
+            found = search["found"]
+            lines += ["", f"**{selection}: the smallest edit that reaches the floor** (goal: target ≤ floor + margin = "
+                      f"{search['goal']:.3f} on {search['images']} images of the target prompts with other seeds than the "
+                      "evaluation's; the edits are nested, so it is found by bisection): "
+                      + (f"{found:g}, evaluated above." if found is not None else
+                         f"none of the ratios reaches it; the largest, {max(p['ratio'] for p in search['probes']):g}, "
+                         "is evaluated above."), "",
+                      "| ratio | ablated weights | target accuracy (search prompts) | drawn instead | reaches the goal |",
+                      "|---|---|---|---|---|"]
+            for p in search["probes"]:
+                instead = ", ".join(f"{w} {v:.2f}" for w, v in list(p["drawn_instead"].items())[:2])
+                lines.append(f"| {p['ratio']:g} | {p['ablated']} | {p['target']:.3f} | {instead} | "
+                             f"{'yes' if p['reached'] else 'no'} |")
+        lines += ["", "![trade-off](tradeoff.png)", ""]
+        lines += [f"![{s}](samples/{s}-{report['mode']}.png)" for s in dict.fromkeys(r["selection"] for r in report["results"])]
+        lines += [""]
+    else:
+        lines += [str(report.get("evaluation", "not evaluated")), ""]
+    lines += localisation_lines(report)
+    lines += ["## Edits", ""] + [f"- `{e['masks']}` ({e['ablated']} weights)" for e in report["edits"]]
+    return "\n".join(lines) + "\n"
+
+
+def localisation_lines(report: dict) -> list[str]:
+    """The report's section on where the concept's attribution sits (see attribution/localisation.py)."""
+    loc = report.get("localisation")
+    if loc is None:
+        return []
+    lines = ["## Where the concept lives", "",
+             f"Shares of the top {loc['top_fraction']:.2%} of scored weights by score ({loc['k']} weights: *positive*, "
+             "they induce the concept; *negative*, they suppress it), of their attribution mass, against the share of "
+             "weights.", "", "![localisation](localisation.png)", ""]
+    for key, title in (("by_block", "UNet block (latent resolution)"), ("by_kind", "component kind")):
+        lines += [f"| {title} | weights | top-k positive mass | top-k negative mass |", "|---|---|---|---|"]
+        lines += [f"| {g} | {v['weights']:.3f} | {v['positive']:.3f} | {v['negative']:.3f} |" for g, v in loc[key].items()]
+        lines += [""]
+    top = report.get("top_components", [])
+    if top:
+        lines += [f"The {len(top)} weights with the largest scores:", "", "| # | parameter | index | block | kind | score |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {i + 1} | `{r['parameter']}` | {tuple(r['index'])} | {r['block']} | {r['kind']} | {r['score']:.3g} |"
+                  for i, r in enumerate(top)]
+        lines += [""]
+    return lines
