@@ -19,7 +19,7 @@ import torch
 
 from cad_lightning import load_backbone
 from cad_lightning.attribution.components import ComponentSpace
-from cad_lightning.attribution.module import use_ieee_fp32
+from cad_lightning.attribution.base import use_ieee_fp32
 from cad_lightning.attribution.scoring import accumulate_first_order
 from cad_lightning.attribution.objectives import EraseObjective
 from cad_lightning.data.attribution_datamodule import AttributionDataModule

@@ -311,7 +311,7 @@ def test_gradient_checkpointing_gives_the_same_scores():
 
 
 def test_fp32_on_cuda_switches_tf32_off():
-    from cad_lightning.attribution.module import restore_fp32, use_ieee_fp32
+    from cad_lightning.attribution.base import restore_fp32, use_ieee_fp32
 
     saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     try:

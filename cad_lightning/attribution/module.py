@@ -14,22 +14,16 @@ of the epoch, so a run resumed after preemption (cad_lightning/preemption.py) sk
 from __future__ import annotations
 
 import time
-import warnings
-from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from cad_lightning.attribution.components import ComponentSpace
-from cad_lightning.attribution.objectives import OBJECTIVES, ConceptObjective
+from cad_lightning.attribution.base import AttributionModule
 from cad_lightning.attribution.scoring import accumulate_first_order
 from cad_lightning.attribution.sensitivity import accumulate_sensitivity
 from cad_lightning.editing.text_space import reads_text_only
-from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
 from cad_lightning.errors import UserInputError
-
-from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
+from cad_lightning.generation import DEFAULT_MODEL
 from cad_lightning.preemption import Preemption
 from cad_lightning.run_status import RunStatus
 from cad_lightning.strategy import NAME as ATTRIBUTION_STRATEGY
@@ -38,31 +32,7 @@ from cad_lightning.strategy import AttributionStrategy
 ACCUMULATED = ("alpha_", "count_", "objective_sum_", "sensitivity_", "items_done")  # the per-epoch sums
 
 
-def use_ieee_fp32(device: torch.device) -> tuple[str, str] | None:
-    """Make fp32 convolutions and matrix products on a CUDA device exact fp32 (no TF32). Returns the previous
-    process-wide settings to put back with :func:`restore_fp32` (None when nothing changed: not a CUDA device).
-
-    The erase objective is the squared difference of two nearly equal noise predictions, so the 10-bit
-    mantissa of TF32 (PyTorch's default for cuDNN convolutions) is amplified into the scores: on an H200 the
-    default attribution run's scores correlated only 0.83 with the CPU scores under TF32, 0.99999 without.
-    """
-    if device.type != "cuda":
-        return None
-    previous = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    return previous
-
-
-def restore_fp32(previous: tuple[str, str] | None) -> None:
-    if previous is not None:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = previous
-
-
-EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
-
-
-class CADModule(pl.LightningModule):
+class CADModule(AttributionModule):
     """First-order component attribution (the paper's CAD).
 
     Args:
@@ -71,7 +41,7 @@ class CADModule(pl.LightningModule):
         components: presets or parameter-name patterns of the components (see ComponentSpace).
         guidance_scale / num_inference_steps: the sampler of the trajectories (the model's defaults if not given).
         dtype: precision of the UNet (fp32, fp16, bf16); scores are always accumulated in fp32. With fp32 on a
-            CUDA device, TF32 is switched off for the process unless ``allow_tf32`` (see :func:`use_ieee_fp32`).
+            CUDA device, TF32 is switched off for the process unless ``allow_tf32`` (see ``attribution.base.use_ieee_fp32``).
         chunk_size: states per forward/backward pass (lower it to save memory).
         allow_tf32: keep TF32 for fp32 work on CUDA (faster, but the erase scores lose precision).
         gradient_checkpointing: recompute the UNet's block activations in the backward pass instead of
@@ -82,7 +52,7 @@ class CADModule(pl.LightningModule):
             renders, embedded model only) or a folder of images.
     """
 
-    synchronizes_gradients = False  # ranks reduce the score buffers explicitly, once per epoch
+    estimator = "first_order"
 
     def __init__(
         self,
@@ -98,31 +68,14 @@ class CADModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         allow_tf32: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(model_path=model_path, objective=objective, components=components,
+                         guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, dtype=dtype,
+                         chunk_size=chunk_size, edit=edit, image_source=image_source,
+                         gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters()
-        if objective not in OBJECTIVES:
-            raise UserInputError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got '{objective}'.")
-        if chunk_size < 1:
-            raise UserInputError(f"model.chunk_size must be at least 1, got {chunk_size}.")
-        self.automatic_optimization = False
-        self.model_folder = resolve_model_path(model_path)
-        self.backbone: DiffusionBackbone = load_backbone(self.model_folder, dtype=dtype)
-        if gradient_checkpointing:
-            self.backbone.denoiser.enable_gradient_checkpointing()
-        self.space = ComponentSpace(components)
-        self.component_names = self.space.names(self.backbone.denoiser)
-        if edit:
-            from cad_lightning.editing import apply_edit
-
-            apply_edit(self.backbone.denoiser, edit)
-        self.concepts: list[str] = []
-        self.n_targets = 1
-        self.objective: ConceptObjective | None = None
         self.restored: dict[str, torch.Tensor] = {}  # sums saved by a preempted run, see restore_accumulated
         self._items_start = (0.0, 0)
         self.preemption: Preemption | None = None
-        self._fp32_before: tuple[str, str] | None = None  # TF32 settings to put back, see teardown
-        self._quiet = None  # the warning filters of this run, see quiet_eval_mode_warning
 
     # --- set-up -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -138,28 +91,10 @@ class CADModule(pl.LightningModule):
         self.configure_concepts(datamodule.concepts, datamodule.base_prompt, len(getattr(datamodule, "targets", [0])))
         if getattr(datamodule, "preserve_samples", 0) > 0:
             self._ensure_sensitivity_buffers()  # before a preempted run's saved sums are restored
-        if self.hparams.dtype == "fp32" and not self.hparams.allow_tf32:
-            self._fp32_before = use_ieee_fp32(self.trainer.strategy.root_device)
-        self.quiet_eval_mode_warning()
+        self.prepare_run(allow_tf32=self.hparams.allow_tf32)
         if not hasattr(self, "items_done"):
             self.register_buffer("items_done", torch.zeros(len(datamodule.items()), dtype=torch.bool, device=self.device))
         self.backbone.check_prompts(datamodule.all_prompts())  # fail before any work is done
-
-    def quiet_eval_mode_warning(self) -> None:
-        """Attribution trains nothing: the frozen model is in eval mode on purpose, which Lightning warns about at
-        the start of training. The warning is silenced for this run only (until :meth:`teardown`)."""
-        if self._quiet is None:
-            self._quiet = warnings.catch_warnings()
-            self._quiet.__enter__()
-            warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
-
-    def teardown(self, stage: str) -> None:
-        """Put back the process-wide settings this run changed (TF32, warning filters)."""
-        restore_fp32(self._fp32_before)
-        self._fp32_before = None
-        if self._quiet is not None:
-            self._quiet.__exit__(None, None, None)
-            self._quiet = None
 
     def configure_callbacks(self):
         # kept on the module: the writer asks it at the safe points of writing and evaluation (checkpoint)
@@ -172,13 +107,7 @@ class CADModule(pl.LightningModule):
         (scored once, on the unedited model)."""
         self.concepts = list(concepts)
         self.n_targets = targets
-        kwargs = {"image_source": self.hparams.image_source} if self.hparams.objective == "amplify" else {}
-        self.objective = OBJECTIVES[self.hparams.objective](
-            base_prompt=base_prompt,
-            guidance_scale=self.hparams.guidance_scale,
-            num_inference_steps=self.hparams.num_inference_steps,
-            **kwargs,
-        )
+        self.make_objective(base_prompt)
         params = dict(self.backbone.denoiser.named_parameters())
         for c in range(len(self.concepts)):
             for p, name in enumerate(self.component_names):
@@ -192,17 +121,9 @@ class CADModule(pl.LightningModule):
         for name in self.component_names:
             params[name].requires_grad_(True)
 
-    @property
-    def targets(self) -> list[str]:
-        """The concepts one edit is attributed for (``data.concepts``, or the one ``data.concept``)."""
-        return self.concepts[: self.n_targets]
-
     @staticmethod
     def _buffer_name(concept: int, param: int) -> str:
         return f"alpha_{concept}_{param}"
-
-    def configure_optimizers(self):
-        return None
 
     # --- accumulation -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -352,7 +273,3 @@ class CADModule(pl.LightningModule):
         count = self._reduced_sum(f"count_{concept_index}")
         total = self._reduced_sum(f"objective_sum_{concept_index}")
         return float(total / count)
-
-    @property
-    def model_id(self) -> str:
-        return str(Path(self.model_folder).resolve())

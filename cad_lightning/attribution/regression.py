@@ -7,11 +7,11 @@ or the classifier's probability of the concept on images generated under the mas
 same settings only computes the missing ones. At the end of ``fit`` the :class:`RegressionWriter` callback
 gathers the scores of all ranks and fits the linear model.
 
-Why a subclass of :class:`CADModule` rather than a branch inside it: the two estimators share the backbone,
-the components and the objective (inherited here), but neither the state (fp32 gradient buffers there, a
-store of per-mask scores here) nor the step (a backward pass there, batched masked forward passes here);
-keeping the regression's work apart leaves the first-order path untouched. ``estimator`` reads
-``regression`` here and ``first_order`` there.
+The two estimators share the backbone, the components and the objective (``attribution.base.AttributionModule``),
+but neither the state (fp32 gradient buffers in ``CADModule``, a store of per-mask scores here) nor the step
+(a backward pass there, batched masked forward passes here) nor the callbacks (preemption of the buffers
+there; here the store is what survives an interruption). ``estimator`` reads ``regression`` here and
+``first_order`` there.
 """
 
 from __future__ import annotations
@@ -24,18 +24,17 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from cad_lightning.attribution.mask_scores import (SCORES, classifier_scores, concept_index, freeze_base,
                                                    objective_scores, presence_inputs, presence_scores)
 from cad_lightning.attribution.masks import GRANULARITIES, MaskLayout, sample_masks
-from cad_lightning.attribution.module import CADModule, use_ieee_fp32
-from cad_lightning.attribution.objectives import OBJECTIVES
+from cad_lightning.attribution.base import AttributionModule
 from cad_lightning.attribution.store import MaskScoreStore
 from cad_lightning.errors import UserInputError
 from cad_lightning.generation import DEFAULT_MODEL
 from cad_lightning.run_status import RunStatus
 
 
-class RegressionCADModule(CADModule):
+class RegressionCADModule(AttributionModule):
     """Linear counterfactual attribution from random ablation masks.
 
-    Args (besides those of CADModule):
+    Args (besides those of ``CADModule`` but its ``allow_tf32`` and ``gradient_checkpointing``):
         granularity: components: ``neuron`` (rows), ``head`` (attention heads) or ``layer`` (whole weights).
         score: ``presence`` (erase: how much of the concept's direction the masked model's predictions keep, 1 →
             0; the default for erase), ``objective`` (the erase/amplify objective under the mask; the default for
@@ -88,11 +87,7 @@ class RegressionCADModule(CADModule):
 
     # --- set-up -------------------------------------------------------------------------------
     def configure_callbacks(self):
-        # interruptions are covered by the mask-score store, not by the first-order preemption state
-        return [RunStatus()]
-
-    def on_train_epoch_start(self) -> None:
-        pass  # no first-order progress to track
+        return [RunStatus()]  # interruptions are covered by the mask-score store
 
     def setup(self, stage: str) -> None:
         from cad_lightning.data.mask_datamodule import MaskDataModule
@@ -103,16 +98,10 @@ class RegressionCADModule(CADModule):
                 "RegressionCADModule needs a MaskDataModule (data: class_path cad_lightning.data.mask_datamodule.MaskDataModule)."
             )
         self.concepts = [datamodule.concept]
-        kwargs = {"image_source": self.hparams.image_source} if self.hparams.objective == "amplify" else {}
-        self.objective = OBJECTIVES[self.hparams.objective](
-            base_prompt=datamodule.base_prompt, guidance_scale=self.hparams.guidance_scale,
-            num_inference_steps=self.hparams.num_inference_steps, **kwargs,
-        )
+        self.make_objective(datamodule.base_prompt)
         self.backbone.check_prompts(datamodule.all_prompts())
         self.backbone.requires_grad_(False)
-        if self.hparams.dtype == "fp32":
-            self._fp32_before = use_ieee_fp32(self.trainer.strategy.root_device)
-        self.quiet_eval_mode_warning()
+        self.prepare_run()
         if self.hparams.score == "classifier":
             from cad_lightning.evaluation.classifier import load_concept_classifier
 
@@ -182,6 +171,3 @@ class RegressionCADModule(CADModule):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         parts = gather_all_tensors(pairs) if distributed else [pairs]  # ranks hold different numbers of masks
         return {int(i): float(s) for part in parts for i, s in part.cpu().tolist()}
-
-    def reduced_scores(self):
-        raise RuntimeError("The regression estimator has no accumulated scores; RegressionWriter fits them at the end of fit.")
