@@ -42,3 +42,28 @@ def test_parse_errors_are_short_and_name_the_file(tmp_path, capsys):
         err = capsys.readouterr().err
         assert expected in err and err.startswith("cad: error:"), (args, err)
         assert len(err.strip().splitlines()) <= 2 and "usage:" not in err, err  # the error and where the options are listed
+
+
+def test_composed_configs_state_only_what_differs_and_resolve_their_parts(capsys):
+    """A family's job takes the shared real-model part, then the family's settings, then its own: the resolved
+    config holds all three, the later replacing the earlier."""
+    import yaml
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    assert run_cli(["fit", "--config", str(configs / "sd3" / "erase_unsafe.yaml"), "--print_config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    trainer, model, data = resolved["trainer"], resolved["model"]["init_args"], resolved["data"]["init_args"]
+    # the shared part
+    assert trainer["max_epochs"] == 1 and trainer["enable_checkpointing"] is False and resolved["seed_everything"] == 0
+    writer = trainer["callbacks"][0]
+    assert writer["class_path"].endswith("AttributionWriter") and writer["init_args"]["ratios"] == [0.01, 0.02, 0.05]
+    assert writer["init_args"]["save_unet"] is False and model["components"] == ["ff"] and data["batch_size"] == 1
+    # the family's
+    assert model["dtype"] == "bf16" and model["num_inference_steps"] == 28 and model["gradient_checkpointing"] is True
+    # the job's own, one replacing the part's
+    assert trainer["default_root_dir"] == "runs/sd3_erase_unsafe" and data["concept"] == "nudity"
+    assert data["prompt_templates"] is None and data["prompts_file"] == "configs/sd/unsafe_prompts.txt"
+    assert data["samples"] == 16
+    # a job file states only its differences
+    job = (configs / "sd3" / "erase_unsafe.yaml").read_text()
+    assert "max_epochs" not in job and "dtype" not in job
