@@ -85,7 +85,7 @@ def row_for(concept: str, run_dir: Path, first_order: Path | None) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    ratios = [e["ratio"] for e in rows[0]["edits"]]
+    ratios = sorted({e["ratio"] for row in rows for e in row["edits"]})  # with evaluate_at goal, rows stop early
     head = ["concept", "held-out Spearman (Pearson)", "masks", "minutes (fit / with edits)", "floor"]
     head += [f"regression {r:g}: target (random) · SSIM (random)" for r in ratios]
     head += ["regression: smallest edit meeting the goal", "first-order default: edit, target · SSIM (random), goal"]
@@ -93,7 +93,9 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         cells = [row["concept"], f"{row['spearman']:.3f} ({row['pearson']:.3f})" + ("" if row["trusted"] is not False else " untrusted"),
                  str(row["masks"]), f"{row['fit_minutes']:.1f} / {row['minutes']:.1f}", f"{row['floor']:.3f}"]
-        cells += [f"{e['target']:.3f} ({e['random_target']:.3f}) · {e['ssim']:.3f} ({e['random_ssim']:.3f})" for e in row["edits"]]
+        evaluated = {e["ratio"]: e for e in row["edits"]}
+        cells += [f"{e['target']:.3f} ({e['random_target']:.3f}) · {e['ssim']:.3f} ({e['random_ssim']:.3f})"
+                  if (e := evaluated.get(r)) else "not evaluated" for r in ratios]
         met = [e for e in row["edits"] if e["goal"]]
         cells.append(f"{met[0]['ratio']:g} ({met[0]['ablated']})" if met else "none")
         fo = row.get("first_order")

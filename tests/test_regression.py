@@ -290,8 +290,8 @@ def test_selective_regression_edits_of_key_value_neurons(tmp_path):
     module = RegressionCADModule(objective="erase", num_inference_steps=3, components=["cross_attn_kv"],
                                  granularity="neuron")
     data = MaskDataModule(concept="circle", base_word="auto", samples=1, masks=24, heldout_masks=4, batch_size=8)
-    writer = RegressionWriter(strengths=[0.1, 1.0], ratios=[0.3], eval_target_images=4, eval_retain_images=3,
-                              floor_images=4, eval_batch_size=16, min_spearman=-1, damage_prompts=1)
+    writer = RegressionWriter(strengths=[0.1, 1.0], ratios=[0.3, 0.4], eval_target_images=4, eval_retain_images=3,
+                              floor_images=4, eval_batch_size=16, min_spearman=-1, damage_prompts=1, evaluate_at="goal")
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[writer])
@@ -313,7 +313,13 @@ def test_selective_regression_edits_of_key_value_neurons(tmp_path):
     assert partly > 0  # single weights, not whole rows
     control = load_masks(tmp_path / "edits" / "random-erase-0.3.safetensors")
     assert all(torch.equal((~control[n]).sum(1), (~edit[n]).sum(1)) for n in edit)  # same count in every row
-    assert [r["selection"] for r in report["results"]] == ["regression", "random"]
+    # evaluate_at goal: smallest first, each beside its control, until one meets the goal; the rest not written
+    evaluated = sorted({r["ratio"] for r in report["results"]})
+    met = [r["ratio"] for r in report["results"] if r["selection"] == "regression" and r["selective"]]
+    assert evaluated == ([0.3] if met and met[0] == 0.3 else [0.3, 0.4])
+    assert [r["selection"] for r in report["results"] if r["ratio"] == 0.3] == ["regression", "random"]
+    written = {e["masks"] for e in report["edits"]}
+    assert written == {f"edits/{s}-erase-{r:g}.safetensors" for s in ("regression", "random") for r in evaluated}
     edited = report["results"][0]  # read against the mean of the control's 3 draws, as first-order edits are
     assert len(edited["random_retained_ssim_draws"]) == 3
     assert edited["random_retained_ssim"] == pytest.approx(sum(edited["random_retained_ssim_draws"]) / 3)
@@ -328,6 +334,8 @@ def test_the_text_spread_and_the_selective_selection_need_key_value_neurons(tmp_
         RegressionWriter(spread="rows")
     with pytest.raises(UserInputError, match="row_weights must be ablation or uniform"):
         RegressionWriter(row_weights="gradient")
+    with pytest.raises(UserInputError, match="evaluate_at must be all or goal"):
+        RegressionWriter(ratios=[0.1], evaluate_at="floor")
     module = RegressionCADModule(num_inference_steps=2, granularity="neuron")  # FF rows
     data = MaskDataModule(concept="circle", samples=1, masks=4, heldout_masks=0, batch_size=4)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
