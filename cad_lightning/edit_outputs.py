@@ -17,6 +17,7 @@ beside the random control of equal count.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -46,6 +47,11 @@ def checked_ratios(ratios, owner: str) -> list[float]:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
             raise UserInputError(f"{owner} ratios: {r!r} is not a number in (0, 1).")
     return sorted(set(float(r) for r in ratios))
+
+
+def run_seed() -> int:
+    """The run's ``seed_everything`` (0 when it was not set), which Lightning keeps in ``PL_GLOBAL_SEED``."""
+    return abs(int(os.environ.get("PL_GLOBAL_SEED", 0)))
 
 
 def _whole(value, least: int = 1) -> bool:
@@ -94,12 +100,14 @@ class EditOutputs:
         self.floor_cache: dict[str, float] | None = None  # kept in a stopped run's results (see Preemption)
         self._detector_cache = None
         self._control_reference: dict[float, dict[str, torch.Tensor]] = {}
+        self.seed = 0  # the run's seed_everything (see prepare), which the random controls are drawn from
 
     # --- set-up -------------------------------------------------------------------------------
     def prepare(self, pl_module, datamodule, mode: str, selects: bool = True) -> None:
         """Before any work: the mode, the refusals that need the model and data, the classifier loaded.
         ``selects``: whether the owner has a selection other than the random control."""
         self.mode = mode
+        self.seed = run_seed()
         if self.evaluate_at == "floor" and len(getattr(datamodule, "targets", [])) > 1:
             raise UserInputError(f"{self.owner} evaluate_at 'floor' searches one concept's floor; with several "
                                  "data.concepts use evaluate_at 'goal' or 'all'.")
@@ -134,8 +142,10 @@ class EditOutputs:
 
     def random_draw(self, draw: int) -> dict[float, dict[str, torch.Tensor]]:
         """Draw ``draw`` of the random control at every ratio that has one (draw 0 is the one written as edits).
-        Each (draw, ratio) has its own seed, so a ratio's control does not depend on the other ratios asked for."""
-        return {r: random_like(m, torch.Generator().manual_seed(draw * 1_000_003 + round(r * 1_000_000)))
+        Each (run seed, draw, ratio) has its own seed, so a ratio's control does not depend on the other ratios
+        asked for, and another ``seed_everything`` draws other controls."""
+        return {r: random_like(m, torch.Generator().manual_seed(
+                    self.seed * 1_000_000_007 + draw * 1_000_003 + round(r * 1_000_000)))
                 for r, m in self._control_reference.items()}
 
     # --- the classifier and the floor ---------------------------------------------------------

@@ -37,7 +37,7 @@ from cad_lightning.attribution.fidelity import first_order_fidelity, write_fidel
 from cad_lightning.attribution.linear_fit import METHODS, fit_linear
 from cad_lightning.attribution.mask_scores import ablation_damage
 from cad_lightning.attribution.objectives import EraseObjective
-from cad_lightning.edit_outputs import EditOutputs
+from cad_lightning.edit_outputs import EditOutputs, run_seed
 from cad_lightning.editing import restore_weights
 from cad_lightning.editing.select import count_ablated, select_components
 from cad_lightning.editing.text_space import (TEXT_SPACE_STEP, concept_difference, measured_sensitivity, preserved_moment,
@@ -265,9 +265,9 @@ class RegressionWriter(Callback):
 
     @staticmethod
     def _random_components(layout, reference: dict, ratios: list[float]) -> dict:
-        """Per ratio, masks ablating random components (seeded, uniform over components) with as many weights
-        as the reference edit (whole components but the last)."""
-        generator = torch.Generator().manual_seed(0)
+        """Per ratio, masks ablating random components (drawn from the run's seed, uniform over components) with
+        as many weights as the reference edit (whole components but the last)."""
+        generator = torch.Generator().manual_seed(run_seed())
         draw = torch.rand(1, layout.n_components, generator=generator, dtype=torch.float64) + 1e-3
         scores = {b.name: layout.expand(b, draw[:, b.offset : b.offset + b.size])[0].float().contiguous()
                   for b in layout.blocks}

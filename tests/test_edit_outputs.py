@@ -62,3 +62,20 @@ def test_bad_settings_are_refused_naming_the_owner_and_the_field(kwargs, field):
 
 def test_ratios_are_sorted_without_repeats():
     assert checked_ratios([0.3, 0.1, 0.3], "W") == [0.1, 0.3]
+
+
+def test_random_controls_follow_the_runs_seed(monkeypatch):
+    from cad_lightning.edit_outputs import run_seed
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    assert run_seed() == 0
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")  # what seed_everything(5) leaves for the run
+    assert run_seed() == 5
+    controls = []
+    for seed in (0, 5, 0):
+        outputs = EditOutputs("Writer", [0.3])
+        outputs.seed = seed
+        edits = {"cad": {0.3: _edit(0.3)}}
+        outputs.add_random(edits)
+        controls.append(edits["random"][0.3]["a"])
+    assert torch.equal(controls[0], controls[2]) and not torch.equal(controls[0], controls[1])
