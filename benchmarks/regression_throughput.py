@@ -59,7 +59,7 @@ def load(args):
     path = resolve_model_path("tiny-shapes")
     backbone = load_backbone(path, device=args.device)
     backbone.requires_grad_(False)
-    items = MaskDataModule(concept=args.concept, base_word="auto", samples=args.samples).evaluation_items()
+    items = MaskDataModule(concept=args.concept, base_word="auto", samples=args.samples).items()
     detector = load_concept_classifier(path)
     detector.classifier.to(args.device)
     return (backbone, [i["prompt"] for i in items], [int(i["seed"]) for i in items],

@@ -256,7 +256,7 @@ class RegressionWriter(Callback):
         """Per-weight scores: each K/V row's coefficient over its weights by their share of the row's change on
         the concept's tokens (the prompts every mask was scored on, against their base prompts)."""
         layout = pl_module.layout
-        items = datamodule.evaluation_items()
+        items = datamodule.items()
         difference = concept_difference(pl_module.backbone, [i["prompt"] for i in items],
                                         [i["base_prompt"] for i in items])
         params = dict(pl_module.backbone.denoiser.named_parameters())
@@ -302,8 +302,8 @@ class RegressionWriter(Callback):
             "masks": {"train": len(y), "heldout": len(datamodule.heldout_ids()), "keep_prob": datamodule.keep_prob,
                       "mask_seed": datamodule.mask_seed, "computed_this_run": int(pl_module.computed),
                       "store": str(pl_module.store.folder)},
-            "items": len(datamodule.evaluation_items()),
-            "seeds": [i["seed"] for i in datamodule.evaluation_items()],
+            "items": len(datamodule.items()),
+            "seeds": [i["seed"] for i in datamodule.items()],
             "sampler": pl_module.backbone.sampler_settings(h.num_inference_steps, h.guidance_scale),
             "fit": {"method": fit.method, "solver": fit.solver, "strength": fit.strength, "intercept": fit.intercept,
                     "train_r2": fit.train_r2, "fit_time_s": fit.fit_time_s, "score_mean": float(np.mean(y)),

@@ -198,8 +198,8 @@ def test_presence_needs_the_erase_objective_and_is_the_erase_default():
     with pytest.raises(UserInputError, match="presence.*erase"):
         RegressionCADModule(objective="amplify", granularity="layer", score="presence")
     data = MaskDataModule(concept="circle", base_word="auto", samples=3)
-    assert all(i["base_prompt"] == i["prompt"].replace("circle", "shape") for i in data.evaluation_items())
-    assert {i["base_prompt"] for i in data.evaluation_items()} <= set(data.all_prompts())  # checked against the vocabulary
+    assert all(i["base_prompt"] == i["prompt"].replace("circle", "shape") for i in data.items())
+    assert {i["base_prompt"] for i in data.items()} <= set(data.all_prompts())  # checked against the vocabulary
 
 
 @pytest.mark.parametrize("min_spearman, trusted", [(1.0, False), (-1.0, True)])

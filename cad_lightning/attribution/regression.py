@@ -134,14 +134,9 @@ class RegressionCADModule(AttributionModule):
         datamodule = self.trainer.datamodule
         return sample_masks(self.layout.n_components, list(ids), datamodule.keep_prob, datamodule.mask_seed)
 
-    def evaluation_prompts(self) -> tuple[list[str], list[int], list[str]]:
-        """The prompts every mask is scored on, their seeds and their base prompts."""
-        items = self.trainer.datamodule.evaluation_items()
-        return [i["prompt"] for i in items], [int(i["seed"]) for i in items], [i["base_prompt"] for i in items]
-
-    def score_masks(self, masks: torch.Tensor) -> torch.Tensor:
-        """Concept score (M,) float64 of the model under each mask row (M, n_components)."""
-        prompts, seeds, bases = self.evaluation_prompts()
+    def score_masks(self, masks: torch.Tensor, prompts: list[str], seeds: list[int], bases: list[str]) -> torch.Tensor:
+        """Concept score (M,) float64 of the model under each mask row (M, n_components), on the runs of
+        ``prompts`` (with their ``seeds`` and base prompts; the same for every mask of a run)."""
         if self.hparams.score == "classifier":
             self.detector.to(self.device)
             return classifier_scores(self.backbone, self.detector, self.concepts[0], prompts, seeds, self.layout, masks,
@@ -157,7 +152,8 @@ class RegressionCADModule(AttributionModule):
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         todo = list(dict.fromkeys(int(i["mask"]) for i in batch if int(i["mask"]) not in self.done))
         if todo:
-            scores = self.score_masks(self.masks(todo)).tolist()
+            runs = batch[0]  # every item carries the runs its mask is scored on, the same for all
+            scores = self.score_masks(self.masks(todo), runs["prompts"], runs["seeds"], runs["base_prompts"]).tolist()
             self.store.add(todo, scores)
             self.done.update(zip(todo, scores))
             self.computed += len(todo)

@@ -269,9 +269,14 @@ class AttributionDataModule(pl.LightningDataModule):
         return [i["prompt"] for i in items] + [i["base_prompt"] for i in items if i["base_prompt"] is not None] \
             + [self.base_prompt]
 
+    def loader_items(self) -> list[dict]:
+        """What the training loader yields: here every sampling run of :meth:`items` (``mask`` None: the unmasked
+        model), scored by first-order attribution."""
+        return self.items()
+
     def train_dataloader(self) -> DataLoader:
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        dataset = ItemList(self.items())
+        dataset = ItemList(self.loader_items())
         sampler = ItemShardSampler(dataset, num_replicas=world_size, rank=rank)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_collate)
 

@@ -1,8 +1,10 @@
 """MaskDataModule: the (ablation-mask, prompts) items of a regression attribution run.
 
-An item is one ablation mask, ``{"item_id", "concept", "prompt": None, "seed", "mask": mask id}``;
-the module regenerates the mask from (``mask_seed``, mask id) and scores the masked model on the evaluation
-prompts (the ``samples`` prompts of the concept with their seeds, the same for every mask). Training masks
+:meth:`items` are the sampling runs every mask is scored on (the ``samples`` prompts of the concept with their
+seeds and base prompts, as in AttributionDataModule). What the loader yields (:meth:`loader_items`) is one
+ablation mask with those prompts: ``{"item_id", "concept", "mask": mask id, "mask_seed", "keep_prob",
+"prompts", "seeds", "base_prompts"}``; the module regenerates the mask from (``mask_seed``, mask id) and scores
+the masked model on the item's prompts. Training masks
 have ids 0, 1, …; held-out masks (fidelity) have ids from ``HELDOUT_BASE`` on, so asking for more training
 masks later never changes an existing mask. Items are a map-style dataset: Lightning's DistributedSampler
 shards the masks across processes.
@@ -62,15 +64,11 @@ class MaskDataModule(AttributionDataModule):
     def heldout_ids(self) -> list[int]:
         return [HELDOUT_BASE + k for k in range(self.heldout_masks)]
 
-    def evaluation_items(self) -> list[dict]:
-        """The prompts and seeds every mask is scored on."""
-        return super().items()
-
-    def items(self) -> list[dict]:
-        ids = self.train_ids() + self.heldout_ids()
-        return [{"item_id": k, "concept": self.concept, "prompt": None, "seed": self.mask_seed, "mask": i}
-                for k, i in enumerate(ids)]
-
-    def all_prompts(self) -> list[str]:
-        items = self.evaluation_items()
-        return [i["prompt"] for i in items] + [i["base_prompt"] for i in items] + [self.base_prompt]
+    def loader_items(self) -> list[dict]:
+        """One item per mask (training masks, then held-out ones), each with the runs it is scored on."""
+        runs = self.items()
+        prompts, seeds = [i["prompt"] for i in runs], [int(i["seed"]) for i in runs]
+        bases = [i["base_prompt"] for i in runs]
+        return [{"item_id": k, "concept": self.concept, "mask": i, "mask_seed": self.mask_seed,
+                 "keep_prob": self.keep_prob, "prompts": prompts, "seeds": seeds, "base_prompts": bases}
+                for k, i in enumerate(self.train_ids() + self.heldout_ids())]
