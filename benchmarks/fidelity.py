@@ -33,7 +33,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cad_lightning import load_backbone

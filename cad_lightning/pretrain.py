@@ -10,7 +10,6 @@ at the end of training they are exported as a diffusers model folder.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -26,7 +25,7 @@ from cad_lightning.backbones.backbone import SAMPLER_DEFAULTS_FILE, DiffusionBac
 from cad_lightning.backbones.tokenizer import build_word_tokenizer
 from cad_lightning.data.world import CONCEPT_KINDS, VOCABULARY, prompts_naming
 from cad_lightning.evaluation.classifier import ConceptClassifier, load_concept_classifier
-from cad_lightning.utils import atomic_folder, atomic_path, image_grid, log_image
+from cad_lightning.utils import atomic_folder, image_grid, log_image, write_json
 
 
 
@@ -207,8 +206,7 @@ class TextToImagePretrain(pl.LightningModule):
             "eta": self.hparams.sample_eta,
             "use_clipped_model_output": self.hparams.use_clipped_model_output,
         }
-        with atomic_path(folder / SAMPLER_DEFAULTS_FILE) as tmp:
-            tmp.write_text(json.dumps(defaults, indent=2) + "\n")
+        write_json(folder / SAMPLER_DEFAULTS_FILE, defaults)
 
 
 class ClassifierPretrain(pl.LightningModule):

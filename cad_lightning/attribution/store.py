@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from cad_lightning.errors import UserInputError
-from cad_lightning.utils import atomic_path
+from cad_lightning.utils import write_json
 
 CONFIG_FILE = "config.json"
 
@@ -46,8 +46,7 @@ class MaskScoreStore:
                     "with the same settings, or give another model.store_dir (or trainer.default_root_dir) for a new run."
                 )
         elif create:
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(self.fingerprint, indent=2) + "\n")
+            write_json(path, self.fingerprint)
 
     def load(self) -> dict[int, float]:
         """``{mask id: score}`` of every finished chunk."""
@@ -62,6 +61,5 @@ class MaskScoreStore:
         ids = [int(i) for i in ids]
         digest = hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:16]
         path = self.folder / f"chunk-{digest}.json"
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps({"ids": ids, "scores": [float(s) for s in scores]}))
+        write_json(path, {"ids": ids, "scores": [float(s) for s in scores]})
         return path

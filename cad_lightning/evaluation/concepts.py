@@ -15,7 +15,7 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 
 from cad_lightning.backbones.backbone import DiffusionBackbone
-from cad_lightning.data.world import CONCEPT_KINDS, concept_kind, make_prompt, prompts_naming
+from cad_lightning.data.world import CONCEPT_KINDS, make_prompt, prompts_naming
 from cad_lightning.evaluation.classifier import ConceptDetector
 
 

@@ -7,7 +7,6 @@ edit, the unedited model is sampled too, on the same seeds, and the collateral o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -23,7 +22,7 @@ from cad_lightning.evaluation.collateral import ClassifierFeatures
 from cad_lightning.evaluation.concepts import EvalItem, accuracy_from_predictions, evaluation_items
 from cad_lightning.evaluation.edits import edit_row
 from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
-from cad_lightning.utils import atomic_path
+from cad_lightning.utils import write_json
 
 
 class EvaluationDataModule(pl.LightningDataModule):
@@ -127,5 +126,4 @@ class EvaluationModule(pl.LightningModule):
                     self.log(f"test/{key}", float(row[key]))
         if self.trainer.is_global_zero:
             out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "evaluation.json"
-            with atomic_path(out) as tmp:
-                tmp.write_text(json.dumps(record, indent=2) + "\n")
+            write_json(out, record)

@@ -23,7 +23,6 @@ Meant for one device: on several, Lightning's test sampler repeats rows to even 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +46,7 @@ from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
 from cad_lightning.errors import UserInputError, first_line
 from cad_lightning.evaluation.prompt_sets import PromptRow, read_prompt_set
 from cad_lightning.generation import resolve_model_path
-from cad_lightning.utils import atomic_path, image_grid, labelled_grid, log_image, save_image, to_pil
+from cad_lightning.utils import image_grid, labelled_grid, log_image, save_image, to_pil, write_json, write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 UNSAFE_THRESHOLD = 0.5
@@ -416,10 +415,8 @@ class PromptSetEvaluationModule(pl.LightningModule):
             "metrics": metrics,
             "rows": [self._records[k] for k in sorted(self._records)],
         }
-        with atomic_path(run_dir / "report.json") as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
-        with atomic_path(run_dir / "report.md") as tmp:
-            tmp.write_text(markdown_report(report))
+        write_json(run_dir / "report.json", report)
+        write_text(run_dir / "report.md", prompt_set_report(report))
         if self._grid:
             images = torch.stack([image for image, _ in self._grid])
             ncol = max(1, min(4, len(images)))
@@ -451,7 +448,7 @@ def _import_path(obj) -> str | None:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def markdown_report(report: dict) -> str:
+def prompt_set_report(report: dict) -> str:
     """report.md: the numbers of report.json as tables."""
     m = report["metrics"]
     lines = [f"# Evaluation of {report['model_path']}", "",
