@@ -60,8 +60,7 @@ from cad_lightning.editing import (
 from cad_lightning.editing.coherent import GuidedChange, coherent_selection, round_schedule
 from cad_lightning.editing.text_space import TEXT_SPACE_STEP, preserved_moment, reads_text_only, text_space_selection
 from cad_lightning.errors import UserInputError
-from cad_lightning.reports import file_sha256
-from cad_lightning.utils import atomic_path, write_json
+from cad_lightning.utils import atomic_path, file_sha256, write_json
 
 SELECTIONS = ("cad", "selective", "retain", "iterative", "random")
 COLLATERAL_SPACES = ("auto", "text", "states")

@@ -29,7 +29,7 @@ from cad_lightning.editing import combine_masks, count_ablated, load_masks, rand
 from cad_lightning.editing.select import select_components
 from cad_lightning.errors import UserInputError
 from cad_lightning.plots import localisation_figure, save_figure
-from cad_lightning.reports import markdown_report, plot_tradeoff, ratio_tag
+from cad_lightning.reports import markdown_report, plot_tradeoff
 from cad_lightning.utils import image_grid, labelled_grid, log_image, save_image, write_json, write_text
 
 EVALUATE_AT = ("all", "goal", "floor")
@@ -215,7 +215,7 @@ class EditOutputs:
         written = []
         for selection, per_ratio in edits.items():
             for ratio, masks in per_ratio.items():
-                stem = f"{selection}-{self.mode}-{ratio_tag(ratio)}"
+                stem = f"{selection}-{self.mode}-{ratio:g}"
                 path = run_dir / "edits" / f"{stem}.safetensors"
                 entry = {"selection": selection, "ratio": ratio, "ablated": count_ablated(masks),
                          "masks": str(path.relative_to(run_dir))}

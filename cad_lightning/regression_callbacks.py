@@ -44,8 +44,7 @@ from cad_lightning.editing.text_space import (TEXT_SPACE_STEP, concept_differenc
                                              reads_text_only, spread_over_text, text_space_selection,
                                              uniform_sensitivity)
 from cad_lightning.errors import UserInputError
-from cad_lightning.reports import file_sha256
-from cad_lightning.utils import atomic_path, write_json
+from cad_lightning.utils import atomic_path, file_sha256, write_json
 
 
 class RegressionWriter(Callback):

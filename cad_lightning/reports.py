@@ -1,24 +1,11 @@
 """The run's report of an attribution and its edits: ``report.md`` from ``report.json``, the trade-off chart, the
-localisation section, and the small naming and hashing helpers the writers share."""
+localisation section."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from cad_lightning.plots import save_figure
-
-
-def ratio_tag(ratio: float) -> str:
-    return f"{ratio:g}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def plot_tradeoff(path: Path, concept: str | list[str], before: dict, floor: dict[str, float] | float | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -115,3 +116,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def save_image(image: Image.Image, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content, read in blocks of 1 MiB."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
