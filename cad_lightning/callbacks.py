@@ -57,7 +57,7 @@ from cad_lightning.editing import (
     select_components,
     union_selection,
 )
-from cad_lightning.editing.coherent import GuidedChange, coherent_selection, round_schedule
+from cad_lightning.editing.coherent import GuidedChange, coherent_selection, rescore_stops, round_schedule
 from cad_lightning.editing.text_space import TEXT_SPACE_STEP, preserved_moment, reads_text_only, text_space_selection
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_path, file_sha256, write_json
@@ -236,11 +236,7 @@ class AttributionWriter(Callback):
 
     def _rescore_stops(self) -> list[float]:
         """The ratios at which the staged ``selective`` edit is put on the model and the concept scored again."""
-        stops, k = [], 1
-        while k * self.rescore_every < max(self.ratios) - 1e-9:
-            stops.append(round(k * self.rescore_every, 9))
-            k += 1
-        return stops
+        return rescore_stops(self.rescore_every, max(self.ratios))
 
     def on_train_start(self, trainer, pl_module) -> None:
         if "selective" in self.selections:

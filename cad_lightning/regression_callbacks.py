@@ -33,12 +33,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from safetensors.torch import load_file, save_file
 
-from cad_lightning.attribution.fidelity import first_order_fidelity, write_fidelity
+from cad_lightning.attribution.fidelity import correlations, first_order_fidelity, write_fidelity
 from cad_lightning.attribution.linear_fit import METHODS, fit_linear
 from cad_lightning.attribution.mask_scores import ablation_damage
 from cad_lightning.attribution.objectives import EraseObjective
 from cad_lightning.edit_outputs import EditOutputs, run_seed
 from cad_lightning.editing import restore_weights
+from cad_lightning.editing.coherent import rescore_stops
 from cad_lightning.editing.select import count_ablated, select_components
 from cad_lightning.editing.text_space import (TEXT_SPACE_STEP, concept_difference, measured_sensitivity, preserved_moment,
                                              reads_text_only, spread_over_text, text_space_selection,
@@ -81,6 +82,12 @@ class RegressionWriter(Callback):
             ``top`` edits have one control of random whole components.
         evaluate_at: ``all`` (every ratio's edit) or ``goal`` (smallest first, each beside its control, until one
             meets the selective-edit goal; the larger are neither evaluated nor written), as in ``AttributionWriter``.
+        rescore_every: the ``selective`` edit in stages, as ``AttributionWriter``'s: after each ``rescore_every``
+            of the K/V weights the edit so far is put on the model, every mask is scored again on the edited model
+            (one more epoch, its runs sampled again; the scores in a store of their own), the linear model is
+            fitted again and the edit grows on its coefficients, charged with the collateral of all of it. The
+            attribution written (scores, fidelity) is the first fit's, of the unedited model; each stage's fit
+            and held-out correlations are in ``meta.json`` and ``report.json`` (``stages``). None: one fit.
         random_control / save_unet / evaluate / eval_target_images / eval_retain_images / floor_images /
             eval_batch_size: as in ``AttributionWriter``.
     """
@@ -91,8 +98,22 @@ class RegressionWriter(Callback):
                  eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96,
                  min_spearman: float = 0.6, spread: str = "auto", selection: str = "auto",
                  collateral_offset: float = 0.03, row_weights: str = "ablation", damage_prompts: int = 7,
-                 random_draws: int = 3, evaluate_at: str = "all") -> None:
+                 random_draws: int = 3, evaluate_at: str = "all", rescore_every: float | None = None) -> None:
         super().__init__()
+        if rescore_every is not None:
+            if isinstance(rescore_every, bool) or not (isinstance(rescore_every, (int, float)) and 0 < rescore_every < 1):
+                raise UserInputError(f"RegressionWriter rescore_every must be in (0, 1) or null, got {rescore_every!r}.")
+            if ratios is None:
+                raise UserInputError("RegressionWriter rescore_every stages the edits: give ratios.")
+            if selection == "top":
+                raise UserInputError("RegressionWriter rescore_every grows the 'selective' edit in text space: use "
+                                     "selection selective (or auto), or set rescore_every to null.")
+        self.rescore_every = None if rescore_every is None else float(rescore_every)
+        self._keep: dict[str, torch.Tensor] | None = None  # the staged edit so far (True = keep)
+        self._staged: dict[float, dict[str, torch.Tensor]] = {}  # its masks at the ratios on the way
+        self._stages: list[dict] = []  # each fit's record: where it was made, its held-out correlations
+        self._first = None  # the first fit (of the unedited model) and its per-weight scores
+        self._selection_inputs = None  # the unedited weights, the preserved moment and the rows' sensitivity
         if row_weights not in ("ablation", "uniform"):
             raise UserInputError(f"RegressionWriter row_weights must be ablation or uniform, got '{row_weights}'.")
         if damage_prompts < 1:
@@ -152,17 +173,28 @@ class RegressionWriter(Callback):
                 self.outputs.random_draws = 1
             mode = "erase" if pl_module.hparams.objective == "erase" else "amplify"
             self.outputs.prepare(pl_module, trainer.datamodule, mode)
+        if self.rescore_every is not None and stage == "fit":
+            if self._selection != "selective":
+                raise UserInputError("RegressionWriter rescore_every grows the 'selective' edit in text space, where "
+                                     "every component is a cross-attention key/value row (model.components "
+                                     "[cross_attn_kv], model.granularity neuron): set it to null for other components.")
+            trainer.fit_loop.max_epochs = 1 + len(self._stops())
+
+    def _stops(self) -> list[float]:
+        """The ratios at which the staged edit is put on the model and the masks scored again."""
+        return rescore_stops(self.rescore_every, max(self.outputs.ratios)) if self.rescore_every is not None else []
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.outputs is not None:  # the original component weights, which the edits are put on
             params = dict(pl_module.backbone.denoiser.named_parameters())
             self._original = {n: params[n].detach().clone() for n in pl_module.component_names}
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        scores = pl_module.gathered_scores()  # a collective: every rank takes part
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast from rank 0: on every rank
+    def _fit_stage(self, trainer, pl_module) -> dict | None:
+        """Gather the masks' scores of every rank (a collective) and, on rank 0, fit the linear model: ``{"fit",
+        "y", "heldout": (predicted, measured) or None, "record"}`` (None on the other ranks)."""
+        scores = pl_module.gathered_scores()
         if not trainer.is_global_zero:
-            return
+            return None
         datamodule = trainer.datamodule
         train_ids, heldout_ids = datamodule.train_ids(), datamodule.heldout_ids()
         missing = [i for i in train_ids + heldout_ids if i not in scores]
@@ -170,13 +202,54 @@ class RegressionWriter(Callback):
             raise RuntimeError(f"{len(missing)} masks have no score (first missing id {missing[0]}); the run did not finish.")
         y = [scores[i] for i in train_ids]
         fit = fit_linear(pl_module.masks, train_ids, y, self.method, self.strengths, self.folds, self.dense_limit)
+        heldout = None
+        record = {"stage": pl_module.scoring_stage, "at": ([0.0, *self._stops()])[pl_module.scoring_stage],
+                  "store": str(pl_module.store.folder), "train_r2": fit.train_r2, "strength": fit.strength,
+                  "score_mean": float(np.mean(y))}
+        if heldout_ids:
+            heldout = (fit.predict(pl_module.masks(heldout_ids).numpy()), [scores[i] for i in heldout_ids])
+            record.update(correlations(*heldout))
+        self._stages.append(record)
+        return {"fit": fit, "y": y, "heldout": heldout, "record": record}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        """A staged edit: fit on this epoch's scores, grow the edit to the next stop, put it on the model (every
+        rank) and start the next stage's scoring."""
+        epoch, stops = trainer.current_epoch, self._stops()
+        if epoch >= len(stops):
+            return  # the last (or only) fit is on_train_end's
+        result = self._fit_stage(trainer, pl_module)
+        keep = None
+        if trainer.is_global_zero:
+            per_weight = self._per_weight(pl_module, trainer.datamodule, result["fit"])
+            if epoch == 0:
+                self._first = (result, per_weight)
+            low, high = stops[epoch - 1] if epoch > 0 else 0.0, stops[epoch]
+            grown = self._grow(pl_module, trainer.datamodule, per_weight, low, high)
+            keep = grown[high]
+            rank_zero_info(f"Staged edit of '{pl_module.concepts[0]}' at {high:g} of the K/V weights put on the model; "
+                           f"its masks are scored again (fit {epoch}: held-out Spearman "
+                           f"{result['record'].get('spearman', float('nan')):.3f})")
+        keep = trainer.strategy.broadcast(keep, src=0)
+        self._keep = keep
+        restore_weights(pl_module.backbone.denoiser, self._original, keep)
+        pl_module.begin_stage(epoch + 1, keep)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        result = self._fit_stage(trainer, pl_module)  # a collective: every rank takes part
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast from rank 0: on every rank
+        if not trainer.is_global_zero:
+            return
+        datamodule = trainer.datamodule
+        last = self._per_weight(pl_module, datamodule, result["fit"]) if self._first is not None else None
+        first, per_weight = self._first if self._first is not None else (result, None)
+        if per_weight is None:
+            per_weight = self._per_weight(pl_module, datamodule, first["fit"])
+        fit, y = first["fit"], first["y"]
         self.fit = fit
         layout = pl_module.layout
         attribution = run_dir / "attribution"
         concept = pl_module.concepts[0]
-        per_weight = layout.to_parameter_scores(torch.from_numpy(fit.coef))
-        if self._spread == "text":
-            per_weight = self._text_spread(pl_module, datamodule, fit.coef)
         with atomic_path(attribution / "scores.safetensors") as tmp:
             save_file(per_weight, str(tmp), metadata={"concept": concept})
         with atomic_path(attribution / "component_scores.safetensors") as tmp:
@@ -184,9 +257,8 @@ class RegressionWriter(Callback):
                       metadata={"concept": concept, "granularity": layout.granularity})
         record = {"estimator": "regression", "score": pl_module.hparams.score, "granularity": layout.granularity,
                   "keep_prob": datamodule.keep_prob}  # fidelity of the components' coefficients (any spread)
-        if heldout_ids:
-            held = [scores[i] for i in heldout_ids]
-            predicted = fit.predict(pl_module.masks(heldout_ids).numpy())
+        if first["heldout"] is not None:
+            predicted, held = first["heldout"]
             record["min_spearman"] = self.min_spearman
             record = write_fidelity(run_dir, record, predicted, held, trainer.logger,
                                     xlabel="predicted score", ylabel=f"measured score ({pl_module.hparams.score})")
@@ -197,20 +269,57 @@ class RegressionWriter(Callback):
                     f"{self.min_spearman}): its coefficients and edits are not to be trusted. More masks "
                     "(data.masks), more runs per mask (data.samples) or fewer components (a coarser granularity) "
                     "give a closer fit.")
-        self._write_meta(attribution, trainer, pl_module, fit, y, record if heldout_ids else None)
+        self._write_meta(attribution, trainer, pl_module, fit, y, record if first["heldout"] is not None else None)
         if trainer.logger is not None:
             trainer.logger.log_metrics({"regression/train_r2": fit.train_r2, "regression/fit_time_s": fit.fit_time_s}, step=0)
+            for stage in self._stages[1:]:
+                if "spearman" in stage:
+                    trainer.logger.log_metrics({"regression/stage_spearman": stage["spearman"]}, step=stage["stage"])
         if self.outputs is not None:
-            self._edit(run_dir, trainer, pl_module, per_weight)
+            self._edit(run_dir, trainer, pl_module, per_weight, last)
         rank_zero_info(f"Regression attribution of '{concept}' written to {run_dir} (fit {fit.fit_time_s:.2f} s"
-              + (f", held-out Spearman {record['spearman']:.3f})" if heldout_ids else ")"))
+              + (f", held-out Spearman {record['spearman']:.3f})" if first["heldout"] is not None else ")"))
 
-    def _edit(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:
-        outputs, datamodule, ratios = self.outputs, trainer.datamodule, self.outputs.ratios
-        if self._selection == "selective":  # no gradient passes: rows weighed by their measured ablations, or equally
-            original, moment = {n: self._original[n] for n in scores}, preserved_moment(pl_module.backbone, datamodule)
+    def _per_weight(self, pl_module, datamodule, fit) -> dict[str, torch.Tensor]:
+        """A fit's coefficients as per-weight scores (``spread``), on the model's weights as they are now."""
+        if self._spread == "text":
+            return self._text_spread(pl_module, datamodule, fit.coef)
+        return pl_module.layout.to_parameter_scores(torch.from_numpy(fit.coef))
+
+    def _inputs_of_selection(self, pl_module, datamodule):
+        """The unedited weights, the preserved prompts' second moment and the rows' sensitivity the ``selective``
+        rounds charge collateral with, measured once on the unedited model."""
+        if self._selection_inputs is None:
+            original = {n: self._original[n] for n in pl_module.component_names}
+            moment = preserved_moment(pl_module.backbone, datamodule)
             sensitivity = (measured_sensitivity(original, moment, self._row_damage(pl_module, datamodule))
                            if self.row_weights == "ablation" else uniform_sensitivity(original, moment))
+            self._selection_inputs = (original, moment, sensitivity)
+        return self._selection_inputs
+
+    def _grow(self, pl_module, datamodule, scores, low: float, high: float) -> dict[float, dict[str, torch.Tensor]]:
+        """The staged edit grown from ``low`` (``self._keep``) to ``high`` on ``scores``; keeps the masks of the
+        ratios on the way."""
+        original, moment, sensitivity = self._inputs_of_selection(pl_module, datamodule)
+        ratios = self.outputs.ratios
+        wanted = sorted({r for r in ratios if low < r <= high} | {high})
+        grown = text_space_selection(scores, sensitivity, original, moment, wanted, step=TEXT_SPACE_STEP,
+                                     offset=self.collateral_offset, mode=self.outputs.mode, scope=self.outputs.scope,
+                                     initial=self._keep)
+        self._staged.update({r: m for r, m in grown.items() if r in ratios})
+        return grown
+
+    def _edit(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor],
+              staged_scores: dict[str, torch.Tensor] | None = None) -> None:
+        """The edits of ``scores`` (the first fit's), or with stages, the staged edit grown to the largest ratio
+        on the last fit's ``staged_scores``."""
+        outputs, datamodule, ratios = self.outputs, trainer.datamodule, self.outputs.ratios
+        if staged_scores is not None:
+            stops = self._stops()
+            self._grow(pl_module, datamodule, staged_scores, stops[-1], max(ratios))
+            edits = {"regression": {r: self._staged[r] for r in ratios}}
+        elif self._selection == "selective":  # no gradient passes: rows weighed by their measured ablations, or equally
+            original, moment, sensitivity = self._inputs_of_selection(pl_module, datamodule)
             edits = {"regression": text_space_selection(
                 scores, sensitivity, original, moment, ratios, step=TEXT_SPACE_STEP, offset=self.collateral_offset,
                 mode=outputs.mode, scope=outputs.scope)}
@@ -225,7 +334,7 @@ class RegressionWriter(Callback):
             "spread": self._spread, "selection": self._selection,
             **({"row_weights": self.row_weights} if self._selection == "selective" else {}),
             "base_prompt": datamodule.base_prompt, "base_word": datamodule.base_word, "ratios": ratios,
-            "evaluate_at": outputs.evaluate_at,
+            "evaluate_at": outputs.evaluate_at, "rescored_at": self._stops(), "stages": self._stages,
         }
         report.update(outputs.localise(run_dir, trainer, pl_module, scores))  # each weight: its component's share
         outputs.emit(run_dir, trainer, pl_module, edits, report,
@@ -309,6 +418,8 @@ class RegressionWriter(Callback):
                     "score_std": float(np.std(y)), **fit.details},
             "fidelity": fidelity,
             "edit_applied_before": h.edit,
+            "rescore_every": self.rescore_every,
+            "stages": self._stages,  # each fit: where (the staged edit's ratio), its store, held-out correlations
             "world_size": trainer.world_size,
             "versions": {p: metadata.version(p) for p in ("torch", "lightning", "diffusers", "scikit-learn", "cad-lightning")},
             "python": platform.python_version(),

@@ -343,3 +343,68 @@ def test_the_text_spread_and_the_selective_selection_need_key_value_neurons(tmp_
                          callbacks=[RegressionWriter(spread="text")], default_root_dir=tmp_path)
     with pytest.raises(UserInputError, match="spread 'text' needs neuron components of the cross-attention"):
         trainer.fit(module, datamodule=data)
+
+
+def _staged_run(root):
+    module = RegressionCADModule(objective="erase", num_inference_steps=3, components=["cross_attn_kv"],
+                                 granularity="neuron")
+    data = MaskDataModule(concept="circle", base_word="auto", samples=1, masks=24, heldout_masks=4, batch_size=8)
+    writer = RegressionWriter(strengths=[0.1, 1.0], ratios=[0.2, 0.3], rescore_every=0.2, evaluate=False,
+                              save_unet=False, min_spearman=-1, damage_prompts=1)
+    trainer = pl.Trainer(default_root_dir=root, max_epochs=1, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[writer])
+    trainer.fit(module, datamodule=data)
+    return module, data, writer
+
+
+def test_staged_regression_edits_score_the_edited_model_again_and_resume(tmp_path):
+    from cad_lightning.attribution.store import MaskScoreStore
+    from cad_lightning.editing import restore_weights
+
+    module, data, writer = _staged_run(tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rescored_at"] == [0.2] and [s["stage"] for s in report["stages"]] == [0, 1]
+    assert [s["at"] for s in report["stages"]] == [0.0, 0.2] and module.computed == 2 * 28
+    first, second = (Path(s["store"]) for s in report["stages"])
+    assert first == tmp_path / "mask_scores" and second.parent == first and second.name.startswith("stage-1-")
+    small = load_masks(tmp_path / "edits" / "regression-erase-0.2.safetensors")
+    large = load_masks(tmp_path / "edits" / "regression-erase-0.3.safetensors")
+    total = sum(m.numel() for m in large.values())
+    assert count_ablated(small) == round(0.2 * total) and count_ablated(large) == round(0.3 * total)
+    assert all(torch.equal(large[n] & small[n], large[n]) for n in small)  # nested: the edit grew from the stage
+    # the second stage's scores are those of the model with the staged edit on it, its runs sampled again on it
+    before, after = MaskScoreStore(first, {}).load(), MaskScoreStore(second, {}).load()
+    assert set(before) == set(after) and any(abs(before[i] - after[i]) > 1e-6 for i in before)
+    restore_weights(module.backbone.denoiser, writer._original, small)
+    module._inputs = None
+    runs = data.items()
+    again = module.score_masks(module.masks([0, 5]), [r["prompt"] for r in runs], [int(r["seed"]) for r in runs],
+                               [r["base_prompt"] for r in runs])
+    assert again.tolist() == pytest.approx([after[0], after[5]], rel=1e-5, abs=1e-7)
+    # the written attribution is the first fit's, of the unedited model
+    meta = json.loads((tmp_path / "attribution" / "meta.json").read_text())
+    assert meta["rescore_every"] == 0.2 and meta["fit"]["train_r2"] == pytest.approx(report["stages"][0]["train_r2"])
+    # a restart finds both stages' scores and makes the same edits
+    resumed, _, _ = _staged_run(tmp_path)
+    assert resumed.computed == 0
+    again_large = load_masks(tmp_path / "edits" / "regression-erase-0.3.safetensors")
+    assert all(torch.equal(again_large[n], large[n]) for n in large)
+
+
+def test_staged_regression_edits_are_refused_where_they_cannot_grow(tmp_path):
+    from cad_lightning.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="rescore_every must be in"):
+        RegressionWriter(ratios=[0.2], rescore_every=1.5)
+    with pytest.raises(UserInputError, match="give ratios"):
+        RegressionWriter(rescore_every=0.2)
+    with pytest.raises(UserInputError, match="use selection selective"):
+        RegressionWriter(ratios=[0.2], rescore_every=0.1, selection="top")
+    module = RegressionCADModule(num_inference_steps=2, granularity="layer", score="objective")  # FF layers
+    data = MaskDataModule(concept="circle", samples=1, masks=4, heldout_masks=0, batch_size=4)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[RegressionWriter(ratios=[0.2], rescore_every=0.1)])
+    with pytest.raises(UserInputError, match="set it to null for other components"):
+        trainer.fit(module, datamodule=data)

@@ -16,6 +16,7 @@ there; here the store is what survives an interruption). ``estimator`` reads ``r
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -107,12 +108,31 @@ class RegressionCADModule(AttributionModule):
 
             self.detector = load_concept_classifier(self.model_folder)
             concept_index(self.detector, datamodule.concept)  # fail before any work is done
-        folder = Path(self.hparams.store_dir or Path(self.trainer.default_root_dir) / "mask_scores")
-        self.store = MaskScoreStore(folder, self.fingerprint(datamodule))
+        self._store_root = Path(self.hparams.store_dir or Path(self.trainer.default_root_dir) / "mask_scores")
+        self.scoring_stage = 0
+        self.store = MaskScoreStore(self._store_root, self.fingerprint(datamodule))
         self.store.check(create=self.trainer.is_global_zero)
         self.trainer.strategy.barrier()
         self.done = self.store.load()
         self.computed = 0
+
+    def begin_stage(self, stage: int, edit: dict[str, torch.Tensor]) -> None:
+        """Score the masks again, from the next epoch on, on the model as it is now (with ``edit``, masks of the
+        weights a staged edit removed, True = keep, already put on it): the concept's runs are sampled again on
+        it and the scores go to a store of their own, ``<store>/stage-<stage>-<digest of the edit>``, so a
+        restarted run resumes each stage and an edit that came out otherwise starts afresh. A collective."""
+        digest = hashlib.sha256()
+        for name in sorted(edit):
+            digest.update(name.encode())
+            digest.update(edit[name].detach().cpu().bool().numpy().tobytes())
+        digest = digest.hexdigest()
+        self.scoring_stage = stage
+        self.store = MaskScoreStore(self._store_root / f"stage-{stage}-{digest[:16]}",
+                                    {**self.fingerprint(self.trainer.datamodule), "stage": stage, "stage_edit_sha256": digest})
+        self.store.check(create=self.trainer.is_global_zero)
+        self.trainer.strategy.barrier()
+        self.done = self.store.load()
+        self._inputs = None  # the runs are sampled again on the edited model
 
     def fingerprint(self, datamodule) -> dict:
         """The settings that decide a mask's score: a store made with other values is refused."""

@@ -116,6 +116,16 @@ def round_schedule(ratios: Sequence[float], step: float) -> list[float]:
     return marks
 
 
+def rescore_stops(every: float, largest: float) -> list[float]:
+    """The ratios at which a staged edit is put on the model and the concept scored again: every ``every`` of
+    the components, below the ``largest`` ratio."""
+    stops, k = [], 1
+    while k * every < largest - 1e-9:
+        stops.append(round(k * every, 9))
+        k += 1
+    return stops
+
+
 def check_rounds(ratios: Sequence[float], step: float, offset: float) -> None:
     """Refuse ratios outside (0, 1), a step outside (0, 1] and a negative or non-finite offset."""
     for r in ratios:
