@@ -242,6 +242,8 @@ class RegressionWriter(Callback):
             return
         datamodule = trainer.datamodule
         last = self._per_weight(pl_module, datamodule, result["fit"]) if self._first is not None else None
+        if self._keep is not None:  # the staged edit off the model: the floor and the evaluation read the unedited one
+            restore_weights(pl_module.backbone.denoiser, self._original)
         first, per_weight = self._first if self._first is not None else (result, None)
         if per_weight is None:
             per_weight = self._per_weight(pl_module, datamodule, first["fit"])

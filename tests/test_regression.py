@@ -363,6 +363,8 @@ def test_staged_regression_edits_score_the_edited_model_again_and_resume(tmp_pat
     from cad_lightning.editing import restore_weights
 
     module, data, writer = _staged_run(tmp_path)
+    params = dict(module.backbone.denoiser.named_parameters())  # the staged edit is taken off the model at the end
+    assert all(torch.equal(params[n], w) for n, w in writer._original.items())
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rescored_at"] == [0.2] and [s["stage"] for s in report["stages"]] == [0, 1]
     assert [s["at"] for s in report["stages"]] == [0.0, 0.2] and module.computed == 2 * 28
