@@ -66,6 +66,8 @@ def row_for(concept: str, run_dir: Path, first_order: Path | None) -> dict:
     row = {"concept": concept, "spearman": fidelity["spearman"], "pearson": fidelity["pearson"],
            "trusted": fidelity.get("trusted"), "masks": meta["masks"]["train"], "heldout": fidelity["masks"],
            "spearman_with_fewer_masks": masks_curve(meta),
+           # the fits of a staged edit after the first (rescore_every): where, and their held-out Spearman
+           "refits": [{"at": s["at"], "spearman": s.get("spearman")} for s in report.get("stages", [])[1:]],
            "fit_minutes": meta["wall_time_s"] / 60, "minutes": report["wall_time_s"] / 60,
            "floor": report["floor"][concept], "unedited": report["before"][concept],
            "edits": [{"ratio": ratio, "ablated": e["regression"]["ablated"], "target": e["regression"]["target"],
@@ -91,7 +93,9 @@ def table(rows: list[dict]) -> str:
     head += ["regression: smallest edit meeting the goal", "first-order default: edit, target · SSIM (random), goal"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["concept"], f"{row['spearman']:.3f} ({row['pearson']:.3f})" + ("" if row["trusted"] is not False else " untrusted"),
+        refits = "".join(f"; re-fit at {r['at']:g}: {fmt(r['spearman'])}" for r in row.get("refits", []))
+        cells = [row["concept"], f"{row['spearman']:.3f} ({row['pearson']:.3f})" + ("" if row["trusted"] is not False else " untrusted")
+                 + refits,
                  str(row["masks"]), f"{row['fit_minutes']:.1f} / {row['minutes']:.1f}", f"{row['floor']:.3f}"]
         evaluated = {e["ratio"]: e for e in row["edits"]}
         cells += [f"{e['target']:.3f} ({e['random_target']:.3f}) · {e['ssim']:.3f} ({e['random_ssim']:.3f})"
