@@ -60,7 +60,7 @@ from cad_lightning.editing import (
 from cad_lightning.editing.coherent import GuidedChange, coherent_selection, rescore_stops, round_schedule
 from cad_lightning.editing.text_space import TEXT_SPACE_STEP, preserved_moment, reads_text_only, text_space_selection
 from cad_lightning.errors import UserInputError
-from cad_lightning.utils import atomic_path, file_sha256, write_json
+from cad_lightning.utils import atomic_path, write_json
 
 SELECTIONS = ("cad", "selective", "retain", "iterative", "random")
 COLLATERAL_SPACES = ("auto", "text", "states")
@@ -426,10 +426,9 @@ class AttributionWriter(Callback):
                 save_file({k: v.contiguous() for k, v in self.row_moments.items()}, str(tmp),
                           metadata={"concept": label})
         datamodule = trainer.datamodule
-        weights = pl_module.model_folder / pl_module.backbone.part / "diffusion_pytorch_model.safetensors"
         meta = {
             "model": pl_module.model_id,
-            "model_sha256": file_sha256(weights) if weights.is_file() else None,
+            "model_sha256": pl_module.weights_sha256(),
             "concept": pl_module.concepts[0],
             **({"concepts": pl_module.targets, "multi_concept": self.multi_concept,
                 "scores": "the joint scores the edits were selected on; each concept's own in concept_scores.safetensors"}

@@ -45,7 +45,7 @@ from cad_lightning.editing.text_space import (TEXT_SPACE_STEP, concept_differenc
                                              reads_text_only, spread_over_text, text_space_selection,
                                              uniform_sensitivity)
 from cad_lightning.errors import UserInputError
-from cad_lightning.utils import atomic_path, file_sha256, write_json
+from cad_lightning.utils import atomic_path, write_json
 
 
 class RegressionWriter(Callback):
@@ -87,7 +87,8 @@ class RegressionWriter(Callback):
             (one more epoch, its runs sampled again; the scores in a store of their own), the linear model is
             fitted again and the edit grows on its coefficients, charged with the collateral of all of it. The
             attribution written (scores, fidelity) is the first fit's, of the unedited model; each stage's fit
-            and held-out correlations are in ``meta.json`` and ``report.json`` (``stages``). None: one fit.
+            and held-out correlations are in ``meta.json`` and ``report.json`` (``stages``). None, or no
+            ``ratios``: one fit.
         random_control / save_unet / evaluate / eval_target_images / eval_retain_images / floor_images /
             eval_batch_size: as in ``AttributionWriter``.
     """
@@ -103,8 +104,6 @@ class RegressionWriter(Callback):
         if rescore_every is not None:
             if isinstance(rescore_every, bool) or not (isinstance(rescore_every, (int, float)) and 0 < rescore_every < 1):
                 raise UserInputError(f"RegressionWriter rescore_every must be in (0, 1) or null, got {rescore_every!r}.")
-            if ratios is None:
-                raise UserInputError("RegressionWriter rescore_every stages the edits: give ratios.")
             if selection == "top":
                 raise UserInputError("RegressionWriter rescore_every grows the 'selective' edit in text space: use "
                                      "selection selective (or auto), or set rescore_every to null.")
@@ -173,7 +172,7 @@ class RegressionWriter(Callback):
                 self.outputs.random_draws = 1
             mode = "erase" if pl_module.hparams.objective == "erase" else "amplify"
             self.outputs.prepare(pl_module, trainer.datamodule, mode)
-        if self.rescore_every is not None and stage == "fit":
+        if self.rescore_every is not None and self.outputs is not None and stage == "fit":
             if self._selection != "selective":
                 raise UserInputError("RegressionWriter rescore_every grows the 'selective' edit in text space, where "
                                      "every component is a cross-attention key/value row (model.components "
@@ -182,7 +181,9 @@ class RegressionWriter(Callback):
 
     def _stops(self) -> list[float]:
         """The ratios at which the staged edit is put on the model and the masks scored again."""
-        return rescore_stops(self.rescore_every, max(self.outputs.ratios)) if self.rescore_every is not None else []
+        if self.rescore_every is None or self.outputs is None:  # no ratios: no edits to stage
+            return []
+        return rescore_stops(self.rescore_every, max(self.outputs.ratios))
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.outputs is not None:  # the original component weights, which the edits are put on
@@ -391,11 +392,10 @@ class RegressionWriter(Callback):
 
     def _write_meta(self, attribution: Path, trainer, pl_module, fit, y, fidelity) -> None:
         datamodule = trainer.datamodule
-        weights = pl_module.model_folder / pl_module.backbone.part / "diffusion_pytorch_model.safetensors"
         h = pl_module.hparams
         meta = {
             "model": pl_module.model_id,
-            "model_sha256": file_sha256(weights) if weights.is_file() else None,
+            "model_sha256": pl_module.weights_sha256(),
             "concept": pl_module.concepts[0],
             "base_prompt": datamodule.base_prompt,
             "estimator": "regression",

@@ -199,7 +199,8 @@ def test_a_signal_in_the_rescoring_epoch_resumes_at_that_epoch(tmp_path, referen
 
 def test_regression_rows_and_coefficients_do_not_depend_on_the_world_size(tmp_path):
     """The regression estimator on 1 and on 2 processes (mask ids sharded, rows gathered on rank 0): the same
-    mask scores and the same fitted coefficients."""
+    mask scores and the same fitted coefficients; its edit staged at 20% (fitted on rank 0, put on the model of
+    every rank, every mask scored again): the same staged edit and the same second-stage scores."""
     from safetensors.torch import load_file
 
     results = {}
@@ -209,17 +210,27 @@ def test_regression_rows_and_coefficients_do_not_depend_on_the_world_size(tmp_pa
                 "--data.masks", "10", "--data.heldout_masks", "3", "--data.samples", "1", "--data.batch_size", "2",
                 "--model.num_inference_steps", "2", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
                 "--trainer.strategy", "ddp" if devices == 2 else "auto", "--trainer.enable_progress_bar", "false",
-                "--trainer.default_root_dir", str(root), "--trainer.callbacks.init_args.ratios", "null"]
+                "--trainer.default_root_dir", str(root), "--trainer.callbacks.init_args.ratios", "[0.2, 0.25]",
+                "--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false",
+                "--trainer.callbacks.init_args.damage_prompts", "1"]
         run = subprocess.run(args, env=environment(), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-        rows = {}
-        for chunk in (root / "mask_scores").glob("chunk-*.json"):
-            record = json.loads(chunk.read_text())
-            rows.update(zip(record["ids"], record["scores"]))
+        stages = []
+        for folder in [root / "mask_scores", *sorted((root / "mask_scores").glob("stage-1-*"))]:
+            rows = {}
+            for chunk in folder.glob("chunk-*.json"):
+                record = json.loads(chunk.read_text())
+                rows.update(zip(record["ids"], record["scores"]))
+            stages.append((folder.name, rows))
         version = next((root / "lightning_logs").glob("version_*"))
-        results[devices] = rows, load_file(version / "attribution" / "component_scores.safetensors")["coefficients"]
-    assert sorted(results[1][0]) == sorted(results[2][0]) and len(results[1][0]) == 13
-    for mask_id, score in results[1][0].items():
-        assert results[2][0][mask_id] == pytest.approx(score, rel=1e-5, abs=1e-7)
+        results[devices] = (stages, load_file(version / "attribution" / "component_scores.safetensors")["coefficients"],
+                            load_file(version / "edits" / "regression-erase-0.25.safetensors"))
+    one, two = results[1][0], results[2][0]
+    assert len(one) == len(two) == 2 and one[1][0] == two[1][0]  # one second stage, of the same staged edit
+    for (_, rows_one), (_, rows_two) in zip(one, two):
+        assert sorted(rows_one) == sorted(rows_two) and len(rows_one) == 13
+        for mask_id, score in rows_one.items():
+            assert rows_two[mask_id] == pytest.approx(score, rel=1e-5, abs=1e-7)
     a, b = results[1][1], results[2][1]
     assert float((a - b).abs().max() / a.abs().max()) <= TOLERANCE
+    assert all(torch.equal(results[1][2][n], results[2][2][n]) for n in results[1][2])

@@ -399,8 +399,7 @@ def test_staged_regression_edits_are_refused_where_they_cannot_grow(tmp_path):
 
     with pytest.raises(UserInputError, match="rescore_every must be in"):
         RegressionWriter(ratios=[0.2], rescore_every=1.5)
-    with pytest.raises(UserInputError, match="give ratios"):
-        RegressionWriter(rescore_every=0.2)
+    assert RegressionWriter(rescore_every=0.2)._stops() == []  # no ratios: no edits, one fit
     with pytest.raises(UserInputError, match="use selection selective"):
         RegressionWriter(ratios=[0.2], rescore_every=0.1, selection="top")
     module = RegressionCADModule(num_inference_steps=2, granularity="layer", score="objective")  # FF layers
@@ -410,3 +409,31 @@ def test_staged_regression_edits_are_refused_where_they_cannot_grow(tmp_path):
                          callbacks=[RegressionWriter(ratios=[0.2], rescore_every=0.1)])
     with pytest.raises(UserInputError, match="set it to null for other components"):
         trainer.fit(module, datamodule=data)
+
+
+def test_a_store_outlives_a_moved_model_folder_but_not_other_weights(tmp_path, capsys):
+    import shutil
+
+    from cad_lightning.generation import resolve_model_path
+
+    source = resolve_model_path("tiny-shapes")
+    args = ["fit", "--config", str(CONFIGS / "attribute_regression.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--model.score", "objective", "--model.num_inference_steps", "2", "--model.granularity", "layer",
+            "--data.samples", "1", "--data.masks", "4", "--data.heldout_masks", "0", "--data.batch_size", "4",
+            "--trainer.callbacks.init_args.ratios", "null"]
+    shutil.copytree(source, tmp_path / "a")
+    assert run_cli(args + ["--model.model_path", str(tmp_path / "a")]) == 0
+    (tmp_path / "a").rename(tmp_path / "b")  # the checkout moved: the same weights, so the scores are found
+    assert run_cli(args + ["--model.model_path", str(tmp_path / "b")]) == 0
+    meta = json.loads(sorted((tmp_path / "run" / "lightning_logs").glob("version_*/attribution/meta.json"))[-1].read_text())
+    assert meta["masks"]["computed_this_run"] == 0
+    weights = tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(weights))  # other weights at the same path: refused
+    capsys.readouterr()
+    assert run_cli(args + ["--model.model_path", str(tmp_path / "b")]) == 2
+    assert "model_sha256" in capsys.readouterr().err

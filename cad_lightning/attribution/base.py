@@ -20,6 +20,7 @@ from cad_lightning.attribution.objectives import OBJECTIVES, ConceptObjective
 from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
 from cad_lightning.errors import UserInputError
 from cad_lightning.generation import resolve_model_path
+from cad_lightning.utils import file_sha256
 
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
@@ -126,3 +127,10 @@ class AttributionModule(pl.LightningModule):
     @property
     def model_id(self) -> str:
         return str(Path(self.model_folder).resolve())
+
+    def weights_sha256(self) -> str | None:
+        """The SHA-256 of the denoiser's weights file (None where the folder holds no single such file), read once."""
+        if not hasattr(self, "_weights_sha256"):
+            weights = Path(self.model_folder) / self.backbone.part / "diffusion_pytorch_model.safetensors"
+            self._weights_sha256 = file_sha256(weights) if weights.is_file() else None
+        return self._weights_sha256

@@ -30,6 +30,7 @@ from cad_lightning.attribution.store import MaskScoreStore
 from cad_lightning.errors import UserInputError
 from cad_lightning.generation import DEFAULT_MODEL
 from cad_lightning.run_status import RunStatus
+from cad_lightning.utils import file_sha256
 
 
 class RegressionCADModule(AttributionModule):
@@ -137,8 +138,11 @@ class RegressionCADModule(AttributionModule):
     def fingerprint(self, datamodule) -> dict:
         """The settings that decide a mask's score: a store made with other values is refused."""
         h = self.hparams
+        weights = self.weights_sha256()  # the model's content, so a store outlives a moved or copied checkout
         return {
-            "model": self.model_id, "edit": h.edit, "dtype": h.dtype, "objective": h.objective,
+            **({"model_sha256": weights} if weights is not None else {"model": self.model_id}),
+            "edit": file_sha256(h.edit) if h.edit and Path(h.edit).is_file() else h.edit,
+            "dtype": h.dtype, "objective": h.objective,
             "image_source": h.image_source if h.objective == "amplify" else None,
             "components": list(self.space.patterns), "granularity": h.granularity, "score": h.score,
             "sampler": self.backbone.sampler_settings(h.num_inference_steps, h.guidance_scale),
