@@ -84,8 +84,9 @@ class RegressionWriter(Callback):
             meets the selective-edit goal; the larger are neither evaluated nor written), as in ``AttributionWriter``.
         rescore_every: the ``selective`` edit in stages, as ``AttributionWriter``'s: after each ``rescore_every``
             of the K/V weights the edit so far is put on the model, every mask is scored again on the edited model
-            (one more epoch, its runs sampled again; the scores in a store of their own), the linear model is
-            fitted again and the edit grows on its coefficients, charged with the collateral of all of it. The
+            (one more epoch, on the unedited model's states and concept direction: how much of the concept as
+            the unedited model draws it is left; the scores in a store of their own), the linear model is fitted
+            again and the edit grows on its coefficients, charged with the collateral of all of it. The
             attribution written (scores, fidelity) is the first fit's, of the unedited model; each stage's fit
             and held-out correlations are in ``meta.json`` and ``report.json`` (``stages``). None, or no
             ``ratios``: one fit.
@@ -233,6 +234,12 @@ class RegressionWriter(Callback):
                            f"{result['record'].get('spearman', float('nan')):.3f})")
         keep = trainer.strategy.broadcast(keep, src=0)
         self._keep = keep
+        # the next stage scores on the unedited model's states: sampled before the edit goes on (a resumed run
+        # whose earlier stages were all in the store has not sampled them yet)
+        restore_weights(pl_module.backbone.denoiser, self._original)
+        runs = trainer.datamodule.items()
+        pl_module.prepare_inputs([r["prompt"] for r in runs], [int(r["seed"]) for r in runs],
+                                 [r["base_prompt"] for r in runs])
         restore_weights(pl_module.backbone.denoiser, self._original, keep)
         pl_module.begin_stage(epoch + 1, keep)
 

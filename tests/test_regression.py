@@ -375,12 +375,14 @@ def test_staged_regression_edits_score_the_edited_model_again_and_resume(tmp_pat
     total = sum(m.numel() for m in large.values())
     assert count_ablated(small) == round(0.2 * total) and count_ablated(large) == round(0.3 * total)
     assert all(torch.equal(large[n] & small[n], large[n]) for n in small)  # nested: the edit grew from the stage
-    # the second stage's scores are those of the model with the staged edit on it, its runs sampled again on it
+    # the second stage's scores are those of the model with the staged edit on it, on the unedited model's states
     before, after = MaskScoreStore(first, {}).load(), MaskScoreStore(second, {}).load()
     assert set(before) == set(after) and any(abs(before[i] - after[i]) > 1e-6 for i in before)
-    restore_weights(module.backbone.denoiser, writer._original, small)
+    restore_weights(module.backbone.denoiser, writer._original)
     module._inputs = None
     runs = data.items()
+    module.prepare_inputs([r["prompt"] for r in runs], [int(r["seed"]) for r in runs], [r["base_prompt"] for r in runs])
+    restore_weights(module.backbone.denoiser, writer._original, small)
     again = module.score_masks(module.masks([0, 5]), [r["prompt"] for r in runs], [int(r["seed"]) for r in runs],
                                [r["base_prompt"] for r in runs])
     assert again.tolist() == pytest.approx([after[0], after[5]], rel=1e-5, abs=1e-7)

@@ -119,9 +119,13 @@ class RegressionCADModule(AttributionModule):
 
     def begin_stage(self, stage: int, edit: dict[str, torch.Tensor]) -> None:
         """Score the masks again, from the next epoch on, on the model as it is now (with ``edit``, masks of the
-        weights a staged edit removed, True = keep, already put on it): the concept's runs are sampled again on
-        it and the scores go to a store of their own, ``<store>/stage-<stage>-<digest of the edit>``, so a
-        restarted run resumes each stage and an edit that came out otherwise starts afresh. A collective."""
+        weights a staged edit removed, True = keep, already put on it), on the unedited model's states and
+        concept direction (:meth:`prepare_inputs`, called before the edit was put on): the scores read how much
+        of the concept as the unedited model draws it is left. They go to a store of their own,
+        ``<store>/stage-<stage>-<digest of the edit>``, so a restarted run resumes each stage and an edit that
+        came out otherwise starts afresh. A collective."""
+        if self.hparams.score != "classifier" and self._inputs is None:
+            raise RuntimeError("begin_stage: the unedited model's states were not prepared (prepare_inputs).")
         digest = hashlib.sha256()
         for name in sorted(edit):
             digest.update(name.encode())
@@ -129,11 +133,11 @@ class RegressionCADModule(AttributionModule):
         digest = digest.hexdigest()
         self.scoring_stage = stage
         self.store = MaskScoreStore(self._store_root / f"stage-{stage}-{digest[:16]}",
-                                    {**self.fingerprint(self.trainer.datamodule), "stage": stage, "stage_edit_sha256": digest})
+                                    {**self.fingerprint(self.trainer.datamodule), "stage": stage, "stage_edit_sha256": digest,
+                                     "stage_states": "the unedited model's"})
         self.store.check(create=self.trainer.is_global_zero)
         self.trainer.strategy.barrier()
         self.done = self.store.load()
-        self._inputs = None  # the runs are sampled again on the edited model
 
     def fingerprint(self, datamodule) -> dict:
         """The settings that decide a mask's score: a store made with other values is refused."""
@@ -165,13 +169,18 @@ class RegressionCADModule(AttributionModule):
             self.detector.to(self.device)
             return classifier_scores(self.backbone, self.detector, self.concepts[0], prompts, seeds, self.layout, masks,
                                      self.hparams.num_inference_steps, self.hparams.guidance_scale)
-        if self._inputs is None:  # the unmasked model's states, sampled once per process
-            inputs = self.objective.inputs(self.backbone, prompts, seeds, bases)
-            self._inputs = (presence_inputs(self.backbone, self.objective, inputs) if self.hparams.score == "presence"
-                            else freeze_base(self.backbone, self.objective, inputs))
+        self.prepare_inputs(prompts, seeds, bases)
         if self.hparams.score == "presence":
             return presence_scores(self.backbone, self._inputs, self.layout, masks, self.hparams.chunk_size)
         return objective_scores(self.backbone, self.objective, self._inputs, self.layout, masks, self.hparams.chunk_size)
+
+    def prepare_inputs(self, prompts: list[str], seeds: list[int], bases: list[str]) -> None:
+        """The unmasked model's states of the runs (and the concept's direction, or the frozen base predictions),
+        sampled once per process, on the model as it is when first asked (the unedited one)."""
+        if self._inputs is None and self.hparams.score != "classifier":
+            inputs = self.objective.inputs(self.backbone, prompts, seeds, bases)
+            self._inputs = (presence_inputs(self.backbone, self.objective, inputs) if self.hparams.score == "presence"
+                            else freeze_base(self.backbone, self.objective, inputs))
 
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         todo = list(dict.fromkeys(int(i["mask"]) for i in batch if int(i["mask"]) not in self.done))
