@@ -2,10 +2,11 @@
 
 The store is a folder: ``config.json`` holds the settings that decide a mask's score (the SHA-256 of the
 model's weights, objective, components, granularity, score, sampler, concept, prompts, seeds,
-keep-probability; a staged edit's later stage also the edit's digest), and every finished chunk of masks is one ``chunk-<digest>.json`` file ``{"ids": [...], "scores": [...]}``, written atomically
-(temp file, then rename), so a killed process leaves whole chunks only. A run started with the same settings
-reads every chunk and computes only the missing masks (more masks than before may be asked for: mask ids are
-stable); a run with other settings is refused with the differing keys named.
+keep-probability; a staged edit's later stage also the edit's digest), and every finished chunk of masks is
+one ``chunk-<digest>.json`` file ``{"ids": [...], "scores": [...]}``, written atomically (temp file, then
+rename), so a killed process leaves whole chunks only. A run started with the same settings reads every chunk
+and computes only the missing masks (more masks than before may be asked for: mask ids are stable); a run
+with other settings is refused with the differing keys named.
 """
 
 from __future__ import annotations
