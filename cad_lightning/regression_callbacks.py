@@ -234,9 +234,8 @@ class RegressionWriter(Callback):
                            f"{result['record'].get('spearman', float('nan')):.3f})")
         keep = trainer.strategy.broadcast(keep, src=0)
         self._keep = keep
-        # the next stage scores on the unedited model's states: sampled before the edit goes on (a resumed run
-        # whose earlier stages were all in the store has not sampled them yet)
-        restore_weights(pl_module.backbone.denoiser, self._original)
+        # the next stage scores on the unedited model's states: sampled now, before the first edit goes on, where
+        # the first stage found every score in the store (later stages: already there)
         runs = trainer.datamodule.items()
         pl_module.prepare_inputs([r["prompt"] for r in runs], [int(r["seed"]) for r in runs],
                                  [r["base_prompt"] for r in runs])
@@ -249,12 +248,15 @@ class RegressionWriter(Callback):
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
-        last = self._per_weight(pl_module, datamodule, result["fit"]) if self._first is not None else None
-        if self._keep is not None:  # the staged edit off the model: the floor and the evaluation read the unedited one
+        if self._first is not None:
+            # staged: the last fit's scores, spread on the edited weights; then the edit comes off the model, so the
+            # floor and the evaluation read the unedited one
+            last = self._per_weight(pl_module, datamodule, result["fit"])
             restore_weights(pl_module.backbone.denoiser, self._original)
-        first, per_weight = self._first if self._first is not None else (result, None)
-        if per_weight is None:
-            per_weight = self._per_weight(pl_module, datamodule, first["fit"])
+            first, per_weight = self._first
+        else:
+            last, first = None, result
+            per_weight = self._per_weight(pl_module, datamodule, result["fit"])
         fit, y = first["fit"], first["y"]
         self.fit = fit
         layout = pl_module.layout
