@@ -363,10 +363,11 @@ class AttributionWriter(Callback):
         self.outputs.floor_cache = results["floor"]
 
     def _stop_point(self, trainer, pl_module, phase: str) -> None:
-        """Where a run stopped by a signal after its last batch saves its results and stops (see Preemption)."""
+        """Where a run stopped by a signal after its last batch saves its results and stops (see Preemption);
+        every rank passes the same stop points."""
         preemption = getattr(pl_module, "preemption", None)
         if preemption is not None:
-            preemption.checkpoint(trainer, phase, self._results)
+            preemption.checkpoint(trainer, phase, self._results, every_rank=True)
 
     def _checked_apply(self, trainer, pl_module, masks) -> None:
         """Put an edit on the model during evaluation, a safe point to stop at."""
@@ -377,31 +378,34 @@ class AttributionWriter(Callback):
         self._take_saved(pl_module)  # a rerun of a run stopped after attribution (no epoch ran)
         self._apply(pl_module, None)
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast from rank 0: on every rank
-        if not trainer.is_global_zero:
-            return
         self._stop_point(trainer, pl_module, "writing")
         targets = pl_module.targets
         target = " + ".join(targets)
-        scores = self._edit_scores(pl_module)
-        self._write_scores(run_dir, trainer, pl_module, scores)
-        report = {
-            "concept": targets[0], "objective": pl_module.hparams.objective, "mode": self.mode, "scope": self.scope,
-            "base_prompt": trainer.datamodule.base_prompt, "base_word": trainer.datamodule.base_word,
-            "ratios": self.ratios, "evaluate_at": self.outputs.evaluate_at,
-        }
-        if len(targets) > 1:
-            report.update(concepts=targets, multi_concept=self.multi_concept)
-        report.update(self.outputs.localise(run_dir, trainer, pl_module, scores))
-        if "selective" in self.selections:
-            report["collateral_space"] = self._space(scores)
-            # in text space, whether the rows' changes were combined through their output gradients' correlation
-            report["row_coupling"] = report["collateral_space"] == "text" and self.row_moments is not None
-            report["rescored_at"] = self._rescore_stops() if self.rescore_every is not None else []
-        edits = self._build_edits(pl_module)
+        report, edits = None, None
+        if trainer.is_global_zero:  # rank 0 writes the scores and selects; every rank takes part in the exam
+            scores = self._edit_scores(pl_module)
+            self._write_scores(run_dir, trainer, pl_module, scores)
+            report = {
+                "concept": targets[0], "objective": pl_module.hparams.objective, "mode": self.mode, "scope": self.scope,
+                "base_prompt": trainer.datamodule.base_prompt, "base_word": trainer.datamodule.base_word,
+                "ratios": self.ratios, "evaluate_at": self.outputs.evaluate_at,
+            }
+            if len(targets) > 1:
+                report.update(concepts=targets, multi_concept=self.multi_concept)
+            report.update(self.outputs.localise(run_dir, trainer, pl_module, scores))
+            if "selective" in self.selections:
+                report["collateral_space"] = self._space(scores)
+                # in text space, whether the rows' changes were combined through their output gradients' correlation
+                report["row_coupling"] = report["collateral_space"] == "text" and self.row_moments is not None
+                report["rescored_at"] = self._rescore_stops() if self.rescore_every is not None else []
+            edits = self._build_edits(pl_module)
+        if trainer.world_size > 1:
+            edits = trainer.strategy.broadcast(edits, src=0)
         self.outputs.emit(run_dir, trainer, pl_module, edits, report,
                           apply=lambda masks: self._checked_apply(trainer, pl_module, masks),
                           random="random" in self.selections, random_fallback=next(iter(self.scores.values())),
-                          start=self._start, checkpoint=lambda: self._stop_point(trainer, pl_module, "writing"))
+                          start=self._start, checkpoint=lambda: self._stop_point(trainer, pl_module, "writing"),
+                          strategy=trainer.strategy)
         rank_zero_info(f"Attribution of '{target}' written to {run_dir}")
 
     def _write_scores(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> None:

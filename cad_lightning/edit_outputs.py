@@ -28,6 +28,7 @@ from cad_lightning.attribution.localisation import localisation, top_components,
 from cad_lightning.editing import combine_masks, count_ablated, load_masks, random_like, save_edited_unet, save_masks
 from cad_lightning.editing.select import select_components
 from cad_lightning.errors import UserInputError
+from cad_lightning.evaluation.exam import SeedSet, ShardedSampler, exam_seeds
 from cad_lightning.plots import localisation_figure, save_figure
 from cad_lightning.reports import markdown_report, plot_tradeoff
 from cad_lightning.utils import image_grid, labelled_grid, log_image, save_image, write_json, write_text
@@ -97,7 +98,8 @@ class EditOutputs:
         self.floor_images, self.eval_batch_size = floor_images, eval_batch_size
         self.localise_top = float(localise_top)
         self.mode, self.scope = "erase", scope
-        self.floor_cache: dict[str, float] | None = None  # kept in a stopped run's results (see Preemption)
+        # {seed set name: {concept: floor}}, kept in a stopped run's results (see Preemption)
+        self.floor_cache: dict[str, dict[str, float]] | None = None
         self._detector_cache = None
         self._control_reference: dict[float, dict[str, torch.Tensor]] = {}
         self.seed = 0  # the run's seed_everything (see prepare), which the random controls are drawn from
@@ -156,46 +158,62 @@ class EditOutputs:
             self._detector_cache = load_concept_classifier(pl_module.model_folder)
         return self._detector_cache.to(pl_module.device)
 
-    def floor(self, pl_module, datamodule) -> dict[str, float]:
-        """The floor of every concept: how often the target prompts without the concept are drawn as it."""
-        if self.floor_cache is None:
+    def floor(self, pl_module, datamodule, seeds: SeedSet, sampler=None) -> dict[str, float]:
+        """The floor of every concept on one seed set: how often the target prompts without the concept are drawn
+        as it. ``sampler``: what samples the images (a :class:`ShardedSampler`; None: the backbone)."""
+        cache = self.floor_cache if self.floor_cache is not None else {}
+        if seeds.name not in cache:
             from cad_lightning.evaluation.concepts import empty_prompt_rates, evaluation_items
 
             targets = pl_module.targets
             detector = self.detector(pl_module)
+            sampler = sampler if sampler is not None else pl_module.backbone
             if datamodule.base_word is None:
-                self.floor_cache = empty_prompt_rates(pl_module.backbone, detector, datamodule.base_prompt,
-                                                      self.floor_images)
+                cache[seeds.name] = empty_prompt_rates(sampler, detector, datamodule.base_prompt, self.floor_images,
+                                                       seed=seeds.floor)
             else:  # each target prompt without its concept; every target's floor from its own prompts
                 rates = {}
                 for concept in targets:
                     items = evaluation_items(concept, [], self.eval_target_images, 0)
                     base = [datamodule.base_for(item.prompt, concept) for item in items]
-                    rates[concept] = empty_prompt_rates(pl_module.backbone, detector, base, self.floor_images)
-                self.floor_cache = {**rates[targets[0]], **{c: r[c] for c, r in rates.items()}}
-        return self.floor_cache
+                    rates[concept] = empty_prompt_rates(sampler, detector, base, self.floor_images, seed=seeds.floor)
+                cache[seeds.name] = {**rates[targets[0]], **{c: r[c] for c, r in rates.items()}}
+            self.floor_cache = cache
+        return cache[seeds.name]
 
     @staticmethod
     def goal_floor(targets: list[str], floor: dict[str, float]) -> float | dict[str, float] | None:
         """What an edit's target accuracy is read against: the target's floor, or each target's."""
         return floor.get(targets[0]) if len(targets) == 1 else {c: floor.get(c, 0.0) for c in targets}
 
-    def search_floor(self, trainer, pl_module, edits: Edits, apply: Callable) -> tuple[Edits, dict]:
-        """Each selection's edits reduced to the smallest that reaches the floor (``evaluate_at`` floor); the
-        search's record for the report: ``{selection: {"goal", "images", "found", "probes"}}``."""
+    def seed_sets(self) -> tuple[SeedSet, SeedSet]:
+        """The exam's (search, report) seed sets, drawn from the run's seed (cad_lightning/evaluation/exam.py)."""
+        return exam_seeds(self.seed)
+
+    def search_floor(self, trainer, pl_module, edits: Edits, apply: Callable, sampler) -> tuple[Edits, dict]:
+        """Each selection's edits reduced to the smallest that reaches the floor (``evaluate_at`` floor), decided on
+        the search seeds; the search's record for the report: ``{selection: {"goal", "images", "found", "probes"}}``."""
+        from cad_lightning.evaluation.concepts import evaluation_items
         from cad_lightning.evaluation.edits import search_floor
 
         concept = pl_module.concepts[0]
-        goal = self.floor(pl_module, trainer.datamodule).get(concept, 0.0) + self.search_margin
+        search, _ = self.seed_sets()
+        goal = self.floor(pl_module, trainer.datamodule, search, sampler).get(concept, 0.0) + self.search_margin
+        items = evaluation_items(concept, [], self.search_images, 0, seed=search.base)
         record, kept = {}, {}
         for selection, per_ratio in edits.items():
             found, probes = search_floor(
-                pl_module.backbone, self.detector(pl_module), concept, per_ratio, apply, goal, self.search_images,
-                self.eval_batch_size, progress=bool(trainer.progress_bar_callback))
+                sampler, self.detector(pl_module), concept, per_ratio, apply, goal, items, self.eval_batch_size,
+                progress=self._progress(trainer))
             chosen = found if found is not None else max(per_ratio)
             kept[selection] = {chosen: per_ratio[chosen]}
-            record[selection] = {"goal": goal, "images": self.search_images, "found": found, "probes": probes}
+            record[selection] = {"goal": goal, "images": self.search_images, "found": found, "probes": probes,
+                                 "seeds": "search"}
         return kept, record
+
+    @staticmethod
+    def _progress(trainer) -> bool:
+        return bool(trainer.progress_bar_callback) and trainer.is_global_zero
 
     # --- the outputs --------------------------------------------------------------------------
     def localise(self, run_dir: Path, trainer, pl_module, scores: dict[str, torch.Tensor]) -> dict:
@@ -233,10 +251,16 @@ class EditOutputs:
         return written
 
     def evaluate_edits(self, run_dir: Path, trainer, pl_module, edits: Edits, apply: Callable,
-                       search: dict | None = None) -> dict:
-        """Accuracy and collateral of every edit (``evaluate_at`` goal: smallest first until one meets the goal;
-        those not evaluated are dropped from ``edits``), the sample grids, TensorBoard scalars and the trade-off
-        chart; the report's entries."""
+                       search: dict | None = None, sampler=None) -> dict:
+        """Accuracy and collateral of the edits on the report seeds, the sample grids, TensorBoard scalars and the
+        trade-off chart; the report's entries.
+
+        ``evaluate_at`` goal: first, on the search seeds, the edits smallest first beside their random controls
+        until one meets the goal (read against the search seeds' floor); those not evaluated are dropped from
+        ``edits``. Then only the edit the search stopped at (with its controls) is evaluated on the report seeds,
+        which decided nothing. Otherwise every edit is evaluated on the report seeds. ``sampler``: what samples
+        the images (a :class:`ShardedSampler` over every rank; None: the backbone); every rank returns the same
+        numbers, and only rank 0 writes."""
         from cad_lightning.evaluation.concepts import evaluation_items
         from cad_lightning.evaluation.edits import evaluate_edits, goal_met, read_against_controls
 
@@ -244,26 +268,71 @@ class EditOutputs:
         if datamodule.prompt_templates is not None:
             return {"evaluation": "skipped: the concept classifier reads only shapes-world concepts"}
         detector = self.detector(pl_module)
-        backbone = pl_module.backbone
+        sampler = sampler if sampler is not None else pl_module.backbone
         targets, retained = pl_module.targets, datamodule.retain_concepts
         concept = targets[0] if len(targets) == 1 else targets
-        items = evaluation_items(concept, retained, self.eval_target_images, self.eval_retain_images)
-        floor = self.floor(pl_module, datamodule)
-        goal_floor = self.goal_floor(targets, floor)
+        search_seeds, report_seeds = self.seed_sets()
         draws_only = {}  # further draws of the random control: only their retained images' SSIM is read
         if "random" in edits and self._control_reference:
             draws_only = {f"random draw {d}": self.random_draw(d) for d in range(1, self.random_draws)}
         erase = self.mode == "erase"
-        until = None
-        if self.evaluate_at == "goal":  # ratio by ratio, smallest first, until an edit meets the goal
-            until = lambda rows: goal_met(read_against_controls(rows, goal_floor, erase))  # noqa: E731
+        progress = self._progress(trainer)
+        exam = {"search_seeds": list(search_seeds.range()), "report_seeds": list(report_seeds.range())}
+        to_report, draws_to_report = edits, draws_only
+        if self.evaluate_at == "goal":  # decided on the search seeds: ratio by ratio, smallest first
+            items = evaluation_items(concept, retained, self.eval_target_images, self.eval_retain_images,
+                                     seed=search_seeds.base)
+            search_floor = self.goal_floor(targets, self.floor(pl_module, datamodule, search_seeds, sampler))
+            # the search reads the controls only through their retained images: every draw, draw 0 included
+            selected = {s: per_ratio for s, per_ratio in edits.items() if s != "random"}
+            controls = ({"random draw 0": edits["random"], **draws_only} if "random" in edits else {})
+            _, rows, _ = evaluate_edits(
+                sampler, detector, concept, retained, items, selected, apply, self.eval_batch_size, progress=progress,
+                ssim_only=controls, desc="Searching (search seeds)",
+                until=lambda rows: goal_met(read_against_controls(rows, search_floor, erase)))
+            rows = read_against_controls(rows, search_floor, erase)
+            evaluated = {r["ratio"] for r in rows}
+            for selection in list(edits):  # what was not evaluated is not written either
+                edits[selection] = {r: m for r, m in edits[selection].items() if r in evaluated}
+            chosen = max(evaluated)  # where the search stopped: the first meeting the goal, or the largest
+            to_report = {s: {chosen: per_ratio[chosen]} for s, per_ratio in edits.items() if chosen in per_ratio}
+            draws_to_report = {s: {chosen: per_ratio[chosen]} for s, per_ratio in draws_only.items()
+                               if chosen in per_ratio}
+            exam.update(chosen=chosen, goal_met_on_search=goal_met(rows), search_results=rows)
+        if self.floor_cache and "search" in self.floor_cache:  # what the decisions read the target against
+            exam["search_floor"] = self.floor_cache["search"]
+        items = evaluation_items(concept, retained, self.eval_target_images, self.eval_retain_images,
+                                 seed=report_seeds.base)
+        floor = self.floor(pl_module, datamodule, report_seeds, sampler)
+        goal_floor = self.goal_floor(targets, floor)
         before, results, images = evaluate_edits(
-            backbone, detector, concept, retained, items, edits, apply, self.eval_batch_size,
-            progress=bool(trainer.progress_bar_callback), ssim_only=draws_only, until=until)
+            sampler, detector, concept, retained, items, to_report, apply, self.eval_batch_size, progress=progress,
+            ssim_only=draws_to_report, desc="Evaluating edits (report seeds)")
         results = read_against_controls(results, goal_floor, erase)
-        for selection in list(edits):  # what was not evaluated is not written either
-            edits[selection] = {r: m for r, m in edits[selection].items() if f"{selection} {r:g}" in images}
-        # the grids show six target images (the first of each target in turn) and the last six (retained) images
+        if trainer.is_global_zero:
+            self._show(run_dir, trainer, targets, items, images, to_report)
+            experiment = getattr(trainer.logger, "experiment", None)
+            if experiment is not None and hasattr(experiment, "add_scalar"):
+                for r in results:
+                    step = round(r["ratio"] * 10_000)  # basis points of ablated components
+                    for key, tag in (("target", "target_accuracy"), ("retained_mean", "retained_mean_accuracy"),
+                                     ("retained_min_relative", "retained_worst_relative"),
+                                     ("other_words_relative", "other_words_relative"),
+                                     ("retained_ssim", "retained_ssim"), ("retained_kid", "retained_kid")):
+                        if r.get(key) is not None:
+                            experiment.add_scalar(f"edit/{r['selection']}/{tag}", r[key], step)
+                    if len(targets) > 1:
+                        for c, accuracy in r["targets"].items():
+                            experiment.add_scalar(f"edit/{r['selection']}/target_accuracy/{c}", accuracy, step)
+            plot_tradeoff(run_dir / "tradeoff.png", targets, before, floor, results, retained, search)
+        return {"floor": floor, "before": before, "results": results, "exam": exam,
+                "eval": {"target_images": self.eval_target_images, "retain_images": self.eval_retain_images,
+                         "sampler": pl_module.backbone.sampler_settings(), "seeds": "report"}}
+
+    def _show(self, run_dir: Path, trainer, targets: list[str], items, images: dict[str, torch.Tensor],
+              edits: Edits) -> None:
+        """The sample grids: six target images (the first of each target in turn) and the last six (retained)
+        images, unedited and under each edit of a selection."""
         n = len(items)
         by_target = [[i for i, item in enumerate(items) if item.group == "target" and item.target == c] for c in targets]
         firsts = [i for column in itertools.zip_longest(*by_target) for i in column if i is not None][:6]
@@ -273,53 +342,46 @@ class EditOutputs:
             rows = torch.cat([images[k][show] for k in keys])
             save_image(labelled_grid(rows, keys, ncol=len(show)), run_dir / "samples" / f"{selection}-{self.mode}.png")
             log_image(trainer.logger, f"samples/{selection}", image_grid(rows, ncol=len(show)), 0)
-        experiment = getattr(trainer.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_scalar"):
-            for r in results:
-                step = round(r["ratio"] * 10_000)  # basis points of ablated components
-                for key, tag in (("target", "target_accuracy"), ("retained_mean", "retained_mean_accuracy"),
-                                 ("retained_min_relative", "retained_worst_relative"),
-                                 ("other_words_relative", "other_words_relative"),
-                                 ("retained_ssim", "retained_ssim"), ("retained_kid", "retained_kid")):
-                    if r.get(key) is not None:
-                        experiment.add_scalar(f"edit/{r['selection']}/{tag}", r[key], step)
-                if len(targets) > 1:
-                    for c, accuracy in r["targets"].items():
-                        experiment.add_scalar(f"edit/{r['selection']}/target_accuracy/{c}", accuracy, step)
-        plot_tradeoff(run_dir / "tradeoff.png", targets, before, floor, results, retained, search)
-        return {"floor": floor, "before": before, "results": results,
-                "eval": {"target_images": self.eval_target_images, "retain_images": self.eval_retain_images,
-                         "sampler": backbone.sampler_settings()}}
 
-    def emit(self, run_dir: Path, trainer, pl_module, edits: Edits, report: dict, apply: Callable,
+    def emit(self, run_dir: Path, trainer, pl_module, edits: Edits, report: dict | None, apply: Callable,
              random: bool = True, random_fallback: dict[str, torch.Tensor] | None = None, start: float | None = None,
-             checkpoint: Callable[[], None] | None = None) -> dict:
+             checkpoint: Callable[[], None] | None = None, strategy=None) -> dict:
         """The whole sequence for selected ``edits``: the floor search (``evaluate_at`` floor), the random control
         (``random``; ``random_fallback``: see :meth:`add_random`; an owner with a control of its own puts it in
-        ``edits`` as ``random``), the evaluation and the edit
-        files in the order ``evaluate_at`` asks, then ``report.json`` and ``report.md`` from ``report`` and what
-        they add. ``apply(masks)`` puts an edit on the model (None: the unedited model); ``checkpoint()`` is
-        called where a stopped run may save its results; ``start``: when the run started (its wall time)."""
+        ``edits`` as ``random``), the evaluation and the edit files in the order ``evaluate_at`` asks, then
+        ``report.json`` and ``report.md`` from ``report`` and what they add. ``apply(masks)`` puts an edit on the
+        model (None: the unedited model); ``checkpoint()`` is called where a stopped run may save its results;
+        ``start``: when the run started (its wall time).
+
+        ``strategy``: the trainer's strategy when every rank calls this with the same ``edits`` (the exam's images
+        are then sampled in shards across the ranks and gathered); rank 0 writes. None: this process alone."""
         datamodule = trainer.datamodule
+        report = {} if report is None else report
         evaluable = self.evaluable(datamodule)
+        sampler = ShardedSampler(pl_module.backbone, strategy)
+        writes = trainer.is_global_zero
         if checkpoint is not None:
             checkpoint()
         search = None
         if self.evaluate_at == "floor" and evaluable:
-            edits, search = self.search_floor(trainer, pl_module, edits, apply)
+            edits, search = self.search_floor(trainer, pl_module, edits, apply, sampler)
             report["search"] = search
         if random:
             self.add_random(edits, random_fallback)
         if self.evaluate_at == "goal" and evaluable:
-            # the edits are evaluated smallest first until one meets the goal; only those evaluated are written
-            report.update(self.evaluate_edits(run_dir, trainer, pl_module, edits, apply))
-            report["edits"] = self.write(run_dir, pl_module, edits)
+            # the edits are searched smallest first until one meets the goal; only those searched are written
+            report.update(self.evaluate_edits(run_dir, trainer, pl_module, edits, apply, sampler=sampler))
+            if writes:
+                report["edits"] = self.write(run_dir, pl_module, edits)
         else:
-            report["edits"] = self.write(run_dir, pl_module, edits)
+            if writes:
+                report["edits"] = self.write(run_dir, pl_module, edits)
             if self.evaluate:
-                report.update(self.evaluate_edits(run_dir, trainer, pl_module, edits, apply, search))
+                report.update(self.evaluate_edits(run_dir, trainer, pl_module, edits, apply, search, sampler=sampler))
         if start is not None:
             report["wall_time_s"] = time.perf_counter() - start
-        write_json(run_dir / "report.json", report)
-        write_text(run_dir / "report.md", markdown_report(report))
+        report["world_size"] = sampler.world_size
+        if writes:
+            write_json(run_dir / "report.json", report)
+            write_text(run_dir / "report.md", markdown_report(report))
         return report

@@ -19,8 +19,9 @@ How it works:
   whose batches hold other items anyway). A later save names the files it takes the place of (``covers``), so
   a run preempted several times counts every item once. Runs of other configs in the same root neither read
   nor remove that folder.
-- After the last epoch only rank 0 works (the writer: scores, edits, evaluation, report). A signal then is
-  honoured at the writer's safe points (before each step, before each edit is evaluated): the results the
+- After the last epoch rank 0 writes the scores and selects the edits, and every rank samples its share of the
+  exam's images (cad_lightning/evaluation/exam.py). A signal then is honoured at the writer's safe points (before
+  each step, before each edit is evaluated; the ranks agree on it there and stop together): the results the
   artifacts are made from (scores, sensitivity, staged edits) are saved as ``results.pt``, and a rerun skips
   attribution altogether and writes (and evaluates) from them; the scores are never computed twice.
 - When the artifacts are written, the run's own folder is removed (and ``preemption/`` once it is empty).
@@ -229,20 +230,31 @@ class Preemption(Callback):
         saved by a signal in a later epoch so that the restart begins with the next epoch."""
         self._results_provider = results
 
-    def checkpoint(self, trainer: pl.Trainer, phase: str, results) -> None:
-        """A safe point after the last epoch, where only rank 0 works (writing the artifacts, evaluating the
-        edits): if a signal was received, save ``results()`` (what the artifacts are made from: the scores, the
-        staged edits; a dict of tensors, numbers and strings), remove the per-rank states it replaces, requeue
-        under SLURM for SIGUSR1, and stop. A rerun takes them instead of attributing again."""
-        if self.signal_received is None or not self._fingerprint:
+    def checkpoint(self, trainer: pl.Trainer, phase: str, results, every_rank: bool = False) -> None:
+        """A safe point after the last epoch (writing the artifacts, evaluating the edits): if a signal was
+        received, save ``results()`` (what the artifacts are made from: the scores, the staged edits; a dict of
+        tensors, numbers and strings; from rank 0), remove the per-rank states it replaces, requeue under SLURM
+        for SIGUSR1, and stop. A rerun takes them instead of attributing again. ``every_rank``: every rank passes
+        this point (the exam is sharded), so the ranks agree on the signal first and stop together; otherwise only
+        rank 0 calls it."""
+        if not self._fingerprint:
+            return
+        code = SIGNAL_CODES.get(self.signal_received, 0)
+        if every_rank:
+            code = self._agreed_signal(trainer, code)
+        if not code:
             return
         self._saved = True  # nothing else to save on the way out
         folder = state_folder(trainer, self._fingerprint)
-        self._save_results(folder, results(), trainer.max_epochs)
-        if self.signal_received == signal.SIGUSR1 and SLURMEnvironment.detect():
+        if trainer.is_global_zero:
+            self._save_results(folder, results(), trainer.max_epochs)
+        if every_rank:
+            self._barrier(trainer)
+        name = next(s.name for s, c in SIGNAL_CODES.items() if c == code)
+        if code == SIGNAL_CODES[signal.SIGUSR1] and trainer.is_global_zero and SLURMEnvironment.detect():
             requeue_slurm_job()
-        raise SIGTERMException(f"Stopped by signal {signal.Signals(self.signal_received).name} during {phase}; the "
-                               f"scores are saved in {folder / RESULTS_FILE} and a rerun continues from them.")
+        raise SIGTERMException(f"Stopped by signal {name} during {phase}; the scores are saved in "
+                               f"{folder / RESULTS_FILE} and a rerun continues from them.")
 
     def _save_results(self, folder: Path, results: dict, epochs_done: int) -> None:
         with atomic_path(folder / RESULTS_FILE) as tmp:

@@ -78,36 +78,26 @@ def markdown_report(report: dict) -> str:
                   "retained images against the unedited ones (KID ×1000 on the concept classifier's features); "
                   "*selective*: target ≤ floor + 0.05 (each target its own), retained and other words ≥ 0.90 of unedited, SSIM ≥ the "
                   "random control's of equal count (*random SSIM*: the mean over the control's draws).", "",
-                  "| selection | ratio | ablated weights | target accuracy | drawn instead | retained mean | "
-                  "worst retained / unedited | other words | SSIM | KID | random SSIM | selective |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in report["results"]:
-            worst = _fmt(r["retained_min_relative"])
-            if r.get("retained_worst") and r["retained_min_relative"] is not None and r["retained_min_relative"] < 1:
-                worst += f" ({r['retained_worst']})"
-            instead = ", ".join(f"{w} {v:.2f}" for w, v in list(r.get("drawn_instead", {}).items())[:2])
-            flag = {True: "yes", False: "no", None: ""}[r.get("selective")]
-            target = (f"{r['target']:.3f}" if len(targets) == 1 else
-                      ", ".join(f"{c} {r['targets'][c]:.3f}" for c in targets))
-            if len(targets) > 1:
-                instead = "; ".join(f"{c}: " + ", ".join(f"{w} {v:.2f}" for w, v in list(d.items())[:2])
-                                    for c, d in r.get("drawn_instead_by_target", {}).items())
-            lines.append(f"| {r['selection']} | {r['ratio']:g} | {r['ablated']} | {target} | {instead} | "
-                         f"{r['retained_mean']:.3f} | {worst} | {_fmt(r.get('other_words_relative'), '.2f')} | "
-                         f"{_fmt(r.get('retained_ssim'))} | {_fmt(r.get('retained_kid'), '.2f')} | "
-                         f"{_fmt(r.get('random_retained_ssim'))} | {flag} |")
-        if report.get("evaluate_at") == "goal":
-            evaluated = sorted({r["ratio"] for r in report["results"]})
-            skipped = [r for r in report["ratios"] if r > max(evaluated, default=0.0)]
-            met = sorted({r["ratio"] for r in report["results"] if r.get("selective")})
-            lines += ["", "Edits evaluated smallest first until one met the goal (evaluate_at goal): "
-                      + (f"{met[0]:g} meets it" if met else "none of the ratios meets it")
-                      + (f"; {', '.join(f'{r:g}' for r in skipped)} neither evaluated nor written." if skipped else ".")]
+                  ] + result_table(report["results"], targets)
+        exam = report.get("exam", {})
+        if exam.get("report_seeds"):
+            lines += ["", f"Read on the *report* seeds ({exam['report_seeds'][0]:,}–{exam['report_seeds'][1] - 1:,}), "
+                      "which no decision of the run saw; decisions read the *search* seeds "
+                      f"({exam['search_seeds'][0]:,}–{exam['search_seeds'][1] - 1:,}), same prompts, other noise."]
+        if report.get("evaluate_at") == "goal" and "search_results" in exam:
+            searched = sorted({r["ratio"] for r in exam["search_results"]})
+            skipped = [r for r in report["ratios"] if r > max(searched, default=0.0)]
+            lines += ["", "**The search** (evaluate_at goal): edits evaluated smallest first on the search seeds until one "
+                      "met the goal there: " + (f"{exam['chosen']:g} meets it, and only it is evaluated on the report "
+                                                "seeds above" if exam["goal_met_on_search"] else
+                                                f"none does; the largest, {exam['chosen']:g}, is reported above")
+                      + (f"; {', '.join(f'{r:g}' for r in skipped)} neither evaluated nor written." if skipped else ".")
+                      + " What the search read:", ""]
+            lines += result_table(exam["search_results"], targets)
         for selection, search in report.get("search", {}).items():
             found = search["found"]
             lines += ["", f"**{selection}: the smallest edit that reaches the floor** (goal: target ≤ floor + margin = "
-                      f"{search['goal']:.3f} on {search['images']} images of the target prompts with other seeds than the "
-                      "evaluation's; the edits are nested, so it is found by bisection): "
+                      f"{search['goal']:.3f} on {search['images']} images of the target prompts on the search seeds; the edits are nested, so it is found by bisection): "
                       + (f"{found:g}, evaluated above." if found is not None else
                          f"none of the ratios reaches it; the largest, {max(p['ratio'] for p in search['probes']):g}, "
                          "is evaluated above."), "",
@@ -125,6 +115,29 @@ def markdown_report(report: dict) -> str:
     lines += localisation_lines(report)
     lines += ["## Edits", ""] + [f"- `{e['masks']}` ({e['ablated']} weights)" for e in report["edits"]]
     return "\n".join(lines) + "\n"
+
+
+def result_table(results: list[dict], targets: list[str]) -> list[str]:
+    """The markdown table of evaluated edits (the rows of ``evaluate_edits`` read against their controls)."""
+    lines = ["| selection | ratio | ablated weights | target accuracy | drawn instead | retained mean | "
+             "worst retained / unedited | other words | SSIM | KID | random SSIM | selective |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        worst = _fmt(r["retained_min_relative"])
+        if r.get("retained_worst") and r["retained_min_relative"] is not None and r["retained_min_relative"] < 1:
+            worst += f" ({r['retained_worst']})"
+        instead = ", ".join(f"{w} {v:.2f}" for w, v in list(r.get("drawn_instead", {}).items())[:2])
+        flag = {True: "yes", False: "no", None: ""}[r.get("selective")]
+        target = (f"{r['target']:.3f}" if len(targets) == 1 else
+                  ", ".join(f"{c} {r['targets'][c]:.3f}" for c in targets))
+        if len(targets) > 1:
+            instead = "; ".join(f"{c}: " + ", ".join(f"{w} {v:.2f}" for w, v in list(d.items())[:2])
+                                for c, d in r.get("drawn_instead_by_target", {}).items())
+        lines.append(f"| {r['selection']} | {r['ratio']:g} | {r['ablated']} | {target} | {instead} | "
+                     f"{r['retained_mean']:.3f} | {worst} | {_fmt(r.get('other_words_relative'), '.2f')} | "
+                     f"{_fmt(r.get('retained_ssim'))} | {_fmt(r.get('retained_kid'), '.2f')} | "
+                     f"{_fmt(r.get('random_retained_ssim'))} | {flag} |")
+    return lines
 
 
 def localisation_lines(report: dict) -> list[str]:

@@ -369,21 +369,33 @@ def test_goal_evaluates_smallest_first_and_stops_at_the_first_edit_that_meets_th
                           "--trainer.callbacks.init_args.random_draws", "2", *EIGHT_IMAGES)
     assert code == 0
     report = json.loads((run / "report.json").read_text())
-    evaluated = sorted({r["ratio"] for r in report["results"]})
+    exam = report["exam"]
+    searched = exam["search_results"]  # the decision, on the search seeds
+    evaluated = sorted({r["ratio"] for r in searched})
     assert evaluated == ratios[: len(evaluated)]  # smallest first, none skipped
-    met = {r["ratio"] for r in report["results"] if r["selection"] == "selective" and r["selective"]}
+    met = {r["ratio"] for r in searched if r["selection"] == "selective" and r["selective"]}
     # the scenario this checks: an edit meets the goal, and not the largest, so the larger ratios are left out
     assert met and evaluated[-1] < ratios[-1]
-    assert met == {evaluated[-1]}  # it stopped at the first that met it
-    for r in report["results"]:  # every evaluated edit beside its random control of equal count, 2 draws
-        control = next(c for c in report["results"] if c["selection"] == "random" and c["ratio"] == r["ratio"])
-        assert control["ablated"] == r["ablated"] and len(control["retained_ssim_draws"]) == 2
-    # only the evaluated edits are written, and the grid shows them
-    assert {(e["selection"], e["ratio"]) for e in report["edits"]} == {(r["selection"], r["ratio"]) for r in report["results"]}
+    assert met == {evaluated[-1]} == {exam["chosen"]} and exam["goal_met_on_search"]  # it stopped at the first
+    for r in searched:  # every searched edit read against its random control's 2 draws (their retained images)
+        assert r["selection"] == "selective" and len(r["random_retained_ssim_draws"]) == 2
+    # the report: only the chosen edit, beside its control, on the report seeds
+    assert {(r["selection"], r["ratio"]) for r in report["results"]} == {("selective", exam["chosen"]),
+                                                                         ("random", exam["chosen"])}
+    control = next(c for c in report["results"] if c["selection"] == "random")
+    edit = next(c for c in report["results"] if c["selection"] == "selective")
+    assert control["ablated"] == edit["ablated"] and len(control["retained_ssim_draws"]) == 2
+    assert edit["random_retained_ssim"] == pytest.approx(sum(control["retained_ssim_draws"]) / 2)
+    search_seeds, report_seeds = exam["search_seeds"], exam["report_seeds"]
+    assert search_seeds[1] <= report_seeds[0] or report_seeds[1] <= search_seeds[0]  # disjoint
+    # only the searched edits are written (and their controls)
+    assert {(e["selection"], e["ratio"]) for e in report["edits"]} == {
+        (s, r) for r in evaluated for s in ("selective", "random")}
     assert len(list((run / "edits").glob("*.safetensors"))) == len(report["edits"])
     markdown = (run / "report.md").read_text()
     skipped = ", ".join(f"{r:g}" for r in ratios[len(evaluated):])
-    assert f"{evaluated[-1]:g} meets it; {skipped} neither evaluated nor written" in markdown
+    assert f"{evaluated[-1]:g} meets it, and only it is evaluated on the report seeds above; {skipped} neither " \
+           "evaluated nor written" in markdown
 
 
 def test_floor_search_evaluates_the_smallest_edit_that_reaches_the_floor(tmp_path):
@@ -396,7 +408,8 @@ def test_floor_search_evaluates_the_smallest_edit_that_reaches_the_floor(tmp_pat
     assert code == 0
     report = json.loads((run / "report.json").read_text())
     search = report["search"]["selective"]
-    assert search["goal"] == pytest.approx(report["floor"]["circle"]) and search["images"] == 8
+    # decided on the search seeds' floor, reported against the report seeds' floor
+    assert search["goal"] == pytest.approx(report["exam"]["search_floor"]["circle"]) and search["images"] == 8
     probes = {p["ratio"]: p for p in search["probes"]}
     assert 1 <= len(probes) <= 3 and set(probes) <= set(ratios)  # bisection: about log2(6) probes, not 5
     for p in probes.values():

@@ -79,7 +79,9 @@ def balanced_halves(groups: list[str]) -> tuple[list[int], list[int]]:
 def _kid(features: ClassifierFeatures, real: torch.Tensor, fake: torch.Tensor) -> float:
     with warnings.catch_warnings():  # a note that features are kept in memory: a few hundred, here
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=features, subset_size=min(len(real), len(fake)), subsets=10)
+        # every rank holds all the images it reads (see evaluation/exam.py): nothing to synchronise on compute
+        metric = KernelInceptionDistance(feature=features, subset_size=min(len(real), len(fake)), subsets=10,
+                                         sync_on_compute=False)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):

@@ -37,14 +37,19 @@ def _named(prompt: str) -> dict[str, str]:
     return out
 
 
+PROMPT_SEED = 1_000_000  # the evaluation set's prompts: one draw, the same in the search and the report seeds
+
+
 def evaluation_items(concept: str | list[str], retain_concepts: list[str], n_target: int, n_retain: int,
-                     seed: int = 1_000_000) -> list[EvalItem]:
+                     seed: int = 1_000_000, prompt_seed: int = PROMPT_SEED) -> list[EvalItem]:
     """Items for the target (``n_target`` prompts naming it) and the retained concepts (``n_retain`` prompts).
 
-    With several targets, each gets ``n_target`` prompts of its own (a target prompt counts only for its own
-    target, never for another target it happens to name) and the retained prompts name none of them."""
+    Item i samples from seed ``seed + i``; the target prompts are drawn with ``prompt_seed``, so two seed sets
+    (cad_lightning/evaluation/exam.py) hold the same prompts with other noise. With several targets, each gets
+    ``n_target`` prompts of its own (a target prompt counts only for its own target, never for another target it
+    happens to name) and the retained prompts name none of them."""
     targets = [concept] if isinstance(concept, str) else list(concept)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(prompt_seed)
     items = []
     for target in targets:
         for p in prompts_naming(target, n_target, generator):

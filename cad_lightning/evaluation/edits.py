@@ -18,7 +18,7 @@ from cad_lightning.backbones.backbone import DiffusionBackbone
 from cad_lightning.editing import count_ablated
 from cad_lightning.evaluation.classifier import ConceptDetector
 from cad_lightning.evaluation.collateral import ClassifierFeatures, collateral, drawn_instead, image_ssim
-from cad_lightning.evaluation.concepts import EvalItem, accuracy_from_predictions, evaluation_items
+from cad_lightning.evaluation.concepts import EvalItem, accuracy_from_predictions
 
 Masks = dict[str, torch.Tensor]
 
@@ -66,6 +66,7 @@ def evaluate_edits(
     progress: bool = True,
     ssim_only: dict[str, dict[float, Masks]] | None = None,
     until: Callable[[list[dict]], bool] | None = None,
+    desc: str = "Evaluating edits",
 ) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     """Evaluate the unedited model and every edit ``{selection: {ratio: masks}}``.
 
@@ -90,7 +91,7 @@ def evaluate_edits(
     retain = [n for n, item in enumerate(items) if item.group == "retain"]
     total = sum(len(v) for v in edits.values()) + sum(len(v) for v in ssim_only.values())
     ratios = sorted({r for per_ratio in [*edits.values(), *ssim_only.values()] for r in per_ratio})
-    bar = tqdm(total=total, desc="Evaluating edits", unit="edit", disable=not progress)
+    bar = tqdm(total=total, desc=desc, unit="edit", disable=not progress)
     try:
         for ratio in ratios:
             for selection, per_ratio in edits.items():
@@ -132,19 +133,20 @@ def evaluate_edits(
 
 
 def read_against_controls(rows: list[dict], floor: float | dict[str, float] | None, erase: bool = True) -> list[dict]:
-    """The rows of :func:`evaluate_edits` with the random control's draws folded in: the ``random`` rows (draw 0)
-    get the mean retained SSIM of all draws (``random draw N`` rows, dropped here) and its draws, every other
-    edit the control of its ratio (``random_retained_ssim`` and its draws) and, for an erase edit, whether it
-    meets the goal (:func:`selective` with ``floor``; None for amplify edits and for the controls)."""
+    """The rows of :func:`evaluate_edits` with the random control's draws folded in: the ``random`` row (draw 0,
+    when it was evaluated in full) gets the mean retained SSIM of all draws (it and the ``random draw N`` rows,
+    dropped here) and its draws, every other edit the control of its ratio (``random_retained_ssim``, the mean of
+    the draws, and the draws) and, for an erase edit, whether it meets the goal (:func:`selective` with
+    ``floor``; None for amplify edits and for the controls)."""
     draws: dict[float, list[float]] = {}
     for r in rows:
         if r["selection"] == "random" or r["selection"].startswith("random draw "):
             draws.setdefault(r["ratio"], []).append(r["retained_ssim"])
     rows = [r for r in rows if not r["selection"].startswith("random draw ")]
-    controls = {r["ratio"]: {**r, "retained_ssim": sum(draws[r["ratio"]]) / len(draws[r["ratio"]])}
-                for r in rows if r["selection"] == "random"}
+    controls = {ratio: {"retained_ssim": sum(ssim) / len(ssim)} for ratio, ssim in draws.items()}
     for r in rows:
         if r["selection"] == "random":
+            r["retained_ssim"] = controls[r["ratio"]]["retained_ssim"]
             r["retained_ssim_draws"] = draws[r["ratio"]]
         control = controls.get(r["ratio"]) if r["selection"] != "random" else None
         r["random_retained_ssim"] = control["retained_ssim"] if control else None
@@ -180,9 +182,6 @@ def selective(row: dict, control: dict | None, floor: float | dict[str, float] |
             and row["retained_ssim"] >= control["retained_ssim"])
 
 
-SEARCH_SEED = 3_000_000  # the search's images: seeds apart from the evaluation's (1e6) and the floor's (2e6)
-
-
 def first_reaching(ratios: list[float], reaches: Callable[[float], bool]) -> float | None:
     """The smallest of the ascending ``ratios`` for which ``reaches`` holds, by bisection, or None when it holds
     for none. ``reaches`` is taken to be monotone (once it holds, it holds for every larger ratio: nested edits
@@ -206,20 +205,17 @@ def search_floor(
     per_ratio: dict[float, Masks],
     apply: Callable[[Masks | None], None],
     goal: float,
-    images: int = 32,
+    items: list[EvalItem],
     batch_size: int = 96,
     progress: bool = True,
 ) -> tuple[float | None, list[dict]]:
     """The smallest ratio of the nested edits ``per_ratio`` whose target accuracy is at most ``goal``.
 
-    Each probe samples the first ``images`` target prompts of the evaluation (:func:`evaluation_items`: the same
-    mix of prompts, so that a hard prompt form weighs the same in both) with other seeds (from
-    :data:`SEARCH_SEED`: the edit found is then read on images it was not chosen on) and reads the target's
-    accuracy. Returns the ratio (None when even the largest edit stays above ``goal``) and the probes, ascending:
-    ``{"ratio", "ablated", "target", "drawn_instead", "reached"}``. The model is left unedited.
+    Each probe samples the target ``items`` (the evaluation's target prompts on the *search* seeds of
+    cad_lightning/evaluation/exam.py: the edit found is then reported on images it was not chosen on) and reads
+    the target's accuracy. Returns the ratio (None when even the largest edit stays above ``goal``) and the probes,
+    ascending: ``{"ratio", "ablated", "target", "drawn_instead", "reached"}``. The model is left unedited.
     """
-    items = [EvalItem(item.prompt, SEARCH_SEED + n, item.named, item.group)
-             for n, item in enumerate(evaluation_items(concept, [], images, 0))]
     probes: dict[float, dict] = {}
     bar = tqdm(total=math.ceil(math.log2(len(per_ratio) + 1)), desc="Searching the floor", unit="edit",
                disable=not progress)
