@@ -234,3 +234,39 @@ def test_regression_rows_and_coefficients_do_not_depend_on_the_world_size(tmp_pa
     a, b = results[1][1], results[2][1]
     assert float((a - b).abs().max() / a.abs().max()) <= TOLERANCE
     assert all(torch.equal(results[1][2][n], results[2][2][n]) for n in results[1][2])
+
+
+EXAM_SMALL = ["--trainer.callbacks.init_args.evaluate", "true", "--trainer.callbacks.init_args.evaluate_at", "goal",
+              "--trainer.callbacks.init_args.eval_target_images", "8", "--trainer.callbacks.init_args.eval_retain_images",
+              "8", "--trainer.callbacks.init_args.floor_images", "8", "--trainer.callbacks.init_args.random_draws", "2"]
+
+
+def test_the_default_job_with_its_exam_on_two_processes_gives_the_one_process_report(tmp_path, reference):
+    """The default config (goal mode: search seeds decide, report seeds report) with a small exam, on 1 and on 2
+    CPU DDP processes: both finish, with the same scores, the same edits searched and chosen, and the same report
+    (targets within one image, SSIM within 0.005); the exam's images are sampled in shards on both ranks."""
+    reports, edits = {}, {}
+    for devices in (1, 2):
+        root = tmp_path / f"devices_{devices}"
+        extra = ["--trainer.devices", "2", "--trainer.strategy", "ddp"] if devices == 2 else []
+        cad_fit(root, *EXAM_SMALL, *extra)
+        assert max_relative_difference(latest_scores(root), reference) <= TOLERANCE
+        runs = list((root / "lightning_logs").glob("version_*"))
+        assert len(runs) == 1  # one run directory, written by rank 0
+        reports[devices] = json.loads((runs[0] / "report.json").read_text())
+        edits[devices] = latest_edits(root)
+    one, two = reports[1], reports[2]
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert set(edits[1]) == set(edits[2]) and edits[1]
+    for name, masks in edits[1].items():
+        assert all(torch.equal(edits[2][name][k], masks[k]) for k in masks), name
+    assert one["exam"]["chosen"] == two["exam"]["chosen"]
+    for key in ("search_results", None):
+        rows_one = one["exam"][key] if key else one["results"]
+        rows_two = two["exam"][key] if key else two["results"]
+        assert [(r["selection"], r["ratio"]) for r in rows_one] == [(r["selection"], r["ratio"]) for r in rows_two]
+        for a, b in zip(rows_one, rows_two):
+            assert abs(a["target"] - b["target"]) <= 1 / 8 + 1e-9  # within one image of eight
+            assert abs(a["retained_ssim"] - b["retained_ssim"]) <= 0.005
+            assert a["selective"] == b["selective"]
+    assert one["floor"] == pytest.approx(two["floor"], abs=1 / 8 + 1e-9)
