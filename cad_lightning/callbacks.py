@@ -45,10 +45,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from cad_lightning.choices import (
+    CollateralSpace,
+    EvaluateAt,
+    MultiConcept,
+    RandomAt,
+    Scope,
+    Selection,
+    check_choice,
+    choices,
+)
 from cad_lightning.edit_outputs import EditOutputs
 from cad_lightning.editing import (
-    MULTI_CONCEPT,
-    SCOPES,
     combine_masks,
     count_ablated,
     joint_scores,
@@ -62,8 +70,7 @@ from cad_lightning.editing.text_space import TEXT_SPACE_STEP, preserved_moment, 
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_path, write_json
 
-SELECTIONS = ("cad", "selective", "retain", "iterative", "random")
-COLLATERAL_SPACES = ("auto", "text", "states")
+SELECTIONS = choices(Selection)
 STATES_STEP = 0.02  # rounds with sampled states cost a forward and backward pass each
 
 
@@ -127,18 +134,18 @@ class AttributionWriter(Callback):
     def __init__(
         self,
         ratios: list[float] = (0.01, 0.02, 0.03),
-        scope: str = "global",
-        selections: list[str] = ("cad",),
+        scope: Scope = "global",
+        selections: list[Selection] = ("cad",),
         retain_weight: float = 1.0,
         collateral_offset: float = 0.03,
-        collateral_space: str = "auto",
+        collateral_space: CollateralSpace = "auto",
         selective_step: float | None = None,
         rescore_every: float | None = None,
         collateral_runs: int = 16,
         iterative_step: float = 0.005,
-        random_at: str = "all",
+        random_at: RandomAt = "all",
         random_draws: int = 1,
-        evaluate_at: str = "all",
+        evaluate_at: EvaluateAt = "all",
         search_margin: float = 0.0,
         search_images: int = 32,
         save_unet: bool = True,
@@ -148,12 +155,10 @@ class AttributionWriter(Callback):
         floor_images: int = 64,
         eval_batch_size: int = 96,
         localise_top: float = 0.01,
-        multi_concept: str = "joint",
+        multi_concept: MultiConcept = "joint",
     ) -> None:
         super().__init__()
-        if multi_concept not in MULTI_CONCEPT:
-            raise UserInputError(f"AttributionWriter multi_concept must be one of {', '.join(MULTI_CONCEPT)}, "
-                                 f"got {multi_concept!r}.")
+        check_choice("AttributionWriter", "multi_concept", multi_concept, MultiConcept)
         self.multi_concept = multi_concept
         # the random controls, evaluation, edit files and report of the selected edits
         self.outputs = EditOutputs(
@@ -162,11 +167,9 @@ class AttributionWriter(Callback):
             eval_target_images=eval_target_images, eval_retain_images=eval_retain_images, floor_images=floor_images,
             eval_batch_size=eval_batch_size, localise_top=localise_top, scope=scope)
         self.ratios = self.outputs.ratios
-        if scope not in SCOPES:
-            raise UserInputError(f"AttributionWriter scope must be one of {', '.join(SCOPES)}, got '{scope}'.")
+        check_choice("AttributionWriter", "scope", scope, Scope)
         for s in selections:
-            if s not in SELECTIONS:
-                raise UserInputError(f"AttributionWriter selections: '{s}' is not one of {', '.join(SELECTIONS)}.")
+            check_choice("AttributionWriter", "selections: each", s, Selection)
         if not 0 < iterative_step < 1:
             raise UserInputError(f"AttributionWriter iterative_step must be in (0, 1), got {iterative_step}.")
         self.scope, self.selections = scope, list(dict.fromkeys(selections))
@@ -176,9 +179,7 @@ class AttributionWriter(Callback):
         self.collateral_offset = float(collateral_offset)
         if selective_step is not None and not (isinstance(selective_step, (int, float)) and 0 < selective_step <= 1):
             raise UserInputError(f"AttributionWriter selective_step must be in (0, 1] or null, got {selective_step!r}.")
-        if collateral_space not in COLLATERAL_SPACES:
-            raise UserInputError(f"AttributionWriter collateral_space must be one of {', '.join(COLLATERAL_SPACES)}, "
-                                 f"got {collateral_space!r}.")
+        check_choice("AttributionWriter", "collateral_space", collateral_space, CollateralSpace)
         self.collateral_space = collateral_space
         if isinstance(collateral_runs, bool) or not isinstance(collateral_runs, int) or collateral_runs < 1:
             raise UserInputError(f"AttributionWriter collateral_runs must be a whole number >= 1, got {collateral_runs!r}.")

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from cad_lightning.attribution.localisation import localisation, top_components, unet_levels
+from cad_lightning.choices import EvaluateAt, RandomAt, check_choice
 from cad_lightning.editing import combine_masks, count_ablated, load_masks, random_like, save_edited_unet, save_masks
 from cad_lightning.editing.select import select_components
 from cad_lightning.errors import UserInputError
@@ -33,7 +34,6 @@ from cad_lightning.plots import localisation_figure, save_figure
 from cad_lightning.reports import markdown_report, plot_tradeoff
 from cad_lightning.utils import image_grid, labelled_grid, log_image, save_image, write_json, write_text
 
-EVALUATE_AT = ("all", "goal", "floor")
 Edits = dict[str, dict[float, dict[str, torch.Tensor]]]  # {selection: {ratio: masks (1 = keep)}}
 
 
@@ -72,19 +72,17 @@ class EditOutputs:
     ``mode`` (erase | amplify) and ``scope`` are set by the owner once the model is known (``prepare``).
     """
 
-    def __init__(self, owner: str, ratios: list[float], random_at: str = "all", random_draws: int = 1,
-                 evaluate_at: str = "all", search_margin: float = 0.0, search_images: int = 32,
+    def __init__(self, owner: str, ratios: list[float], random_at: RandomAt = "all", random_draws: int = 1,
+                 evaluate_at: EvaluateAt = "all", search_margin: float = 0.0, search_images: int = 32,
                  save_unet: bool = True, evaluate: bool = True, eval_target_images: int = 32,
                  eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96,
                  localise_top: float = 0.01, scope: str = "global") -> None:
         self.owner = owner
         self.ratios = checked_ratios(ratios, owner)
-        if random_at not in ("all", "largest"):
-            raise UserInputError(f"{owner} random_at must be 'all' or 'largest', got '{random_at}'.")
+        check_choice(owner, "random_at", random_at, RandomAt)
         if not _whole(random_draws):
             raise UserInputError(f"{owner} random_draws must be a whole number >= 1, got {random_draws!r}.")
-        if evaluate_at not in EVALUATE_AT:
-            raise UserInputError(f"{owner} evaluate_at must be one of {', '.join(EVALUATE_AT)}, got {evaluate_at!r}.")
+        check_choice(owner, "evaluate_at", evaluate_at, EvaluateAt)
         if not (isinstance(search_margin, (int, float)) and 0 <= search_margin < 1):
             raise UserInputError(f"{owner} search_margin must be in [0, 1), got {search_margin!r}.")
         if not _whole(search_images):

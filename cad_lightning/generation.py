@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
+from cad_lightning.choices import Precision
 from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import labelled_grid, save_image
@@ -100,7 +101,7 @@ class GenerationModule(pl.LightningModule):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         eta: float | None = None,
-        dtype: str = "fp32",
+        dtype: Precision = "fp32",
         edit: str | None = None,
     ) -> None:
         super().__init__()

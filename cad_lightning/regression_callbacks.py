@@ -34,9 +34,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from safetensors.torch import load_file, save_file
 
 from cad_lightning.attribution.fidelity import correlations, first_order_fidelity, write_fidelity
-from cad_lightning.attribution.linear_fit import METHODS, fit_linear
+from cad_lightning.attribution.linear_fit import fit_linear
 from cad_lightning.attribution.mask_scores import ablation_damage
 from cad_lightning.attribution.objectives import EraseObjective
+from cad_lightning.choices import (
+    RegressionEvaluateAt,
+    RegressionMethod,
+    RegressionSelection,
+    RowWeights,
+    Spread,
+    check_choice,
+)
 from cad_lightning.edit_outputs import EditOutputs, run_seed
 from cad_lightning.editing import restore_weights
 from cad_lightning.editing.coherent import rescore_stops
@@ -94,13 +102,13 @@ class RegressionWriter(Callback):
             eval_batch_size: as in ``AttributionWriter``.
     """
 
-    def __init__(self, method: str = "ridge", strengths: list[float] | None = None, folds: int = 5,
+    def __init__(self, method: RegressionMethod = "ridge", strengths: list[float] | None = None, folds: int = 5,
                  dense_limit: int = 50_000_000, ratios: list[float] | None = None, random_control: bool = True,
                  save_unet: bool = True, evaluate: bool = True, eval_target_images: int = 32,
                  eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96,
-                 min_spearman: float = 0.6, spread: str = "auto", selection: str = "auto",
-                 collateral_offset: float = 0.03, row_weights: str = "ablation", damage_prompts: int = 7,
-                 random_draws: int = 3, evaluate_at: str = "all", rescore_every: float | None = None) -> None:
+                 min_spearman: float = 0.6, spread: Spread = "auto", selection: RegressionSelection = "auto",
+                 collateral_offset: float = 0.03, row_weights: RowWeights = "ablation", damage_prompts: int = 7,
+                 random_draws: int = 3, evaluate_at: RegressionEvaluateAt = "all", rescore_every: float | None = None) -> None:
         super().__init__()
         if rescore_every is not None:
             if isinstance(rescore_every, bool) or not (isinstance(rescore_every, (int, float)) and 0 < rescore_every < 1):
@@ -114,15 +122,12 @@ class RegressionWriter(Callback):
         self._stages: list[dict] = []  # each fit's record: where it was made, its held-out correlations
         self._first = None  # the first fit (of the unedited model) and its per-weight scores
         self._selection_inputs = None  # the unedited weights, the preserved moment and the rows' sensitivity
-        if row_weights not in ("ablation", "uniform"):
-            raise UserInputError(f"RegressionWriter row_weights must be ablation or uniform, got '{row_weights}'.")
+        check_choice("RegressionWriter", "row_weights", row_weights, RowWeights)
         if damage_prompts < 1:
             raise UserInputError(f"RegressionWriter damage_prompts must be at least 1, got {damage_prompts}.")
         self.row_weights, self.damage_prompts = row_weights, damage_prompts
-        for field, value, accepted in (("spread", spread, ("auto", "even", "text")),
-                                       ("selection", selection, ("auto", "top", "selective"))):
-            if value not in accepted:
-                raise UserInputError(f"RegressionWriter {field} must be one of {', '.join(accepted)}, got '{value}'.")
+        check_choice("RegressionWriter", "spread", spread, Spread)
+        check_choice("RegressionWriter", "selection", selection, RegressionSelection)
         if selection == "selective" and spread == "even":
             raise UserInputError("RegressionWriter selection 'selective' charges each weight its own collateral and "
                                  "needs per-weight scores: use spread text (or auto).")
@@ -134,16 +139,14 @@ class RegressionWriter(Callback):
         if not collateral_offset >= 0:
             raise UserInputError(f"RegressionWriter collateral_offset must be 0 or more, got {collateral_offset}.")
         self.collateral_offset = float(collateral_offset)
-        if evaluate_at not in ("all", "goal"):
-            raise UserInputError(f"RegressionWriter evaluate_at must be all or goal, got {evaluate_at!r}.")
+        check_choice("RegressionWriter", "evaluate_at", evaluate_at, RegressionEvaluateAt)
         # the random controls, evaluation, edit files and report of the edits, as for first-order edits
         self.outputs = None if ratios is None else EditOutputs(
             "RegressionWriter", ratios, random_draws=random_draws, evaluate_at=evaluate_at, save_unet=save_unet,
             evaluate=evaluate, eval_target_images=eval_target_images, eval_retain_images=eval_retain_images,
             floor_images=floor_images, eval_batch_size=eval_batch_size)
         self._original: dict[str, torch.Tensor] = {}
-        if method not in METHODS:
-            raise UserInputError(f"RegressionWriter method must be one of {', '.join(METHODS)}, got '{method}'.")
+        check_choice("RegressionWriter", "method", method, RegressionMethod)
         if strengths is not None and (not strengths or any(not s > 0 for s in strengths)):
             raise UserInputError(f"RegressionWriter strengths must be positive numbers, got {strengths}.")
         if folds < 2:

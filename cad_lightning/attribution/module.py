@@ -18,6 +18,7 @@ import time
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
+from cad_lightning.choices import Objective, Precision
 from cad_lightning.attribution.base import AttributionModule
 from cad_lightning.attribution.scoring import accumulate_first_order
 from cad_lightning.attribution.sensitivity import accumulate_sensitivity
@@ -57,11 +58,11 @@ class CADModule(AttributionModule):
     def __init__(
         self,
         model_path: str = DEFAULT_MODEL,
-        objective: str = "erase",
+        objective: Objective = "erase",
         components: list[str] = ("ff",),
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
-        dtype: str = "fp32",
+        dtype: Precision = "fp32",
         chunk_size: int = 128,
         edit: str | None = None,
         image_source: str = "model",

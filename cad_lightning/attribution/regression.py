@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from cad_lightning.choices import Objective, Precision
 from cad_lightning.attribution.mask_scores import (SCORES, classifier_scores, concept_index, freeze_base,
                                                    objective_scores, presence_inputs, presence_scores)
 from cad_lightning.attribution.masks import GRANULARITIES, MaskLayout, sample_masks
@@ -51,11 +52,11 @@ class RegressionCADModule(AttributionModule):
     def __init__(
         self,
         model_path: str = DEFAULT_MODEL,
-        objective: str = "erase",
+        objective: Objective = "erase",
         components: list[str] = ("ff",),
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
-        dtype: str = "fp32",
+        dtype: Precision = "fp32",
         chunk_size: int = 256,
         edit: str | None = None,
         image_source: str = "model",

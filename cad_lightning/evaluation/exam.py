@@ -85,3 +85,21 @@ class ShardedSampler:
         for rank, shard in enumerate(shards):
             out[rank::self._world] = shard.cpu()
         return out
+
+
+def gather_items(index: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-item results held by the ranks of a multi-process run, gathered once: ``index`` (n,) the items' ids on
+    this rank and ``tensors`` (n, ...) their results; returns every rank's items, each once (a sampler that pads
+    its shards repeats some), ordered by id. One process: the inputs ordered by id."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torchmetrics.utilities.distributed import gather_all_tensors
+
+        index = torch.cat(gather_all_tensors(index.contiguous()))
+        tensors = tuple(torch.cat([t.cpu() for t in gather_all_tensors(x.contiguous())]) for x in tensors)
+    order = torch.argsort(index.cpu(), stable=True)
+    index = index.cpu()[order]
+    first = torch.ones_like(index, dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]
+    return (index[first], *(x.cpu()[order][first] for x in tensors))

@@ -1,8 +1,10 @@
 """Evaluation of a model or an edit on its own: ``cad test --config configs/evaluate.yaml --model.edit <masks>``.
 
-The same evaluation set as the end of an attribution fit (same prompts and seeds), so numbers compare. With an
-edit, the unedited model is sampled too, on the same seeds, and the collateral of the edit is measured
-(cad_lightning/evaluation/collateral.py).
+The same evaluation set as the end of an attribution fit (same prompts, on the report seeds of the run's
+``seed_everything``: cad_lightning/evaluation/exam.py), so numbers compare. With an edit, the unedited model is
+sampled too, on the same seeds, and the collateral of the edit is measured (cad_lightning/evaluation/collateral.py).
+On several processes each rank samples its share of the items (Lightning's distributed sampler) and the results
+are gathered once at the end of the epoch.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from torch.utils.data import DataLoader
 
 from cad_lightning.backbones.backbone import load_backbone
 from cad_lightning.data.world import CONCEPT_KINDS, concept_kind
+from cad_lightning.edit_outputs import run_seed
 from cad_lightning.editing import apply_masks, count_ablated, load_masks, restore_weights
 from cad_lightning.errors import UserInputError
 from cad_lightning.evaluation.classifier import load_concept_classifier
 from cad_lightning.evaluation.collateral import ClassifierFeatures
 from cad_lightning.evaluation.concepts import EvalItem, accuracy_from_predictions, evaluation_items
 from cad_lightning.evaluation.edits import edit_row
+from cad_lightning.evaluation.exam import exam_seeds, gather_items
 from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
 from cad_lightning.utils import write_json
 
@@ -45,7 +49,8 @@ class EvaluationDataModule(pl.LightningDataModule):
         if retain_concepts is None:
             retain_concepts = [w for words in CONCEPT_KINDS.values() for w in words if w != concept]
         self.concept, self.retain_concepts = concept, list(retain_concepts)
-        self.items = evaluation_items(concept, self.retain_concepts, target_images, retain_images)
+        self.seeds = exam_seeds(run_seed())[1]  # the report seeds of the run's seed
+        self.items = evaluation_items(concept, self.retain_concepts, target_images, retain_images, seed=self.seeds.base)
         self.batch_size = batch_size
 
     def test_dataloader(self) -> DataLoader:
@@ -104,22 +109,39 @@ class EvaluationModule(pl.LightningModule):
             if reference is not None:
                 self._reference[index] = (reference[0][n], {kind: words[n] for kind, words in reference[1].items()})
 
+    def _gathered(self) -> tuple[list[int], torch.Tensor, dict[str, list[str]], torch.Tensor | None,
+                                 dict[str, list[str]] | None]:
+        """Every rank's items (ids ascending): the edited model's images and readings, and the unedited model's."""
+        kinds = list(CONCEPT_KINDS)
+        order = sorted(self._predicted)
+
+        def codes(readings: dict[int, dict[str, str]]) -> torch.Tensor:
+            return torch.tensor([[CONCEPT_KINDS[k].index(readings[i][k]) for k in kinds] for i in order]).reshape(-1, len(kinds))
+
+        def words(codes_nk: torch.Tensor) -> dict[str, list[str]]:
+            return {k: [CONCEPT_KINDS[k][int(c)] for c in codes_nk[:, j]] for j, k in enumerate(kinds)}
+
+        tensors = [torch.stack([self._images[i] for i in order]), codes(self._predicted)]
+        if self.masks is not None:
+            tensors += [torch.stack([self._reference[i][0] for i in order]),
+                        codes({i: self._reference[i][1] for i in order})]
+        index, *tensors = gather_items(torch.tensor(order), *tensors)
+        reference = (tensors[2], words(tensors[3])) if self.masks is not None else (None, None)
+        return index.tolist(), tensors[0], words(tensors[1]), *reference
+
     def on_test_epoch_end(self) -> None:
         datamodule = self.trainer.datamodule
-        order = sorted(self._predicted)
+        order, images, predicted, reference_images, reference_predicted = self._gathered()
         items = [datamodule.items[i] for i in order]
-        predicted = {kind: [self._predicted[i][kind] for i in order] for kind in CONCEPT_KINDS}
         accuracy = accuracy_from_predictions(items, predicted)
         for concept, value in accuracy.items():
             self.log(f"test/accuracy_{concept}", value)
-        record = {"concept": datamodule.concept, "edit": self.hparams.edit, "accuracy": accuracy}
+        record = {"concept": datamodule.concept, "edit": self.hparams.edit, "accuracy": accuracy,
+                  "images": len(items), "seeds": list(datamodule.seeds.range()), "world_size": self.trainer.world_size}
         if self.masks is not None:
-            reference_images = torch.stack([self._reference[i][0] for i in order])
-            reference_predicted = {kind: [self._reference[i][1][kind] for i in order] for kind in CONCEPT_KINDS}
             before = accuracy_from_predictions(items, reference_predicted)
-            row = edit_row(items, datamodule.concept, datamodule.retain_concepts, before,
-                           torch.stack([self._images[i] for i in order]), predicted, reference_images,
-                           reference_predicted, ClassifierFeatures(self.detector))
+            row = edit_row(items, datamodule.concept, datamodule.retain_concepts, before, images, predicted,
+                           reference_images, reference_predicted, ClassifierFeatures(self.detector))
             record.update({"ablated": count_ablated(self.masks), "unedited_accuracy": before, "edited": row})
             for key in ("retained_ssim", "retained_kid", "other_words_relative", "retained_min_relative"):
                 if row.get(key) is not None:
