@@ -260,7 +260,7 @@ class EditOutputs:
         the images (a :class:`ShardedSampler` over every rank; None: the backbone); every rank returns the same
         numbers, and only rank 0 writes."""
         from cad_lightning.evaluation.concepts import evaluation_items
-        from cad_lightning.evaluation.edits import evaluate_edits, goal_met, read_against_controls
+        from cad_lightning.evaluation.edits import evaluate_edits, goal_met, read_against_controls, target_reached
 
         datamodule = trainer.datamodule
         if datamodule.prompt_templates is not None:
@@ -287,7 +287,9 @@ class EditOutputs:
             _, rows, _ = evaluate_edits(
                 sampler, detector, concept, retained, items, selected, apply, self.eval_batch_size, progress=progress,
                 ssim_only=controls, desc="Searching (search seeds)",
-                until=lambda rows: goal_met(read_against_controls(rows, search_floor, erase)))
+                until=lambda rows: goal_met(read_against_controls(rows, search_floor, erase)),
+                # an edit whose target images miss the goal needs neither retained images nor controls
+                screen=lambda row: target_reached(row, search_floor))
             rows = read_against_controls(rows, search_floor, erase)
             evaluated = {r["ratio"] for r in rows}
             for selection in list(edits):  # what was not evaluated is not written either

@@ -123,7 +123,7 @@ def result_table(results: list[dict], targets: list[str]) -> list[str]:
              "worst retained / unedited | other words | SSIM | KID | random SSIM | selective |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        worst = _fmt(r["retained_min_relative"])
+        worst = "screened out by its target images" if r.get("screened") else _fmt(r.get("retained_min_relative"))
         if r.get("retained_worst") and r["retained_min_relative"] is not None and r["retained_min_relative"] < 1:
             worst += f" ({r['retained_worst']})"
         instead = ", ".join(f"{w} {v:.2f}" for w, v in list(r.get("drawn_instead", {}).items())[:2])
@@ -134,7 +134,7 @@ def result_table(results: list[dict], targets: list[str]) -> list[str]:
             instead = "; ".join(f"{c}: " + ", ".join(f"{w} {v:.2f}" for w, v in list(d.items())[:2])
                                 for c, d in r.get("drawn_instead_by_target", {}).items())
         lines.append(f"| {r['selection']} | {r['ratio']:g} | {r['ablated']} | {target} | {instead} | "
-                     f"{r['retained_mean']:.3f} | {worst} | {_fmt(r.get('other_words_relative'), '.2f')} | "
+                     f"{_fmt(r.get('retained_mean'))} | {worst} | {_fmt(r.get('other_words_relative'), '.2f')} | "
                      f"{_fmt(r.get('retained_ssim'))} | {_fmt(r.get('retained_kid'), '.2f')} | "
                      f"{_fmt(r.get('random_retained_ssim'))} | {flag} |")
     return lines

@@ -377,8 +377,14 @@ def test_goal_evaluates_smallest_first_and_stops_at_the_first_edit_that_meets_th
     # the scenario this checks: an edit meets the goal, and not the largest, so the larger ratios are left out
     assert met and evaluated[-1] < ratios[-1]
     assert met == {evaluated[-1]} == {exam["chosen"]} and exam["goal_met_on_search"]  # it stopped at the first
-    for r in searched:  # every searched edit read against its random control's 2 draws (their retained images)
-        assert r["selection"] == "selective" and len(r["random_retained_ssim_draws"]) == 2
+    floor = exam["search_floor"]["circle"]
+    for r in searched:  # every searched edit read against its random control's 2 draws (their retained images) ...
+        assert r["selection"] == "selective"
+        if r.get("screened"):  # ... unless its target images alone missed the goal
+            assert (r["target"] > floor + 0.05 or r["other_words_relative"] < 0.9) and not r["selective"]
+            assert r.get("retained_ssim") is None and r["random_retained_ssim"] is None
+        else:
+            assert len(r["random_retained_ssim_draws"]) == 2 and r["retained_ssim"] is not None
     # the report: only the chosen edit, beside its control, on the report seeds
     assert {(r["selection"], r["ratio"]) for r in report["results"]} == {("selective", exam["chosen"]),
                                                                          ("random", exam["chosen"])}

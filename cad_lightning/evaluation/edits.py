@@ -67,6 +67,7 @@ def evaluate_edits(
     ssim_only: dict[str, dict[float, Masks]] | None = None,
     until: Callable[[list[dict]], bool] | None = None,
     desc: str = "Evaluating edits",
+    screen: Callable[[dict], bool] | None = None,
 ) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     """Evaluate the unedited model and every edit ``{selection: {ratio: masks}}``.
 
@@ -81,6 +82,12 @@ def evaluate_edits(
     The edits are evaluated ratio by ratio, smallest first (every selection's edit of a ratio, then its
     ``ssim_only`` edits); after each ratio ``until(rows so far)`` may end the evaluation (True), leaving the larger
     ratios unevaluated. The rows come back in the order of ``edits`` (then ``ssim_only``), by ratio.
+
+    ``screen(row)``: each edit is first sampled on the target items alone, and its partial row (``target``,
+    ``targets``, ``drawn_instead``, ``other_words``, ``other_words_relative``) is screened; an edit that fails
+    gets that row with ``screened`` True (no retained images, no images returned), and a ratio whose every
+    edit fails skips its ``ssim_only`` edits too. What passes is sampled on the retained items as well, so its
+    row is the one without a screen (each image from its own seed, whatever else is sampled beside it).
     """
     apply(None)
     reference_images, reference_predicted = generate_and_read(backbone, detector, items, batch_size)
@@ -89,28 +96,42 @@ def evaluate_edits(
     rows, images = [], {"unedited": reference_images}
     ssim_only = ssim_only or {}
     retain = [n for n, item in enumerate(items) if item.group == "retain"]
+    target = [n for n, item in enumerate(items) if item.group == "target"]
     total = sum(len(v) for v in edits.values()) + sum(len(v) for v in ssim_only.values())
     ratios = sorted({r for per_ratio in [*edits.values(), *ssim_only.values()] for r in per_ratio})
     bar = tqdm(total=total, desc=desc, unit="edit", disable=not progress)
     try:
         for ratio in ratios:
+            passed = screen is None
             for selection, per_ratio in edits.items():
                 if ratio not in per_ratio:
                     continue
                 bar.set_postfix_str(f"{selection} {ratio:g}")
                 masks = per_ratio[ratio]
+                head = {"selection": selection, "ratio": ratio, "ablated": count_ablated(masks)}
                 apply(masks)
                 try:
-                    edited, predicted = generate_and_read(backbone, detector, items, batch_size)
+                    if screen is None:
+                        edited, predicted = generate_and_read(backbone, detector, items, batch_size)
+                    else:
+                        edited, predicted, partial = _screened(backbone, detector, items, target, retain, concept,
+                                                               retained, before, reference_images,
+                                                               reference_predicted, features, batch_size, screen)
                 finally:
                     apply(None)
-                rows.append({"selection": selection, "ratio": ratio, "ablated": count_ablated(masks),
-                             **edit_row(items, concept, retained, before, edited, predicted, reference_images,
-                                        reference_predicted, features)})
-                images[f"{selection} {ratio:g}"] = edited
                 bar.update()
+                if edited is None:
+                    rows.append({**head, **partial, "screened": True})
+                    continue
+                passed = True
+                rows.append({**head, **edit_row(items, concept, retained, before, edited, predicted, reference_images,
+                                                reference_predicted, features)})
+                images[f"{selection} {ratio:g}"] = edited
             for selection, per_ratio in ssim_only.items():
                 if ratio not in per_ratio:
+                    continue
+                if not passed:  # no edit of this ratio to read against its control
+                    bar.update()
                     continue
                 bar.set_postfix_str(f"{selection} {ratio:g}")
                 masks = per_ratio[ratio]
@@ -130,6 +151,31 @@ def evaluate_edits(
     order = {selection: n for n, selection in enumerate([*edits, *ssim_only])}
     rows.sort(key=lambda row: (order[row["selection"]], row["ratio"]))
     return before, rows, images
+
+
+TARGET_KEYS = ("target", "targets", "drawn_instead", "drawn_instead_by_target", "other_words", "other_words_relative")
+
+
+def _screened(backbone, detector, items, target, retain, concept, retained, before, reference_images,
+              reference_predicted, features, batch_size, screen):
+    """The edit on the model: its target items sampled and screened; when they pass, its retained items too.
+    Returns (images, readings, partial row) of all items, or (None, None, partial row) when screened out."""
+    subset = [items[n] for n in target]
+    target_images, target_read = generate_and_read(backbone, detector, subset, batch_size)
+    partial = edit_row(subset, concept, retained, before, target_images, target_read, reference_images[target],
+                       {k: [v[n] for n in target] for k, v in reference_predicted.items()}, features)
+    partial = {k: partial[k] for k in TARGET_KEYS if k in partial}
+    if not screen(partial):
+        return None, None, partial
+    retain_images, retain_read = generate_and_read(backbone, detector, [items[n] for n in retain], batch_size)
+    images = torch.empty(len(items), *target_images.shape[1:], dtype=target_images.dtype)
+    images[target], images[retain] = target_images, retain_images
+    predicted = {k: [None] * len(items) for k in target_read}
+    for indices, read in ((target, target_read), (retain, retain_read)):
+        for k, words in read.items():
+            for n, w in zip(indices, words):
+                predicted[k][n] = w
+    return images, predicted, partial
 
 
 def read_against_controls(rows: list[dict], floor: float | dict[str, float] | None, erase: bool = True) -> list[dict]:
@@ -152,7 +198,10 @@ def read_against_controls(rows: list[dict], floor: float | dict[str, float] | No
         r["random_retained_ssim"] = control["retained_ssim"] if control else None
         r["random_retained_ssim_draws"] = draws[r["ratio"]] if control else None
         # an amplify edit is read by its gain (and the same collateral), not by this goal
-        r["selective"] = selective(r, control, floor) if erase and r["selection"] != "random" else None
+        if r.get("screened"):  # its target images alone already missed the goal
+            r["selective"] = False if erase else None
+        else:
+            r["selective"] = selective(r, control, floor) if erase and r["selection"] != "random" else None
     return rows
 
 
@@ -163,6 +212,19 @@ def goal_met(rows: list[dict]) -> bool:
     return bool(selections) and all(any(r["selective"] for r in rows if r["selection"] == s) for s in selections)
 
 
+def target_reached(row: dict, floor: float | dict[str, float] | None, margin: float = 0.05, keep: float = 0.9) -> bool:
+    """The part of the goal the target prompts' images decide: the target at most floor + ``margin`` (each target
+    its own, with ``floor`` ``{concept: floor}``) and their other words at least ``keep`` of unedited."""
+    if floor is None:
+        return False
+    if isinstance(floor, dict):
+        erased = all(accuracy <= floor.get(c, 0.0) + margin for c, accuracy in row["targets"].items())
+    else:
+        erased = row["target"] <= floor + margin
+    other = row.get("other_words_relative")
+    return erased and (other is None or other >= keep)
+
+
 def selective(row: dict, control: dict | None, floor: float | dict[str, float] | None, margin: float = 0.05,
               keep: float = 0.9) -> bool:
     """Whether an edit meets the selective-edit goal: target at most floor + ``margin`` (with several targets,
@@ -171,14 +233,8 @@ def selective(row: dict, control: dict | None, floor: float | dict[str, float] |
     unedited ones (SSIM) than the random control of equal count."""
     if floor is None or control is None:
         return False
-    if isinstance(floor, dict):
-        erased = all(accuracy <= floor.get(c, 0.0) + margin for c, accuracy in row["targets"].items())
-    else:
-        erased = row["target"] <= floor + margin
-    other = row.get("other_words_relative")
-    return (erased
+    return (target_reached(row, floor, margin, keep)
             and (row["retained_min_relative"] is None or row["retained_min_relative"] >= keep)
-            and (other is None or other >= keep)
             and row["retained_ssim"] >= control["retained_ssim"])
 
 
