@@ -100,20 +100,21 @@ class AttributionWriter(Callback):
         iterative_step: fraction of components ablated per round of the ``iterative`` selection.
         random_at: where the ``random`` control is written and evaluated: ``all`` ratios (each edit is read
             against random ablation of its own count) or only the ``largest``.
-        evaluate_at: which edits are written and evaluated: ``all`` ratios; ``goal``: ratio by ratio, smallest
-            first, each edit beside its random control, until every selection (other than ``random``) has an edit
-            that meets the selective-edit goal (target ≤ floor + 0.05, retained concepts and the target prompts'
-            other words ≥ 0.90 of unedited, retained SSIM ≥ the random control's); the larger ratios are neither
-            evaluated nor written, and with none meeting it every ratio is. Or, for each selection only the
+        evaluate_at: which edits are written and evaluated: ``all`` ratios (on the report seeds); ``goal``: on
+            the search seeds, ratio by ratio, smallest first, each edit beside its random control, until every
+            selection (other than ``random``) has an edit that meets the selective-edit goal (target ≤ floor +
+            0.05, retained concepts and the target prompts' other words ≥ 0.90 of unedited, retained SSIM ≥ the
+            random control's; an edit whose target images miss it is read no further); the larger ratios are
+            neither evaluated nor written, and with none meeting it every ratio is searched. The edit the search
+            stopped at is then evaluated beside its controls on the report seeds, which the report reads. Or,
+            for each selection only the
             ``floor`` edit: the smallest of ``ratios`` (the candidates; the edits are nested) whose target accuracy
             is at most the floor plus ``search_margin``. It is found by bisection, about log2(len(ratios) + 1)
-            probes, each sampling the evaluation's target prompts with other seeds, and then evaluated in full
-            beside its random control. When no candidate reaches it, the largest is evaluated. Erase only.
+            probes, each sampling the evaluation's target prompts on the search seeds, and then evaluated in
+            full beside its random control on the report seeds. When no candidate reaches it, the largest is evaluated. Erase only.
             Without an evaluation (``evaluate`` false, or free-text concepts that the shapes world's classifier
             cannot read) there is nothing to search with, and every ratio's edit is written.
-        search_margin: the search's goal is target ≤ floor + ``search_margin``. Below the selective goal's 0.05:
-            the reading on the evaluation's images, which the edit was not chosen on, differs from the search's
-            by about 0.07 (one standard deviation, 64 images each).
+        search_margin: the floor search's goal is target ≤ floor + ``search_margin`` (the search seeds' floor).
         search_images: images of the target prompts per probe of the search.
         random_draws: random controls evaluated per ratio (seeds 0, 1, ...); an edit is read against their
             mean SSIM. Same-seed SSIM of one random draw varies by about ±0.01 from draw to draw on the
@@ -533,7 +534,9 @@ class AttributionWriter(Callback):
                                          disable=not pl_module.trainer.progress_bar_callback))
 
     def _text_space(self, pl_module, scores, ratios, initial=None) -> dict[float, dict[str, torch.Tensor]]:
+        datamodule = pl_module.trainer.datamodule
+        moment = preserved_moment(pl_module.backbone, datamodule.prompts_to_preserve(), datamodule.base_prompt)
         return text_space_selection(
-            scores, self.sensitivity, {n: self._original[n] for n in scores}, preserved_moment(pl_module.backbone, pl_module.trainer.datamodule), ratios,
+            scores, self.sensitivity, {n: self._original[n] for n in scores}, moment, ratios,
             step=self.selective_step or TEXT_SPACE_STEP, offset=self.collateral_offset, mode=self.mode,
             scope=self.scope, row_moments=self.row_moments, initial=initial)

@@ -11,7 +11,10 @@ TensorBoard scalars and images.
 Every edit is evaluated on the same prompts, seeds and sampler noise as the unedited model: the target's and
 the retained concepts' accuracies, and the collateral (cad_lightning/evaluation/collateral.py: SSIM and KID
 of the retained images against the unedited ones, the target prompts' other words, what is drawn instead),
-beside the random control of equal count.
+beside the random control of equal count. Decisions (goal mode's stop, the floor search) read the *search*
+seeds, the report the disjoint *report* seeds (cad_lightning/evaluation/exam.py). Every rank of a
+multi-process run takes part: the images are sampled in shards and gathered, every rank reads the same
+numbers, and rank 0 writes.
 """
 
 from __future__ import annotations

@@ -306,7 +306,7 @@ class RegressionWriter(Callback):
         rounds charge collateral with, measured once on the unedited model."""
         if self._selection_inputs is None:
             original = {n: self._original[n] for n in pl_module.component_names}
-            moment = preserved_moment(pl_module.backbone, datamodule)
+            moment = preserved_moment(pl_module.backbone, datamodule.prompts_to_preserve(), datamodule.base_prompt)
             sensitivity = (measured_sensitivity(original, moment, self._row_damage(pl_module, datamodule))
                            if self.row_weights == "ablation" else uniform_sensitivity(original, moment))
             self._selection_inputs = (original, moment, sensitivity)

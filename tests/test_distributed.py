@@ -270,3 +270,24 @@ def test_the_default_job_with_its_exam_on_two_processes_gives_the_one_process_re
             assert abs(a["retained_ssim"] - b["retained_ssim"]) <= 0.005
             assert a["selective"] == b["selective"]
     assert one["floor"] == pytest.approx(two["floor"], abs=1 / 8 + 1e-9)
+
+
+def test_cad_test_on_two_processes_reads_every_item_once(tmp_path, reference_run):
+    """``cad test`` of an edit on 1 and on 2 processes (9 items: Lightning's sampler pads the second shard):
+    the same evaluation.json, every item counted once."""
+    edit = sorted((reference_run / "lightning_logs").glob("version_*/edits/selective-erase-0.2.safetensors"))[-1]
+    outs = {}
+    for devices in (1, 2):
+        root = tmp_path / f"devices_{devices}"
+        args = [sys.executable, "-m", "cad_lightning.cli", "test", "--config", str(TESTS.parent / "configs" / "evaluate.yaml"),
+                "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.enable_progress_bar", "false",
+                "--trainer.default_root_dir", str(root), "--data.target_images", "5", "--data.retain_images", "4",
+                "--data.batch_size", "3", "--model.num_inference_steps", "3", "--model.edit", str(edit),
+                *(["--trainer.strategy", "ddp"] if devices == 2 else [])]
+        run = subprocess.run(args, env=environment(), capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        outs[devices] = json.loads(next(root.rglob("evaluation.json")).read_text())
+    one, two = outs[1], outs[2]
+    assert one["images"] == two["images"] == 9 and (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["accuracy"] == two["accuracy"] and one["unedited_accuracy"] == two["unedited_accuracy"]
+    assert one["edited"]["retained_ssim"] == pytest.approx(two["edited"]["retained_ssim"], abs=0.005)

@@ -73,11 +73,10 @@ def token_second_moment(backbone, prompts: Sequence[str]) -> torch.Tensor:
     return flat.T @ flat / len(prompts)
 
 
-def preserved_moment(backbone, datamodule) -> torch.Tensor:
-    """C of the text-space collateral: the token embeddings' second moment over the data's prompts to preserve,
-    its base prompt and the unconditional branch of guidance ("")."""
-    prompts = list(dict.fromkeys([*datamodule.prompts_to_preserve(), datamodule.base_prompt, ""]))
-    return token_second_moment(backbone, prompts)
+def preserved_moment(backbone, prompts: Sequence[str], base_prompt: str) -> torch.Tensor:
+    """C of the text-space collateral: the token embeddings' second moment over the prompts to preserve, the base
+    prompt and the unconditional branch of guidance ("")."""
+    return token_second_moment(backbone, list(dict.fromkeys([*prompts, base_prompt, ""])))
 
 
 def token_ids(backbone, prompts: Sequence[str]) -> list[list[int]]:
