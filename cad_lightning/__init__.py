@@ -3,10 +3,10 @@
 Python API for scripts and notebooks::
 
     from cad_lightning import apply_edit, load_backbone, load_concept_classifier
-    model = load_backbone("checkpoints/tiny-shapes")
+    model = load_backbone("tiny-shapes")                          # the shipped model, from any folder
     images = model.generate(["a red circle"], seed=0)          # (1, 3, 16, 16) in [0, 1]
-    load_concept_classifier("checkpoints/tiny-shapes")(images)  # {"shape": ["circle"], ...}
-    apply_edit(model.denoiser, "run/edits/erase-0.01.safetensors")  # zero the ablated weights in place
+    load_concept_classifier("tiny-shapes")(images)                # {"shape": ["circle"], ...}
+    apply_edit(model.denoiser, "runs/attribute/lightning_logs/version_0/edits/selective-erase-0.2.safetensors")
 
     from cad_lightning import EraseObjective, first_order_scores
     names = ComponentSpace(["cross_attn_kv"]).names(model.denoiser)

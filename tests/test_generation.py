@@ -143,3 +143,15 @@ def test_shipped_model_draws_what_prompts_name(tiny_backbone, detector):
             assert correct >= 13, (word, correct)
             hits, total = hits + correct, total + 16
     assert hits / total >= 0.95, hits / total
+
+
+def test_the_shipped_model_loads_by_name_from_any_folder(tmp_path, monkeypatch):
+    """``load_backbone('tiny-shapes')`` and ``load_concept_classifier('tiny-shapes')`` from a folder that holds no
+    checkpoints/: the name resolves to the shipped model, as on the command line."""
+    from cad_lightning import load_backbone, load_concept_classifier
+
+    monkeypatch.chdir(tmp_path)
+    backbone = load_backbone("tiny-shapes")
+    images = backbone.generate(["a red circle"], seed=0, num_inference_steps=2)
+    assert images.shape == (1, 3, 16, 16)
+    assert set(load_concept_classifier("tiny-shapes")(images)) == {"shape", "colour", "texture"}

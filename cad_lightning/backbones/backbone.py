@@ -42,6 +42,7 @@ from transformers import (
 
 from cad_lightning.backbones.tokenizer import check_prompts
 from cad_lightning.errors import UserInputError, first_line
+from cad_lightning.shipped import resolve_model_path
 
 SAMPLER_DEFAULTS_FILE = "sampler_defaults.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -426,7 +427,7 @@ def load_backbone(
     (T5 overflows in fp16; in fp32 T5-XXL alone takes 19 GB). A ``sampler_defaults.json`` in the
     folder overrides the family's sampler defaults (steps, guidance, eta, latent ``sample_size``, ...).
     """
-    folder = check_model_folder(path)
+    folder = check_model_folder(resolve_model_path(path))  # a shipped model by name, from any folder
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserInputError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'.")

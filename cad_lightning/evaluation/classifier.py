@@ -9,7 +9,6 @@ from __future__ import annotations
 from cad_lightning.errors import UserInputError
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +87,9 @@ class ConceptDetector:
 
 def load_concept_classifier(path: str | os.PathLike) -> ConceptDetector:
     """Load the concept classifier from ``path`` (a ``classifier/`` folder or a model folder holding one)."""
-    folder = Path(path)
+    from cad_lightning.shipped import resolve_model_path
+
+    folder = resolve_model_path(path)  # a shipped model by name, from any folder
     if (folder / "classifier").is_dir():
         folder = folder / "classifier"
     if not (folder / "config.json").is_file():
