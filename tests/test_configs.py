@@ -67,3 +67,18 @@ def test_composed_configs_state_only_what_differs_and_resolve_their_parts(capsys
     # a job file states only its differences
     job = (configs / "sd3" / "erase_unsafe.yaml").read_text()
     assert "max_epochs" not in job and "dtype" not in job
+
+
+def test_help_lists_the_choices_and_the_parser_refuses_others(capsys):
+    """Closed choices are typed (cad_lightning/choices.py): ``--help`` lists them, and another value is refused
+    when the config is parsed, before the model is built."""
+    assert run_cli(["fit", "--trainer.callbacks.help", "cad_lightning.callbacks.AttributionWriter"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluate_at {all,goal,floor}" in out and "scope {row,matrix,global}" in out
+    assert run_cli(["fit", "--model.help", "cad_lightning.attribution.module.CADModule"]) == 0
+    assert "objective {erase,amplify}" in capsys.readouterr().out
+    attribute = Path(__file__).resolve().parent.parent / "configs" / "attribute.yaml"
+    assert run_cli(["fit", "--config", str(attribute), "--model.model_path", "/no/such/folder",
+                    "--model.objective", "erasse"]) == 2
+    err = capsys.readouterr().err
+    assert "objective" in err and "/no/such/folder" not in err  # refused at parsing, not when the model loads

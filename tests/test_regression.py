@@ -313,11 +313,14 @@ def test_selective_regression_edits_of_key_value_neurons(tmp_path):
     assert partly > 0  # single weights, not whole rows
     control = load_masks(tmp_path / "edits" / "random-erase-0.3.safetensors")
     assert all(torch.equal((~control[n]).sum(1), (~edit[n]).sum(1)) for n in edit)  # same count in every row
-    # evaluate_at goal: smallest first, each beside its control, until one meets the goal; the rest not written
-    evaluated = sorted({r["ratio"] for r in report["results"]})
-    met = [r["ratio"] for r in report["results"] if r["selection"] == "regression" and r["selective"]]
-    assert evaluated == ([0.3] if met and met[0] == 0.3 else [0.3, 0.4])
-    assert [r["selection"] for r in report["results"] if r["ratio"] == 0.3] == ["regression", "random"]
+    # evaluate_at goal: on the search seeds smallest first, each beside its control, until one meets the goal (the
+    # rest not written); the edit it stopped at, beside its control, on the report seeds
+    exam = report["exam"]
+    evaluated = sorted({r["ratio"] for r in exam["search_results"]})
+    met = [r["ratio"] for r in exam["search_results"] if r["selection"] == "regression" and r["selective"]]
+    assert evaluated == ([0.3] if met and met[0] == 0.3 else [0.3, 0.4]) and exam["chosen"] == evaluated[-1]
+    assert [(r["selection"], r["ratio"]) for r in report["results"]] == [("regression", exam["chosen"]),
+                                                                        ("random", exam["chosen"])]
     written = {e["masks"] for e in report["edits"]}
     assert written == {f"edits/{s}-erase-{r:g}.safetensors" for s in ("regression", "random") for r in evaluated}
     edited = report["results"][0]  # read against the mean of the control's 3 draws, as first-order edits are
@@ -332,9 +335,9 @@ def test_the_text_spread_and_the_selective_selection_need_key_value_neurons(tmp_
         RegressionWriter(spread="even", selection="selective")
     with pytest.raises(UserInputError, match="spread must be one of"):
         RegressionWriter(spread="rows")
-    with pytest.raises(UserInputError, match="row_weights must be ablation or uniform"):
+    with pytest.raises(UserInputError, match="row_weights must be one of ablation, uniform"):
         RegressionWriter(row_weights="gradient")
-    with pytest.raises(UserInputError, match="evaluate_at must be all or goal"):
+    with pytest.raises(UserInputError, match="evaluate_at must be one of all, goal"):
         RegressionWriter(ratios=[0.1], evaluate_at="floor")
     module = RegressionCADModule(num_inference_steps=2, granularity="neuron")  # FF rows
     data = MaskDataModule(concept="circle", samples=1, masks=4, heldout_masks=0, batch_size=4)

@@ -180,10 +180,10 @@ def _screened(backbone, detector, items, target, retain, concept, retained, befo
 
 def read_against_controls(rows: list[dict], floor: float | dict[str, float] | None, erase: bool = True) -> list[dict]:
     """The rows of :func:`evaluate_edits` with the random control's draws folded in: the ``random`` row (draw 0,
-    when it was evaluated in full) gets the mean retained SSIM of all draws (it and the ``random draw N`` rows,
-    dropped here) and its draws, every other edit the control of its ratio (``random_retained_ssim``, the mean of
-    the draws, and the draws) and, for an erase edit, whether it meets the goal (:func:`selective` with
-    ``floor``; None for amplify edits and for the controls)."""
+    when it was evaluated in full) gets the retained SSIM of every draw (it and the ``random draw N`` rows,
+    dropped here), every other edit the control of its ratio (``random_retained_ssim``, the mean of the draws,
+    and the draws) and, for an erase edit, whether it meets the goal (:func:`selective` with ``floor``; None for
+    amplify edits and for the controls)."""
     draws: dict[float, list[float]] = {}
     for r in rows:
         if r["selection"] == "random" or r["selection"].startswith("random draw "):
@@ -192,7 +192,6 @@ def read_against_controls(rows: list[dict], floor: float | dict[str, float] | No
     controls = {ratio: {"retained_ssim": sum(ssim) / len(ssim)} for ratio, ssim in draws.items()}
     for r in rows:
         if r["selection"] == "random":
-            r["retained_ssim"] = controls[r["ratio"]]["retained_ssim"]
             r["retained_ssim_draws"] = draws[r["ratio"]]
         control = controls.get(r["ratio"]) if r["selection"] != "random" else None
         r["random_retained_ssim"] = control["retained_ssim"] if control else None

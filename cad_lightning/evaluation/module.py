@@ -146,6 +146,6 @@ class EvaluationModule(pl.LightningModule):
             for key in ("retained_ssim", "retained_kid", "other_words_relative", "retained_min_relative"):
                 if row.get(key) is not None:
                     self.log(f"test/{key}", float(row[key]))
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "evaluation.json"  # a broadcast: every rank
         if self.trainer.is_global_zero:
-            out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "evaluation.json"
             write_json(out, record)
