@@ -145,6 +145,8 @@ def evaluate_edits(
                              "retained_ssim": image_ssim(edited, reference_images[retain])})
                 bar.update()
             if until is not None and until(rows):
+                bar.total = bar.n  # the larger ratios are not evaluated: the bar ends full
+                bar.refresh()
                 break
     finally:
         bar.close()
