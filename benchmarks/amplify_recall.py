@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
 
-    ratios = ["--trainer.callbacks.init_args.ratios", args.erase_ratios] if args.erase_ratios else []
+    ratios = ["--model.editing.ratios", args.erase_ratios] if args.erase_ratios else []
     if args.erase_run:
         erase_run = Path(args.erase_run)
     else:
@@ -55,7 +55,7 @@ def main() -> None:
     at_floor = [r for r in edits if r["target"] <= floor + 0.05]
     chosen = min(at_floor, key=lambda r: r["ratio"]) if at_floor else min(edits, key=lambda r: (r["target"], r["ratio"]))
     edit = erase_run / "edits" / f"{chosen['selection']}-erase-{chosen['ratio']:g}.safetensors"
-    amplify_ratios = ["--trainer.callbacks.init_args.ratios", args.amplify_ratios] if args.amplify_ratios else []
+    amplify_ratios = ["--model.editing.ratios", args.amplify_ratios] if args.amplify_ratios else []
     amplify_run = cad("--config", str(ROOT / "configs" / "amplify.yaml"), "--data.concept", args.concept,
                       "--model.edit", str(edit), *amplify_ratios, "--trainer.default_root_dir", str(out / "amplify"))
     amplify = json.loads((amplify_run / "report.json").read_text())

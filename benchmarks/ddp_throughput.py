@@ -80,7 +80,7 @@ def run(world_size: int, root: Path, args) -> list[dict]:
     cad_args = ["fit", "--config", str(ROOT / "configs" / "attribute.yaml"), "--trainer.accelerator", "cpu",
                 "--trainer.devices", str(world_size), "--trainer.strategy", "ddp" if world_size > 1 else "auto",
                 "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-                "--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false",
+                "--model.exam.evaluate", "false", "--model.editing.save_unet", "false",
                 "--model.num_inference_steps", str(args.steps), "--data.samples", str(args.samples),
                 "--data.batch_size", str(args.batch_size)]
     env = dict(os.environ, OMP_NUM_THREADS="1",

@@ -86,14 +86,11 @@ class AtlasWriter(Callback):
                     raise UserInputError(f"AtlasWriter compare_with: its '{concept}' is scored over other components "
                                          "than this run's model.components.")
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        self.scores = pl_module.reduced_scores()  # every rank takes part in the reduction
-        pl_module.reset_scores()
-
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast from rank 0: on every rank
         if not trainer.is_global_zero:
             return
+        self.scores = pl_module.concept_scores  # reduced by the module at the end of its epoch
         atlas = run_dir / "atlas"
         with atomic_path(atlas / "scores.safetensors") as tmp:
             save_file({f"{c}::{k}": v.contiguous() for c, per in self.scores.items() for k, v in per.items()}, str(tmp))

@@ -44,27 +44,77 @@ class CADArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _innermost(lines: list[str]) -> tuple[list[str], list[str], str] | None:
+    """The chain of keys and classes down to the innermost problem of a nested union error, and its detail."""
+    keys, classes = [], []
+    while lines:
+        at = next((n for n, line in enumerate(lines) if re.match(r'\s*Parser key "[^"]+"', line)), None)
+        if at is None:
+            break
+        key = re.match(r'\s*Parser key "([^"]+)":?\s*(.*)', lines[at])
+        keys.append(key.group(1))
+        rest = lines[at + 1:]
+        problem = next((n for n, line in enumerate(rest)
+                        if re.match(r"\s*- Problem with given class_path '[^']+':", line)), None)
+        if problem is None:
+            detail = " ".join([key.group(2), *(line.strip() for line in rest[:2])]).strip()
+            return keys, classes, detail
+        classes.append(re.match(r"\s*- Problem with given class_path '([^']+)':", rest[problem]).group(1))
+        depth = _indent(rest[problem])
+        block = []
+        for line in rest[problem + 1:]:
+            if line.strip() and _indent(line) <= depth:
+                break
+            block.append(line)
+        if not any(re.match(r'\s*Parser key', line) for line in block):
+            return keys, classes, " ".join(line.strip() for line in block if line.strip())
+        lines = block
+    return None
+
+
 def class_option_error(message: str) -> str | None:
     """A parse error of a class's option in one line, from the parser's union error (which lists every
-    alternative type): ``--data.sample: AttributionDataModule has no option 'sample'; did you mean 'samples'?``,
-    or the option and what was wrong with its value. None when the message is not of that kind."""
-    key = re.match(r'Parser key "([^"]+)"', message)
-    problem = re.search(r"Problem with given class_path '([^']+)':\s*\n(.*?)(?:\n\s*- |\Z)", message, re.S)
-    if key is None or problem is None:
+    alternative type, nested for a class's own class-typed options): ``--data.sample: AttributionDataModule has no
+    option 'sample'; did you mean 'samples'?``, or the option and what was wrong with its value. None when the
+    message is not of that kind."""
+    found = _innermost(str(message).splitlines())
+    if found is None or not found[1]:
         return None
-    class_path, detail = problem.group(1), " ".join(problem.group(2).split())
+    keys, classes, detail = found
+    class_path = classes[-1]
     name = class_path.rpartition(".")[2]
+    dotted = ".".join(keys[: len(classes)])
     unknown = re.fullmatch(r"Option '([^']+)' is not accepted", detail)
     if unknown:
         option = unknown.group(1)
+        moved = moved_option(class_path, option)
+        if moved:
+            return moved
         accepted = init_parameters(class_path)
         close = difflib.get_close_matches(option, accepted, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else (f"; it accepts {', '.join(accepted)}." if accepted else ".")
-        return f"--{key.group(1)}.{option}: {name} has no option '{option}'{hint}"
-    inner = re.match(r'Parser key "([^"]+)": (.*)', detail)
-    if inner:
-        return f"--{key.group(1)}.{inner.group(1)} ({name}): {inner.group(2)}"
-    return f"--{key.group(1)} ({name}): {detail}"
+        return f"--{dotted}.{option}: {name} has no option '{option}'{hint}"
+    if len(keys) > len(classes):
+        return f"--{'.'.join(keys)} ({name}): {detail}"
+    return f"--{dotted} ({name}): {detail}"
+
+
+def moved_option(class_path: str, option: str) -> str | None:
+    """The sentence for an option of AttributionWriter's from before the edits became the module's arguments."""
+    if class_path.rpartition(".")[2] != "AttributionWriter":
+        return None
+    from cad_lightning.editing.settings import MOVED
+
+    if option not in MOVED:
+        return None
+    new = MOVED[option]
+    return (f"AttributionWriter's '{option}' is now {new} (--{new.replace('.init_args', '')} on the command line): "
+            "the module selects and evaluates the edits and adds the writer itself, so remove the AttributionWriter "
+            "from trainer.callbacks.")
 
 
 def init_parameters(class_path: str) -> list[str]:
@@ -126,6 +176,20 @@ class CADCLI(LightningCLI):
         several = trainer.devices not in (1, "1") or (trainer.num_nodes or 1) > 1
         if trainer.strategy == "ddp" or several:
             trainer.strategy = ATTRIBUTION_STRATEGY
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer with the settings the module declares (``trainer_arguments``: e.g. CADModule's epochs), also
+        written into the config the run saves."""
+        declared = dict(getattr(self.model, "trainer_arguments", None) or {})
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for key, value in declared.items():
+            given = config.trainer.get(key)
+            if given is not None and given != value:
+                raise UserInputError(
+                    f"trainer.{key} {given}: {type(self.model).__name__} declares {key} {value} for these settings; "
+                    f"leave trainer.{key} out (cad fit sets it).")
+            config.trainer[key] = value
+        return super().instantiate_trainer(**{**declared, **kwargs})
 
     def before_fit(self) -> None:
         check_output_folder(self.trainer.default_root_dir)  # before any work

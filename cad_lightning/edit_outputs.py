@@ -31,6 +31,7 @@ from cad_lightning.attribution.localisation import localisation, top_components,
 from cad_lightning.choices import EvaluateAt, RandomAt, check_choice
 from cad_lightning.editing import combine_masks, count_ablated, load_masks, random_like, save_edited_unet, save_masks
 from cad_lightning.editing.select import select_components
+from cad_lightning.editing.settings import checked_ratios  # noqa: F401 (also the regression writer's)
 from cad_lightning.errors import UserInputError
 from cad_lightning.evaluation.exam import SeedSet, ShardedSampler, exam_seeds
 from cad_lightning.plots import localisation_figure, save_figure
@@ -38,19 +39,6 @@ from cad_lightning.reports import markdown_report, plot_tradeoff
 from cad_lightning.utils import image_grid, labelled_grid, log_image, save_image, write_json, write_text
 
 Edits = dict[str, dict[float, dict[str, torch.Tensor]]]  # {selection: {ratio: masks (1 = keep)}}
-
-
-def checked_ratios(ratios, owner: str) -> list[float]:
-    """``ratios`` sorted and without repeats, each a number in (0, 1); a clear error naming ``owner`` else."""
-    if ratios is None or isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__"):
-        raise UserInputError(f"{owner} ratios must be a list of numbers in (0, 1), got {ratios!r}.")
-    ratios = list(ratios)
-    if not ratios:
-        raise UserInputError(f"{owner} ratios is empty; give at least one ratio in (0, 1).")
-    for r in ratios:
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
-            raise UserInputError(f"{owner} ratios: {r!r} is not a number in (0, 1).")
-    return sorted(set(float(r) for r in ratios))
 
 
 def run_seed() -> int:

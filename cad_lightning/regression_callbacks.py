@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from cad_lightning.attribution.fidelity import correlations, first_order_fidelity, write_fidelity
 from cad_lightning.attribution.linear_fit import fit_linear
@@ -443,9 +443,9 @@ class RegressionWriter(Callback):
 
 
 class FirstOrderFidelity(Callback):
-    """Fidelity of first-order scores: put it after an AttributionWriter in ``trainer.callbacks``; it reads the
-    scores that writer wrote (``attribution/scores.safetensors``, or for several targets the first one's own in
-    ``attribution/concept_scores.safetensors``).
+    """Fidelity of first-order scores: add it to ``trainer.callbacks`` of a ``CADModule`` job; it reads the
+    module's scores of its first concept (those of ``attribution/scores.safetensors``, or for several targets the
+    first one's own in ``attribution/concept_scores.safetensors``).
 
     On ``masks`` random masks that ablate each component weight with probability ``density``, the predicted
     ΔJ (−Σ α over the ablated weights) is compared with the measured one, on the run's own items (J as the
@@ -470,7 +470,10 @@ class FirstOrderFidelity(Callback):
         if not trainer.is_global_zero:
             return
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        scores = self._written_scores(run_dir / "attribution", pl_module.concepts[0])
+        if getattr(pl_module, "concept_scores", None) is None:
+            raise UserInputError("FirstOrderFidelity reads the first-order scores of a CADModule job "
+                                 "(model.class_path cad_lightning.attribution.module.CADModule).")
+        scores = pl_module.concept_scores[pl_module.concepts[0]]
         items = [i for i in trainer.datamodule.items() if i["concept"] == pl_module.concepts[0]]
         prompts, seeds = [i["prompt"] for i in items], [int(i["seed"]) for i in items]
         predicted, measured = first_order_fidelity(pl_module.backbone, pl_module.objective, prompts, seeds, scores,
@@ -480,16 +483,3 @@ class FirstOrderFidelity(Callback):
         self.record = write_fidelity(run_dir, record, predicted, measured, trainer.logger,
                                      xlabel="predicted ΔJ (−Σ α over ablated weights)", ylabel="measured ΔJ")
         rank_zero_info(f"First-order fidelity: Pearson {self.record['pearson']:.3f}, Spearman {self.record['spearman']:.3f}")
-
-    @staticmethod
-    def _written_scores(attribution: Path, concept: str) -> dict[str, torch.Tensor]:
-        """The first-order scores of ``concept`` as the run's AttributionWriter wrote them."""
-        several = attribution / "concept_scores.safetensors"
-        if several.is_file():
-            prefix = f"{concept}::"
-            return {k[len(prefix):]: v for k, v in load_file(str(several)).items() if k.startswith(prefix)}
-        path = attribution / "scores.safetensors"
-        if not path.is_file():
-            raise UserInputError("FirstOrderFidelity reads the scores an AttributionWriter writes: put one before it "
-                                 "in trainer.callbacks.")
-        return load_file(str(path))

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 TINY = ["fit", "--config", str(ROOT / "configs" / "attribute.yaml"), "--model.num_inference_steps", "2",
         "--data.samples", "5", "--data.preserve_samples", "2", "--data.batch_size", "1", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--trainer.callbacks.init_args.evaluate", "false",
-        "--trainer.callbacks.init_args.save_unet", "false"]
+        "--trainer.enable_progress_bar", "false", "--model.exam.evaluate", "false",
+        "--model.editing.save_unet", "false"]
 TOLERANCE = 1e-5
 
 

@@ -22,8 +22,8 @@ from cad_lightning.editing import load_masks, select_components
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAST = ["--model.num_inference_steps", "4", "--data.samples", "2", "--data.batch_size", "2"]
-EIGHT_IMAGES = ["--trainer.callbacks.init_args.eval_target_images", "8", "--trainer.callbacks.init_args.eval_retain_images",
-                "8", "--trainer.callbacks.init_args.floor_images", "8"]  # an evaluation on 8 images per group
+EIGHT_IMAGES = ["--model.exam.eval_target_images", "8", "--model.exam.eval_retain_images",
+                "8", "--model.exam.floor_images", "8"]  # an evaluation on 8 images per group
 
 
 def attribute(tmp_path, *extra: str) -> tuple[int, Path]:
@@ -37,12 +37,12 @@ def attribute(tmp_path, *extra: str) -> tuple[int, Path]:
 def small_run(tmp_path_factory):
     """One small attribution run with evaluation, shared by the artifact tests."""
     tmp = tmp_path_factory.mktemp("attribute")
-    code, run = attribute(tmp, "--data.concept", "square", "--trainer.callbacks.init_args.ratios", "[0.01, 0.03]",
-                          "--trainer.callbacks.init_args.selections", "[selective, cad, random]",
-                          "--trainer.callbacks.init_args.evaluate_at", "all",
-                          "--trainer.callbacks.init_args.eval_target_images", "8",
-                          "--trainer.callbacks.init_args.eval_retain_images", "8",
-                          "--trainer.callbacks.init_args.floor_images", "8")
+    code, run = attribute(tmp, "--data.concept", "square", "--model.editing.ratios", "[0.01, 0.03]",
+                          "--model.editing.selections", "[selective, cad, random]",
+                          "--model.exam.evaluate_at", "all",
+                          "--model.exam.eval_target_images", "8",
+                          "--model.exam.eval_retain_images", "8",
+                          "--model.exam.floor_images", "8")
     assert code == 0
     return run
 
@@ -108,11 +108,11 @@ def test_artifacts(small_run):
 def test_selective_collateral_on_sampled_states(small_run, tmp_path):
     """``collateral_space: states`` (what ``auto`` picks for components other than cross-attention K/V) measures
     collateral on preserved runs' states instead of in text space: same scores and count, another edit."""
-    code, run = attribute(tmp_path, "--data.concept", "square", "--trainer.callbacks.init_args.ratios", "[0.01, 0.03]",
-                          "--trainer.callbacks.init_args.selections", "[selective]",
-                          "--trainer.callbacks.init_args.collateral_space", "states",
-                          "--trainer.callbacks.init_args.rescore_every", "null",
-                          "--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false")
+    code, run = attribute(tmp_path, "--data.concept", "square", "--model.editing.ratios", "[0.01, 0.03]",
+                          "--model.editing.selections", "[selective]",
+                          "--model.editing.collateral_space", "states",
+                          "--model.editing.rescore_every", "null",
+                          "--model.exam.evaluate", "false", "--model.editing.save_unet", "false")
     assert code == 0
     report = json.loads((run / "report.json").read_text())
     assert report["collateral_space"] == "states"
@@ -173,7 +173,7 @@ def test_scores_are_the_first_order_effect():
 
 
 def test_same_config_twice_gives_identical_scores(tmp_path):
-    args = ["--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false"]
+    args = ["--model.exam.evaluate", "false", "--model.editing.save_unet", "false"]
     code_a, run_a = attribute(tmp_path / "a", *args)
     code_b, run_b = attribute(tmp_path / "b", *args)
     assert code_a == code_b == 0
@@ -209,16 +209,16 @@ def test_evaluate_an_edit(small_run, tmp_path):
     "args, field",
     [
         (["--data.concept", "dog"], "data.concept"),
-        (["--trainer.callbacks.init_args.ratios", "[0.5, 1.5]"], "ratios"),
-        (["--trainer.callbacks.init_args.ratios", "[0]"], "ratios"),
-        (["--trainer.callbacks.init_args.ratios", "null"], "ratios"),
+        (["--model.editing.ratios", "[0.5, 1.5]"], "ratios"),
+        (["--model.editing.ratios", "[0]"], "ratios"),
+        (["--model.editing.ratios", "null"], "ratios"),
         (["--model.components", "[no_such_layer]"], "model.components"),
-        (["--trainer.callbacks.init_args.evaluate_at", "nowhere"], "evaluate_at"),
-        (["--trainer.callbacks.init_args.evaluate_at", "floor", "--model.objective", "amplify"], "evaluate_at"),
-        (["--trainer.callbacks.init_args.evaluate_at", "goal", "--model.objective", "amplify"], "evaluate_at"),
-        (["--trainer.callbacks.init_args.search_images", "0"], "search_images"),
-        (["--trainer.callbacks.init_args.collateral_space", "nowhere"], "collateral_space"),
-        (["--trainer.callbacks.init_args.collateral_space", "text", "--model.components", "[ff]"], "collateral_space"),
+        (["--model.exam.evaluate_at", "nowhere"], "evaluate_at"),
+        (["--model.exam.evaluate_at", "floor", "--model.objective", "amplify"], "evaluate_at"),
+        (["--model.exam.evaluate_at", "goal", "--model.objective", "amplify"], "evaluate_at"),
+        (["--model.exam.search_images", "0"], "search_images"),
+        (["--model.editing.collateral_space", "nowhere"], "collateral_space"),
+        (["--model.editing.collateral_space", "text", "--model.components", "[ff]"], "collateral_space"),
         (["--data.base_word", "auto", "--data.base_prompt", "a shape"], "data.base_word"),
         (["--data.base_word", "auto", "--data.prompt_templates", '["a photo of a {concept}"]', "--data.concept", "dog"],
          "data.base_word"),
@@ -271,7 +271,7 @@ def test_stable_diffusion_folder_end_to_end(tiny_sd_folder, tmp_path):
     code = run_cli(["fit", "--config", str(CONFIGS / "sd" / "erase_object.yaml"), "--model.model_path", str(tiny_sd_folder),
                     "--model.dtype", "fp32", "--model.num_inference_steps", "3", "--data.concept", "cat",
                     "--data.samples", "2", "--data.batch_size", "2", "--trainer.default_root_dir", str(tmp_path),
-                    "--trainer.callbacks.init_args.ratios", "[0.05]", "--trainer.callbacks.init_args.save_unet", "true"])
+                    "--model.editing.ratios", "[0.05]", "--model.editing.save_unet", "true"])
     assert code == 0
     run = sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
     report = json.loads((run / "report.json").read_text())
@@ -364,9 +364,9 @@ def test_erase_objective_uses_each_items_base_prompt():
 def test_goal_evaluates_smallest_first_and_stops_at_the_first_edit_that_meets_the_goal(tmp_path):
     ratios = [0.01, 0.02, 0.1, 0.3, 0.5]
     code, run = attribute(tmp_path, "--data.concept", "circle",
-                          "--trainer.callbacks.init_args.ratios", str(ratios),
-                          "--trainer.callbacks.init_args.evaluate_at", "goal",
-                          "--trainer.callbacks.init_args.random_draws", "2", *EIGHT_IMAGES)
+                          "--model.editing.ratios", str(ratios),
+                          "--model.exam.evaluate_at", "goal",
+                          "--model.exam.random_draws", "2", *EIGHT_IMAGES)
     assert code == 0
     report = json.loads((run / "report.json").read_text())
     exam = report["exam"]
@@ -407,10 +407,10 @@ def test_goal_evaluates_smallest_first_and_stops_at_the_first_edit_that_meets_th
 def test_floor_search_evaluates_the_smallest_edit_that_reaches_the_floor(tmp_path):
     ratios = [0.01, 0.02, 0.05, 0.1, 0.3]
     code, run = attribute(tmp_path, "--data.concept", "circle",
-                          "--trainer.callbacks.init_args.ratios", str(ratios),
-                          "--trainer.callbacks.init_args.evaluate_at", "floor",
-                          "--trainer.callbacks.init_args.random_draws", "1",
-                          "--trainer.callbacks.init_args.search_images", "8", *EIGHT_IMAGES)
+                          "--model.editing.ratios", str(ratios),
+                          "--model.exam.evaluate_at", "floor",
+                          "--model.exam.random_draws", "1",
+                          "--model.exam.search_images", "8", *EIGHT_IMAGES)
     assert code == 0
     report = json.loads((run / "report.json").read_text())
     search = report["search"]["selective"]

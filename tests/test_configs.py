@@ -54,10 +54,10 @@ def test_composed_configs_state_only_what_differs_and_resolve_their_parts(capsys
     resolved = yaml.safe_load(capsys.readouterr().out)
     trainer, model, data = resolved["trainer"], resolved["model"]["init_args"], resolved["data"]["init_args"]
     # the shared part
-    assert trainer["max_epochs"] == 1 and trainer["enable_checkpointing"] is False and resolved["seed_everything"] == 0
-    writer = trainer["callbacks"][0]
-    assert writer["class_path"].endswith("AttributionWriter") and writer["init_args"]["ratios"] == [0.01, 0.02, 0.05]
-    assert writer["init_args"]["save_unet"] is False and model["components"] == ["ff"] and data["batch_size"] == 1
+    assert trainer["max_epochs"] is None and trainer["enable_checkpointing"] is False and resolved["seed_everything"] == 0
+    assert not trainer["callbacks"]  # the module adds its writer
+    assert model["editing"]["ratios"] == [0.01, 0.02, 0.05] and model["exam"]["evaluate"] is False
+    assert model["editing"]["save_unet"] is False and model["components"] == ["ff"] and data["batch_size"] == 1
     # the family's
     assert model["dtype"] == "bf16" and model["num_inference_steps"] == 28 and model["gradient_checkpointing"] is True
     # the job's own, one replacing the part's
@@ -72,13 +72,47 @@ def test_composed_configs_state_only_what_differs_and_resolve_their_parts(capsys
 def test_help_lists_the_choices_and_the_parser_refuses_others(capsys):
     """Closed choices are typed (cad_lightning/choices.py): ``--help`` lists them, and another value is refused
     when the config is parsed, before the model is built."""
-    assert run_cli(["fit", "--trainer.callbacks.help", "cad_lightning.callbacks.AttributionWriter"]) == 0
-    out = capsys.readouterr().out
-    assert "evaluate_at {all,goal,floor}" in out and "scope {row,matrix,global}" in out
     assert run_cli(["fit", "--model.help", "cad_lightning.attribution.module.CADModule"]) == 0
-    assert "objective {erase,amplify}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--model.exam.evaluate_at {all,goal,floor}" in out and "--model.editing.scope {row,matrix,global}" in out
+    assert "objective {erase,amplify}" in out
     attribute = Path(__file__).resolve().parent.parent / "configs" / "attribute.yaml"
     assert run_cli(["fit", "--config", str(attribute), "--model.model_path", "/no/such/folder",
                     "--model.objective", "erasse"]) == 2
     err = capsys.readouterr().err
     assert "objective" in err and "/no/such/folder" not in err  # refused at parsing, not when the model loads
+    assert run_cli(["fit", "--config", str(attribute), "--model.model_path", "/no/such/folder",
+                    "--model.editing.scope", "rows"]) == 2
+    err = capsys.readouterr().err
+    assert "--model.editing.scope (CADModule)" in err and "'row', 'matrix', 'global'" in err
+    assert "/no/such/folder" not in err
+    # a cross-field check of the edit settings, before the model loads
+    assert run_cli(["fit", "--config", str(attribute), "--model.model_path", "/no/such/folder",
+                    "--model.editing.selections", "[cad]"]) == 2
+    err = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("cad: error"))
+    assert "rescore_every" in err and "/no/such/folder" not in err
+
+
+def test_an_old_writer_key_is_refused_naming_its_new_key(capsys):
+    """The edit and exam settings moved from AttributionWriter's options to the module's: a config that still
+    gives them is refused in one sentence naming the new key."""
+    attribute = Path(__file__).resolve().parent.parent / "configs" / "attribute.yaml"
+    assert run_cli(["fit", "--config", str(attribute), "--trainer.callbacks+=cad_lightning.callbacks.AttributionWriter",
+                    "--trainer.callbacks.init_args.evaluate_at", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "'evaluate_at' is now model.init_args.exam.evaluate_at" in err and len(err.strip().splitlines()) == 2
+
+
+def test_the_module_declares_its_epochs(tmp_path, capsys):
+    """The default job scores in two epochs (the edit is scored again at rescore_every): the saved config says so,
+    and another trainer.max_epochs is refused in one sentence."""
+    attribute = Path(__file__).resolve().parent.parent / "configs" / "attribute.yaml"
+    assert run_cli(["fit", "--config", str(attribute), "--trainer.max_epochs", "1",
+                    "--trainer.default_root_dir", str(tmp_path)]) == 2
+    assert "declares max_epochs 2" in capsys.readouterr().err
+    from cad_lightning.attribution.module import CADModule
+    from cad_lightning.editing.settings import EditSettings
+
+    assert CADModule(editing=EditSettings(ratios=[0.1, 0.3], selections=["selective"], rescore_every=0.1)).epochs == 3
+    assert CADModule(editing=EditSettings(ratios=[0.01], selections=["iterative"], iterative_step=0.005)).epochs == 2
+    assert CADModule(editing=EditSettings(selections=[])).trainer_arguments == {"max_epochs": 1}

@@ -78,7 +78,7 @@ def test_two_nodes_reduce_once_and_give_the_one_process_scores(tmp_path, referen
     out = tmp_path / "calls.json"
     args = [sys.executable, str(TESTS / "ddp_probe.py"), str(out), *TINY, "--trainer.default_root_dir", str(tmp_path),
             "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp",
-            "--trainer.callbacks.init_args.rescore_every", "null"]  # one epoch: the calls counted below are its own
+            "--model.editing.rescore_every", "null"]  # one epoch: the calls counted below are its own
     procs = [subprocess.Popen(args, env=environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank),
                                                     LOCAL_RANK="0", WORLD_SIZE="2"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -148,9 +148,9 @@ def test_sigterm_twice_then_resume_gives_the_uninterrupted_scores_bit_for_bit(tm
     assert all(torch.equal(scores[k], reference[k]) for k in reference)
 
 
-EVALUATE_SMALL = ["--trainer.callbacks.init_args.evaluate", "true", "--trainer.callbacks.init_args.evaluate_at", "all",
-                  "--trainer.callbacks.init_args.eval_target_images", "4", "--trainer.callbacks.init_args.eval_retain_images",
-                  "4", "--trainer.callbacks.init_args.floor_images", "4", "--trainer.callbacks.init_args.random_draws", "1"]
+EVALUATE_SMALL = ["--model.exam.evaluate", "true", "--model.exam.evaluate_at", "all",
+                  "--model.exam.eval_target_images", "4", "--model.exam.eval_retain_images",
+                  "4", "--model.exam.floor_images", "4", "--model.exam.random_draws", "1"]
 
 
 @pytest.mark.parametrize("moment, phase", [
@@ -210,8 +210,8 @@ def test_regression_rows_and_coefficients_do_not_depend_on_the_world_size(tmp_pa
                 "--data.masks", "10", "--data.heldout_masks", "3", "--data.samples", "1", "--data.batch_size", "2",
                 "--model.num_inference_steps", "2", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
                 "--trainer.strategy", "ddp" if devices == 2 else "auto", "--trainer.enable_progress_bar", "false",
-                "--trainer.default_root_dir", str(root), "--trainer.callbacks.init_args.ratios", "[0.2, 0.25]",
-                "--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false",
+                "--trainer.default_root_dir", str(root), "--model.editing.ratios", "[0.2, 0.25]",
+                "--model.exam.evaluate", "false", "--model.editing.save_unet", "false",
                 "--trainer.callbacks.init_args.damage_prompts", "1"]
         run = subprocess.run(args, env=environment(), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -236,9 +236,9 @@ def test_regression_rows_and_coefficients_do_not_depend_on_the_world_size(tmp_pa
     assert all(torch.equal(results[1][2][n], results[2][2][n]) for n in results[1][2])
 
 
-EXAM_SMALL = ["--trainer.callbacks.init_args.evaluate", "true", "--trainer.callbacks.init_args.evaluate_at", "goal",
-              "--trainer.callbacks.init_args.eval_target_images", "8", "--trainer.callbacks.init_args.eval_retain_images",
-              "8", "--trainer.callbacks.init_args.floor_images", "8", "--trainer.callbacks.init_args.random_draws", "2"]
+EXAM_SMALL = ["--model.exam.evaluate", "true", "--model.exam.evaluate_at", "goal",
+              "--model.exam.eval_target_images", "8", "--model.exam.eval_retain_images",
+              "8", "--model.exam.floor_images", "8", "--model.exam.random_draws", "2"]
 
 
 def test_the_default_job_with_its_exam_on_two_processes_gives_the_one_process_report(tmp_path, reference):

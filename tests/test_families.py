@@ -125,7 +125,7 @@ def test_attribute_erase_and_reopen_in_the_plain_pipeline(folders, family, tmp_p
                     "--model.num_inference_steps", "3", "--model.gradient_checkpointing", "false",
                     "--data.concept", "cat", "--data.samples", "2", "--data.batch_size", "2",
                     "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
-                    "--trainer.callbacks.init_args.ratios", "[0.05]", "--trainer.callbacks.init_args.save_unet", "true"])
+                    "--model.editing.ratios", "[0.05]", "--model.editing.save_unet", "true"])
     assert code == 0
     run = sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
     report = json.loads((run / "report.json").read_text())
@@ -156,7 +156,7 @@ def test_amplify_and_the_regression_estimator_on_a_transformer(folders, tmp_path
                     str(folders["flux"]), "--model.dtype", "fp32", "--model.num_inference_steps", "3",
                     "--model.guidance_scale", "1.0", "--data.concept", "cat", "--data.samples", "2",
                     "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.default_root_dir",
-                    str(tmp_path / "amplify"), "--trainer.callbacks.init_args.ratios", "[0.05]"])
+                    str(tmp_path / "amplify"), "--model.editing.ratios", "[0.05]"])
     assert code == 0
     report = json.loads(next((tmp_path / "amplify" / "lightning_logs").glob("version_*/report.json")).read_text())
     assert report["edits"][0]["ablated"] > 0
@@ -167,7 +167,7 @@ def test_amplify_and_the_regression_estimator_on_a_transformer(folders, tmp_path
                     '["a photo of a {concept}"]', "--data.base_word", "null", "--data.masks", "12", "--data.heldout_masks", "4",
                     "--data.samples", "1", "--data.batch_size", "4", "--trainer.accelerator", "cpu",
                     "--trainer.default_root_dir", str(tmp_path / "regression"),
-                    "--trainer.callbacks.init_args.ratios", "null"])
+                    "--model.editing.ratios", "null"])
     assert code == 0
     version = next((tmp_path / "regression" / "lightning_logs").glob("version_*"))
     from safetensors.torch import load_file
@@ -245,7 +245,7 @@ def test_two_processes_give_the_one_process_scores_on_a_transformer(folders, tmp
                 "--model.gradient_checkpointing", "false", "--data.concept", "cat", "--data.samples", "3",
                 "--data.batch_size", "1", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
                 "--trainer.strategy", "ddp" if devices == 2 else "auto", "--trainer.enable_progress_bar", "false",
-                "--trainer.default_root_dir", str(root), "--trainer.callbacks.init_args.ratios", "[0.05]"]
+                "--trainer.default_root_dir", str(root), "--model.editing.ratios", "[0.05]"]
         run = subprocess.run(args, env=environment(), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         scores[devices] = latest_scores(root)

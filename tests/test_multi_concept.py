@@ -108,11 +108,11 @@ def test_two_concepts_in_one_run(tmp_path):
     code = run_cli(["fit", "--config", str(CONFIGS / "attribute.yaml"), "--data.concepts", "[circle, red]",
                     "--model.num_inference_steps", "4", "--data.samples", "2", "--data.preserve_samples", "4",
                     "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp_path),
-                    "--trainer.callbacks.init_args.ratios", "[0.2]", "--trainer.callbacks.init_args.evaluate_at", "all",
-                    "--trainer.callbacks.init_args.random_draws", "1",
-                    "--trainer.callbacks.init_args.eval_target_images", "8",
-                    "--trainer.callbacks.init_args.eval_retain_images", "8",
-                    "--trainer.callbacks.init_args.floor_images", "8"])
+                    "--model.editing.ratios", "[0.2]", "--model.exam.evaluate_at", "all",
+                    "--model.exam.random_draws", "1",
+                    "--model.exam.eval_target_images", "8",
+                    "--model.exam.eval_retain_images", "8",
+                    "--model.exam.floor_images", "8"])
     assert code == 0
     run = next((tmp_path / "lightning_logs").glob("version_*"))
     report = json.loads((run / "report.json").read_text())
@@ -138,7 +138,7 @@ def test_several_objects_of_a_stable_diffusion_folder(tiny_sd_folder, tmp_path, 
     code = run_cli(["fit", "--config", str(CONFIGS / "sd" / "erase_objects.yaml"), "--model.model_path",
                     str(tiny_sd_folder), "--model.dtype", "fp32", "--model.num_inference_steps", "2",
                     "--data.samples", "1", "--data.batch_size", "3", "--trainer.accelerator", "cpu",
-                    "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks.init_args.ratios", "[0.05]"])
+                    "--trainer.default_root_dir", str(tmp_path), "--model.editing.ratios", "[0.05]"])
     assert code == 0
     run = next((tmp_path / "lightning_logs").glob("version_*"))
     report = json.loads((run / "report.json").read_text())

@@ -119,7 +119,7 @@ def test_restart_with_another_config_is_refused(tmp_path, capsys):
     args = ["fit", "--config", str(CONFIGS / "attribute_regression.yaml"), "--trainer.default_root_dir", str(tmp_path),
             "--model.score", "objective", "--model.num_inference_steps", "2", "--model.granularity", "layer",
             "--data.samples", "1", "--data.masks", "4", "--data.heldout_masks", "0", "--data.batch_size", "4",
-            "--trainer.callbacks.init_args.ratios", "null"]
+            "--model.editing.ratios", "null"]
     assert run_cli(args) == 0
     code = run_cli(args + ["--data.keep_prob", "0.9", "--model.num_inference_steps", "3"])
     err = capsys.readouterr().err
@@ -145,7 +145,7 @@ def test_first_order_scores_predict_random_ablations():
 def test_first_order_fidelity_callback_writes_its_artifacts(tmp_path):
     code = run_cli(["fit", "--config", str(CONFIGS / "attribute.yaml"), "--trainer.default_root_dir", str(tmp_path),
                     "--model.num_inference_steps", "3", "--data.samples", "2", "--data.batch_size", "2",
-                    "--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false",
+                    "--model.exam.evaluate", "false", "--model.editing.save_unet", "false",
                     "--trainer.callbacks+=cad_lightning.regression_callbacks.FirstOrderFidelity",
                     "--trainer.callbacks.masks", "6"])
     assert code == 0
@@ -425,7 +425,7 @@ def test_a_store_outlives_a_moved_model_folder_but_not_other_weights(tmp_path, c
     args = ["fit", "--config", str(CONFIGS / "attribute_regression.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
             "--model.score", "objective", "--model.num_inference_steps", "2", "--model.granularity", "layer",
             "--data.samples", "1", "--data.masks", "4", "--data.heldout_masks", "0", "--data.batch_size", "4",
-            "--trainer.callbacks.init_args.ratios", "null"]
+            "--model.editing.ratios", "null"]
     shutil.copytree(source, tmp_path / "a")
     assert run_cli(args + ["--model.model_path", str(tmp_path / "a")]) == 0
     (tmp_path / "a").rename(tmp_path / "b")  # the checkout moved: the same weights, so the scores are found

@@ -13,7 +13,9 @@ of the epoch, so a run resumed after preemption (cad_lightning/preemption.py) sk
 
 from __future__ import annotations
 
+import copy
 import time
+from dataclasses import asdict
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy
@@ -21,7 +23,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from cad_lightning.choices import Objective, Precision
 from cad_lightning.attribution.base import AttributionModule
 from cad_lightning.attribution.scoring import accumulate_first_order
+from cad_lightning.attribution.selection import Edits, EditSelector, moment_of
 from cad_lightning.attribution.sensitivity import accumulate_sensitivity
+from cad_lightning.edit_outputs import EditOutputs
+from cad_lightning.editing.settings import EditSettings, ExamSettings
 from cad_lightning.editing.text_space import reads_text_only
 from cad_lightning.errors import UserInputError
 from cad_lightning.generation import DEFAULT_MODEL
@@ -51,6 +56,13 @@ class CADModule(AttributionModule):
             e.g. to amplify a concept back on an erased model.
         image_source: images of the amplify objective: ``model`` (its own samples), ``world`` (shapes-world
             renders, embedded model only) or a folder of images.
+        editing: the edits selected from the scores (cad_lightning/editing/settings.py); the module selects them at
+            its epoch boundaries and adds the AttributionWriter that writes them. ``selections: []``: the scores only
+            (what the atlas and other readers of the scores take).
+        exam: how the edits are evaluated (cad_lightning/editing/settings.py).
+
+    The module declares its epochs (:attr:`epochs`: one, or one per iterative round or stage of the edit);
+    ``cad fit`` sets ``trainer.max_epochs`` to them.
     """
 
     estimator = "first_order"
@@ -68,12 +80,31 @@ class CADModule(AttributionModule):
         image_source: str = "model",
         gradient_checkpointing: bool = False,
         allow_tf32: bool = False,
+        editing: EditSettings = EditSettings(),
+        exam: ExamSettings = ExamSettings(),
     ) -> None:
+        editing = EditSettings(**editing) if isinstance(editing, dict) else editing  # (a checkpoint's hparams)
+        exam = ExamSettings(**exam) if isinstance(exam, dict) else exam
+        # the exam's checks, before any weights load
+        outputs = None if not editing.makes_edits else EditOutputs(
+            "model.exam", editing.ratios, save_unet=editing.save_unet, localise_top=editing.localise_top,
+            scope=editing.scope, **asdict(exam))
         super().__init__(model_path=model_path, objective=objective, components=components,
                          guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, dtype=dtype,
                          chunk_size=chunk_size, edit=edit, image_source=image_source,
                          gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters()
+        # the settings as plain dicts in the saved hyperparameters (hparams.yaml, checkpoints)
+        self._hparams.update(editing=asdict(editing), exam=asdict(exam))
+        self._hparams_initial = copy.deepcopy(self._hparams)
+        self.editing, self.exam = editing, exam
+        self.outputs = outputs  # the exam of the edits, run by the writer through apply_edit
+        self.selector: EditSelector | None = None
+        self.concept_scores: dict[str, dict[str, torch.Tensor]] | None = None  # every concept's, unedited model
+        self.sensitivity: dict[str, torch.Tensor] | None = None
+        self.row_moments: dict[str, torch.Tensor] | None = None
+        self._edits: Edits | None = None
+        self._taken = False  # whether the results of a stopped run were taken
         self.restored: dict[str, torch.Tensor] = {}  # sums saved by a preempted run, see restore_accumulated
         self._items_start = (0.0, 0)
         self.preemption: Preemption | None = None
@@ -96,11 +127,47 @@ class CADModule(AttributionModule):
         if not hasattr(self, "items_done"):
             self.register_buffer("items_done", torch.zeros(len(datamodule.items()), dtype=torch.bool, device=self.device))
         self.backbone.check_prompts(datamodule.all_prompts())  # fail before any work is done
+        if self.editing.makes_edits and stage == "fit":
+            self.selector = EditSelector(self.editing, self.mode, self.targets)
+            self.selector.check(self.component_names, datamodule)
+            self.outputs.prepare(self, datamodule, self.mode,
+                                 selects=any(s != "random" for s in self.editing.selections))
+        if stage == "fit" and self.trainer.max_epochs != self.epochs:
+            raise UserInputError(
+                f"CADModule scores in {self.epochs} epoch(s) ({self._epochs_reason()}), but trainer.max_epochs is "
+                f"{self.trainer.max_epochs}: build the Trainer with max_epochs={self.epochs} (cad fit sets it).")
+
+    @property
+    def mode(self) -> str:
+        """``erase`` or ``amplify``: which sign of the scores an edit ablates."""
+        return "erase" if self.hparams.objective == "erase" else "amplify"
+
+    @property
+    def epochs(self) -> int:
+        """The epochs this module scores in: one per iterative round or stage of the edit, else one."""
+        return self.editing.epochs if self.editing.makes_edits else 1
+
+    def _epochs_reason(self) -> str:
+        if "iterative" in self.editing.selections:
+            return "one per round of the iterative selection"
+        if self.editing.rescore_every is not None:
+            return "one per stage of editing.rescore_every"
+        return "one scoring"
+
+    @property
+    def trainer_arguments(self) -> dict:
+        """The Trainer settings this module needs (applied by ``cad fit``)."""
+        return {"max_epochs": self.epochs}
 
     def configure_callbacks(self):
-        # kept on the module: the writer asks it at the safe points of writing and evaluation (checkpoint)
+        # kept on the module: it asks it at the safe points of writing and evaluation (checkpoint)
         self.preemption = Preemption()
-        return [RunStatus(), self.preemption]
+        callbacks = [RunStatus(), self.preemption]
+        if self.editing.makes_edits:
+            from cad_lightning.callbacks import AttributionWriter
+
+            callbacks.insert(0, AttributionWriter())
+        return callbacks
 
     def configure_concepts(self, concepts: list[str], base_prompt: str, targets: int = 1) -> None:
         """Create one fp32 score buffer per (concept, component) and the objective; the first ``targets``
@@ -126,9 +193,102 @@ class CADModule(AttributionModule):
     def _buffer_name(concept: int, param: int) -> str:
         return f"alpha_{concept}_{param}"
 
-    # --- accumulation -------------------------------------------------------------------------
+    # --- the epochs' boundaries: reduce, select, edit ------------------------------------------
+    def on_train_start(self) -> None:
+        if self.selector is not None:
+            self.selector.remember(self.backbone.denoiser, self.component_names)
+        if self.preemption is not None:  # a signal in a later epoch saves what the earlier epochs made
+            self.preemption.provide_results(self.edit_results)
+
     def on_train_epoch_start(self) -> None:
         self._items_start = (time.perf_counter(), int(self.items_done.sum()))
+        if self.current_epoch == 0:
+            self.take_saved()
+
+    def on_train_epoch_end(self) -> None:
+        """Reduce the epoch's sums across ranks (every rank), keep the unedited model's scores (first epoch) and,
+        for the rounds that edit the model, grow the edit and put it on the model for the next epoch."""
+        if self.preemption is not None and self.current_epoch < self.preemption.epochs_done:
+            return  # an epoch whose results a stopped run saved
+        scores = self.reduced_scores()
+        for concept, per_param in scores.items():
+            for name, tensor in per_param.items():
+                if not torch.isfinite(tensor).all():
+                    raise UserInputError(
+                        f"The scores of '{concept}' for {name} hold {int((~torch.isfinite(tensor)).sum())} non-finite "
+                        "values (NaN or inf): the model's outputs overflowed or its weights are not finite; "
+                        "use model.dtype fp32 and check the weights.")
+        epoch = self.current_epoch
+        if epoch == 0:
+            self.concept_scores = scores
+            self.sensitivity, self.row_moments = self.reduced_sensitivity()
+        if epoch == 0 or self.epochs > 1:
+            value = self.mean_objective(0)
+            if self.trainer.is_global_zero and self.trainer.logger is not None:
+                self.trainer.logger.log_metrics({"attribution/mean_J": value}, step=epoch)
+        if self.selector is not None:
+            self.selector.epoch_end(epoch, scores, self.sensitivity, self.row_moments, self.backbone.denoiser,
+                                    moment_of(self.backbone, self.trainer.datamodule))
+        self.reset_scores()
+
+    def edit_results(self) -> dict:
+        """What the artifacts are made from (saved when a run is stopped, see cad_lightning/preemption.py)."""
+        results = {"concept_scores": self.concept_scores, "sensitivity": self.sensitivity,
+                   "row_moments": self.row_moments}
+        if self.selector is not None:
+            results.update(selection=self.selector.results(), floor=self.outputs.floor_cache)
+        return results
+
+    def take_saved(self) -> None:
+        """Take the results a stopped run saved after whole epochs (once), and put its edit back on the model."""
+        if self._taken or self.preemption is None or self.preemption.results is None:
+            return
+        self._taken = True
+        results = self.preemption.results
+        self.concept_scores, self.sensitivity = results["concept_scores"], results["sensitivity"]
+        self.row_moments = results["row_moments"]
+        if self.selector is not None:
+            self.selector.take_results(results["selection"])
+            self.outputs.floor_cache = results["floor"]
+            self.selector.apply(self.backbone.denoiser, self.selector.on_model())
+
+    def edit_scores(self) -> dict[str, torch.Tensor]:
+        """The scores the edits are selected on: the target's of the unedited model, or several targets' joint."""
+        if self.selector is not None:
+            return self.selector.edit_scores()
+        return self.concept_scores[self.targets[0]]
+
+    def apply_edit(self, masks: dict[str, torch.Tensor] | None) -> None:
+        """Put an edit (masks, 1 = keep) on the scored components' unedited weights; None: the unedited model."""
+        self.selector.apply(self.backbone.denoiser, masks)
+
+    def stop_point(self, phase: str) -> None:
+        """Where a run stopped by a signal after its last batch saves its results and stops (see Preemption);
+        every rank passes the same stop points."""
+        if self.preemption is not None:
+            self.preemption.checkpoint(self.trainer, phase, self.edit_results, every_rank=True)
+
+    def exam_apply(self, masks: dict[str, torch.Tensor] | None) -> None:
+        """Put an edit on the model for the exam: a safe point to stop at first."""
+        self.stop_point("evaluation")
+        self.apply_edit(masks)
+
+    def selected_edits(self) -> Edits:
+        """Every selection's edits, ``{selection: {ratio: masks}}``: selected on rank 0 once the epochs are done
+        and broadcast (a collective: every rank calls it)."""
+        if self._edits is None:
+            edits = None
+            if self.trainer.is_global_zero:
+                datamodule = self.trainer.datamodule
+                preserve = [i for i in datamodule.items() if i.get("role") == "preserve"]
+                edits = self.selector.edits(self.backbone, preserve, moment_of(self.backbone, datamodule), self.hparams,
+                                            progress=bool(self.trainer.progress_bar_callback))
+            if self.trainer.world_size > 1:
+                edits = self.trainer.strategy.broadcast(edits, src=0)
+            self._edits = edits
+        return self._edits
+
+    # --- accumulation -------------------------------------------------------------------------
 
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         if self.preemption is not None and self.current_epoch < self.preemption.epochs_done:
