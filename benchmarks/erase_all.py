@@ -126,7 +126,7 @@ def sequence_baseline(concepts: list[str], runs: dict[str, Path], multi_run: Pat
 
     report = json.loads((multi_run / "report.json").read_text())
     config = yaml.safe_load((multi_run / "config.yaml").read_text())
-    writer = next(c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("AttributionWriter"))
+    exam = config["model"]["init_args"]["exam"]
     masks = None
     for concept in concepts:
         single = json.loads((runs[concept] / "report.json").read_text())
@@ -139,8 +139,8 @@ def sequence_baseline(concepts: list[str], runs: dict[str, Path], multi_run: Pat
     detector = load_concept_classifier(folder)
     original = {n: p.detach().clone() for n, p in backbone.denoiser.named_parameters() if n in masks}
     retained = [c for c in report["before"] if c not in concepts]
-    items = evaluation_items(concepts, retained, writer["eval_target_images"], writer["eval_retain_images"])
-    draws = writer.get("random_draws", 1)
+    items = evaluation_items(concepts, retained, exam["eval_target_images"], exam["eval_retain_images"])
+    draws = exam.get("random_draws", 1)
     edits = {"sequence": {0.0: masks}, "random": {0.0: random_like(masks, torch.Generator().manual_seed(0))}}
     ssim_only = {f"random draw {d}": {0.0: random_like(masks, torch.Generator().manual_seed(d))} for d in range(1, draws)}
     _, rows, _ = evaluate_edits(backbone, detector, concepts, retained, items, edits,

@@ -18,6 +18,7 @@ from cad_lightning.attribution.objectives import AmplifyObjective, EraseObjectiv
 from cad_lightning.attribution.scoring import first_order_scores
 from cad_lightning.backbones.backbone import DiffusionBackbone, Trajectory, load_backbone
 from cad_lightning.editing.artifacts import apply_edit
+from cad_lightning.editing.settings import EditSettings, ExamSettings
 from cad_lightning.errors import UserInputError
 from cad_lightning.evaluation.classifier import ConceptDetector, load_concept_classifier
 
@@ -29,6 +30,8 @@ __all__ = [
     "ConceptDetector",
     "UserInputError",
     "apply_edit",
+    "EditSettings",
+    "ExamSettings",
     "ComponentSpace",
     "EraseObjective",
     "AmplifyObjective",

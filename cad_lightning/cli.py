@@ -180,14 +180,18 @@ class CADCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """The Trainer with the settings the module declares (``trainer_arguments``: e.g. CADModule's epochs), also
         written into the config the run saves."""
-        declared = dict(getattr(self.model, "trainer_arguments", None) or {})
         config = self.config[self.subcommand] if self.subcommand else self.config
+        callbacks = (self._get(self.config_init, "trainer", default={}) or {}).get("callbacks") or []
+        declared = {}
+        for owner in [self.model, *(callbacks if isinstance(callbacks, list) else [callbacks])]:
+            for key, value in (getattr(owner, "trainer_arguments", None) or {}).items():
+                given = config.trainer.get(key)
+                if given is not None and given != value:
+                    raise UserInputError(
+                        f"trainer.{key} {given}: {type(owner).__name__} declares {key} {value} for these settings; "
+                        f"leave trainer.{key} out (cad fit sets it).")
+                declared[key] = value
         for key, value in declared.items():
-            given = config.trainer.get(key)
-            if given is not None and given != value:
-                raise UserInputError(
-                    f"trainer.{key} {given}: {type(self.model).__name__} declares {key} {value} for these settings; "
-                    f"leave trainer.{key} out (cad fit sets it).")
             config.trainer[key] = value
         return super().instantiate_trainer(**{**declared, **kwargs})
 
@@ -205,8 +209,37 @@ class CADCLI(LightningCLI):
             raise
 
 
+NULLS = ("null", "None", "~")
+NESTED_SETTING = re.compile(r"--model\.(?:init_args\.)?(editing|exam)\.(\w+)$")
+
+
+def null_settings(args: list[str]) -> list[str]:
+    """``--model.editing.rescore_every null`` as ``--model.editing '{rescore_every: null}'``: the parser reads a
+    lone null of a field of the module's settings as the text 'None' (a subclass's dataclass argument), while the
+    same value in a mapping merges into the settings as given."""
+    out, n = [], 0
+    while n < len(args):
+        arg = args[n]
+        key, value = (arg.split("=", 1) + [None])[:2] if arg.startswith("--") and "=" in arg else (arg, None)
+        match = NESTED_SETTING.match(key)
+        if match and value is None and n + 1 < len(args):
+            value, n = args[n + 1], n + 1
+        if match and value in NULLS:
+            out += [f"--model.{match.group(1)}", f"{{{match.group(2)}: null}}"]
+        elif match:
+            out += [key, value]
+        else:
+            out.append(arg)
+        n += 1
+    return out
+
+
 def main(args: list[str] | None = None) -> None:
     try:
+        if args is None:  # the command line: the parser reads sys.argv
+            sys.argv[1:] = null_settings(sys.argv[1:])
+        else:
+            args = null_settings(list(args))
         check_config_files(list(sys.argv[1:] if args is None else args))
         CADCLI(args=args)
     except Exception as error:

@@ -46,7 +46,6 @@ from cad_lightning.choices import (
     check_choice,
 )
 from cad_lightning.edit_outputs import EditOutputs, run_seed
-from cad_lightning.editing import restore_weights
 from cad_lightning.editing.coherent import rescore_stops
 from cad_lightning.editing.select import count_ablated, select_components
 from cad_lightning.editing.text_space import (TEXT_SPACE_STEP, concept_difference, measured_sensitivity, preserved_moment,
@@ -145,7 +144,6 @@ class RegressionWriter(Callback):
             "RegressionWriter", ratios, random_draws=random_draws, evaluate_at=evaluate_at, save_unet=save_unet,
             evaluate=evaluate, eval_target_images=eval_target_images, eval_retain_images=eval_retain_images,
             floor_images=floor_images, eval_batch_size=eval_batch_size)
-        self._original: dict[str, torch.Tensor] = {}
         check_choice("RegressionWriter", "method", method, RegressionMethod)
         if strengths is not None and (not strengths or any(not s > 0 for s in strengths)):
             raise UserInputError(f"RegressionWriter strengths must be positive numbers, got {strengths}.")
@@ -181,7 +179,16 @@ class RegressionWriter(Callback):
                 raise UserInputError("RegressionWriter rescore_every grows the 'selective' edit in text space, where "
                                      "every component is a cross-attention key/value row (model.components "
                                      "[cross_attn_kv], model.granularity neuron): set it to null for other components.")
-            trainer.fit_loop.max_epochs = 1 + len(self._stops())
+        if stage == "fit" and trainer.max_epochs != self.trainer_arguments["max_epochs"]:
+            epochs = self.trainer_arguments["max_epochs"]
+            raise UserInputError(
+                f"RegressionWriter scores the masks in {epochs} epoch(s) (one per stage of rescore_every), but "
+                f"trainer.max_epochs is {trainer.max_epochs}: build the Trainer with max_epochs={epochs} (cad fit sets it).")
+
+    @property
+    def trainer_arguments(self) -> dict:
+        """The Trainer settings this writer's stages need (applied by ``cad fit`` before the Trainer is built)."""
+        return {"max_epochs": 1 + len(self._stops())}
 
     def _stops(self) -> list[float]:
         """The ratios at which the staged edit is put on the model and the masks scored again."""
@@ -190,9 +197,8 @@ class RegressionWriter(Callback):
         return rescore_stops(self.rescore_every, max(self.outputs.ratios))
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.outputs is not None:  # the original component weights, which the edits are put on
-            params = dict(pl_module.backbone.denoiser.named_parameters())
-            self._original = {n: params[n].detach().clone() for n in pl_module.component_names}
+        if self.outputs is not None:  # the module keeps the original component weights, which the edits are put on
+            pl_module.keep_original_weights()
 
     def _fit_stage(self, trainer, pl_module) -> dict | None:
         """Gather the masks' scores of every rank (a collective) and, on rank 0, fit the linear model: ``{"fit",
@@ -242,8 +248,7 @@ class RegressionWriter(Callback):
         runs = trainer.datamodule.items()
         pl_module.prepare_inputs([r["prompt"] for r in runs], [int(r["seed"]) for r in runs],
                                  [r["base_prompt"] for r in runs])
-        restore_weights(pl_module.backbone.denoiser, self._original, keep)
-        pl_module.begin_stage(epoch + 1, keep)
+        pl_module.begin_stage(epoch + 1, keep)  # the module puts the edit on and scores the masks again
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         result = self._fit_stage(trainer, pl_module)  # a collective: every rank takes part
@@ -255,7 +260,7 @@ class RegressionWriter(Callback):
             # staged: the last fit's scores, spread on the edited weights; then the edit comes off the model, so the
             # floor and the evaluation read the unedited one
             last = self._per_weight(pl_module, datamodule, result["fit"])
-            restore_weights(pl_module.backbone.denoiser, self._original)
+            pl_module.apply_edit(None)
             first, per_weight = self._first
         else:
             last, first = None, result
@@ -305,7 +310,7 @@ class RegressionWriter(Callback):
         """The unedited weights, the preserved prompts' second moment and the rows' sensitivity the ``selective``
         rounds charge collateral with, measured once on the unedited model."""
         if self._selection_inputs is None:
-            original = {n: self._original[n] for n in pl_module.component_names}
+            original = {n: pl_module.original_weights[n] for n in pl_module.component_names}
             moment = preserved_moment(pl_module.backbone, datamodule.prompts_to_preserve(), datamodule.base_prompt)
             sensitivity = (measured_sensitivity(original, moment, self._row_damage(pl_module, datamodule))
                            if self.row_weights == "ablation" else uniform_sensitivity(original, moment))
@@ -353,7 +358,7 @@ class RegressionWriter(Callback):
         }
         report.update(outputs.localise(run_dir, trainer, pl_module, scores))  # each weight: its component's share
         outputs.emit(run_dir, trainer, pl_module, edits, report,
-                     apply=lambda masks: restore_weights(pl_module.backbone.denoiser, self._original, masks),
+                     apply=pl_module.apply_edit,
                      random=self._selection == "selective" and self.random_control, start=self._start)
 
     def _row_damage(self, pl_module, datamodule) -> dict[str, torch.Tensor]:

@@ -210,8 +210,8 @@ def test_regression_rows_and_coefficients_do_not_depend_on_the_world_size(tmp_pa
                 "--data.masks", "10", "--data.heldout_masks", "3", "--data.samples", "1", "--data.batch_size", "2",
                 "--model.num_inference_steps", "2", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
                 "--trainer.strategy", "ddp" if devices == 2 else "auto", "--trainer.enable_progress_bar", "false",
-                "--trainer.default_root_dir", str(root), "--model.editing.ratios", "[0.2, 0.25]",
-                "--model.exam.evaluate", "false", "--model.editing.save_unet", "false",
+                "--trainer.default_root_dir", str(root), "--trainer.callbacks.init_args.ratios", "[0.2, 0.25]",
+                "--trainer.callbacks.init_args.evaluate", "false", "--trainer.callbacks.init_args.save_unet", "false",
                 "--trainer.callbacks.init_args.damage_prompts", "1"]
         run = subprocess.run(args, env=environment(), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]

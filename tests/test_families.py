@@ -167,7 +167,7 @@ def test_amplify_and_the_regression_estimator_on_a_transformer(folders, tmp_path
                     '["a photo of a {concept}"]', "--data.base_word", "null", "--data.masks", "12", "--data.heldout_masks", "4",
                     "--data.samples", "1", "--data.batch_size", "4", "--trainer.accelerator", "cpu",
                     "--trainer.default_root_dir", str(tmp_path / "regression"),
-                    "--model.editing.ratios", "null"])
+                    "--trainer.callbacks.init_args.ratios", "null"])
     assert code == 0
     version = next((tmp_path / "regression" / "lightning_logs").glob("version_*"))
     from safetensors.torch import load_file

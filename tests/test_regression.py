@@ -49,7 +49,7 @@ def _run(root, *callbacks, steps=3, keep_prob=0.9, writer=None):
     module = RegressionCADModule(objective="erase", num_inference_steps=steps, granularity="layer", score="objective")
     data = MaskDataModule(concept="circle", samples=1, masks=12, heldout_masks=4, keep_prob=keep_prob, batch_size=2)
     writer = writer or RegressionWriter(strengths=[0.1, 1.0])
-    trainer = pl.Trainer(default_root_dir=root, max_epochs=1, accelerator="cpu", devices=1, logger=False,
+    trainer = pl.Trainer(default_root_dir=root, **writer.trainer_arguments, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[writer, *callbacks])
     trainer.fit(module, datamodule=data)
@@ -119,7 +119,7 @@ def test_restart_with_another_config_is_refused(tmp_path, capsys):
     args = ["fit", "--config", str(CONFIGS / "attribute_regression.yaml"), "--trainer.default_root_dir", str(tmp_path),
             "--model.score", "objective", "--model.num_inference_steps", "2", "--model.granularity", "layer",
             "--data.samples", "1", "--data.masks", "4", "--data.heldout_masks", "0", "--data.batch_size", "4",
-            "--model.editing.ratios", "null"]
+            "--trainer.callbacks.init_args.ratios", "null"]
     assert run_cli(args) == 0
     code = run_cli(args + ["--data.keep_prob", "0.9", "--model.num_inference_steps", "3"])
     err = capsys.readouterr().err
@@ -354,7 +354,7 @@ def _staged_run(root):
     data = MaskDataModule(concept="circle", base_word="auto", samples=1, masks=24, heldout_masks=4, batch_size=8)
     writer = RegressionWriter(strengths=[0.1, 1.0], ratios=[0.2, 0.3], rescore_every=0.2, evaluate=False,
                               save_unet=False, min_spearman=-1, damage_prompts=1)
-    trainer = pl.Trainer(default_root_dir=root, max_epochs=1, accelerator="cpu", devices=1, logger=False,
+    trainer = pl.Trainer(default_root_dir=root, **writer.trainer_arguments, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[writer])
     trainer.fit(module, datamodule=data)
@@ -425,7 +425,7 @@ def test_a_store_outlives_a_moved_model_folder_but_not_other_weights(tmp_path, c
     args = ["fit", "--config", str(CONFIGS / "attribute_regression.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
             "--model.score", "objective", "--model.num_inference_steps", "2", "--model.granularity", "layer",
             "--data.samples", "1", "--data.masks", "4", "--data.heldout_masks", "0", "--data.batch_size", "4",
-            "--model.editing.ratios", "null"]
+            "--trainer.callbacks.init_args.ratios", "null"]
     shutil.copytree(source, tmp_path / "a")
     assert run_cli(args + ["--model.model_path", str(tmp_path / "a")]) == 0
     (tmp_path / "a").rename(tmp_path / "b")  # the checkout moved: the same weights, so the scores are found

@@ -85,6 +85,7 @@ class CADModule(AttributionModule):
     ) -> None:
         editing = EditSettings(**editing) if isinstance(editing, dict) else editing  # (a checkpoint's hparams)
         exam = ExamSettings(**exam) if isinstance(exam, dict) else exam
+        editing.check_together()
         # the exam's checks, before any weights load
         outputs = None if not editing.makes_edits else EditOutputs(
             "model.exam", editing.ratios, save_unet=editing.save_unet, localise_top=editing.localise_top,

@@ -101,9 +101,13 @@ class EditSettings:
         if not (isinstance(self.localise_top, (int, float)) and 0 < self.localise_top < 1):
             raise UserInputError(f"{OWNER}.localise_top must be in (0, 1), got {self.localise_top!r}.")
         every = self.rescore_every
-        if every is not None:
-            if isinstance(every, bool) or not (isinstance(every, (int, float)) and 0 < every < 1):
-                raise UserInputError(f"{OWNER}.rescore_every must be in (0, 1) or null, got {every!r}.")
+        if every is not None and (isinstance(every, bool) or not (isinstance(every, (int, float)) and 0 < every < 1)):
+            raise UserInputError(f"{OWNER}.rescore_every must be in (0, 1) or null, got {every!r}.")
+
+    def check_together(self) -> None:
+        """The checks between fields (run by the module before its weights load: the command line sets the fields
+        one by one, so an intermediate state may not hold together)."""
+        if self.rescore_every is not None:
             if "selective" not in self.selections:
                 raise UserInputError(f"{OWNER}.rescore_every stages the 'selective' edit: add it to selections.")
             if "iterative" in self.selections:
