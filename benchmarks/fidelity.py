@@ -16,7 +16,7 @@ Measured on 2 CPU cores (shipped weights, 8 runs x 25 steps, 64 masks per densit
 3 minutes each; cross-attention K/V weights (``--fo-components cross_attn_kv``, the default job's) 0.986 / 0.974 /
 0.937 (Pearson 0.994 / 0.985 / 0.942) in 73 s. The previous weights gave 0.801 / 0.476 / -0.361 on FF at eta 0, and 0.968 / 0.877 / 0.491 with
 their previous sampler (``--fo-guidance 2 --fo-clipped-eps off``).
-Regression on 'circle' and every other shape and colour with the shipped config: README, section "The regression
+Regression on 'circle' and every other shape and colour with the shipped config: docs/regression.md, "The regression
 estimator" (``benchmarks/regression_all.py``). The previous shipped config (classifier log-odds on FF neurons,
 2,000 masks, 15 minutes) reached held-out Spearman 0.730 with the previous weights, 0.249 with 400 masks on
 'square' with the current ones, and its edits did not erase.

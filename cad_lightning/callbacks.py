@@ -5,7 +5,7 @@ Added by :class:`~cad_lightning.attribution.module.CADModule` itself when it has
 at its epoch boundaries and puts each edit on the model; this callback writes what the module made and runs
 its exam (:class:`cad_lightning.edit_outputs.EditOutputs`, the module's ``outputs``), through the module.
 
-Run directory (``trainer.log_dir``, under ``trainer.default_root_dir``; every file is listed in the README):
+Run directory (``trainer.log_dir``, under ``trainer.default_root_dir``; every file is listed in docs/main-job.md):
 ``config.yaml`` (written by LightningCLI), ``attribution/scores.safetensors`` and ``meta.json``,
 ``edits/<selection>-<mode>-<ratio>.safetensors`` (ablation masks) with ``edits/<...>/unet/`` (the edited UNet),
 ``report.json``, ``report.md``, ``samples/*.png``, ``tradeoff.png`` and TensorBoard events. Every file is

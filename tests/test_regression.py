@@ -442,3 +442,22 @@ def test_a_store_outlives_a_moved_model_folder_but_not_other_weights(tmp_path, c
     capsys.readouterr()
     assert run_cli(args + ["--model.model_path", str(tmp_path / "b")]) == 2
     assert "model_sha256" in capsys.readouterr().err
+
+
+def test_a_staged_regression_writer_declares_its_epochs_and_refuses_others(tmp_path):
+    """The writer's stages are epochs it declares (``cad fit`` sets them); a Trainer built with others is refused
+    before any mask is scored, instead of the writer changing the trainer's loop."""
+    from cad_lightning.errors import UserInputError
+
+    writer = RegressionWriter(ratios=[0.2, 0.3], rescore_every=0.2, evaluate=False, save_unet=False)
+    assert writer.trainer_arguments == {"max_epochs": 2}
+    assert RegressionWriter(ratios=[0.2, 0.3]).trainer_arguments == {"max_epochs": 1}
+    module = RegressionCADModule(objective="erase", num_inference_steps=2, components=["cross_attn_kv"],
+                                 granularity="neuron")
+    data = MaskDataModule(concept="circle", base_word="auto", samples=1, masks=4, heldout_masks=0, batch_size=4)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[writer])
+    with pytest.raises(UserInputError, match="max_epochs=2"):
+        trainer.fit(module, datamodule=data)
+    assert not (tmp_path / "mask_scores").exists() or not any((tmp_path / "mask_scores").rglob("*.json"))
