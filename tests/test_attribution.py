@@ -172,6 +172,7 @@ def test_scores_are_the_first_order_effect():
     assert abs(actual["random"]) < 0.25 * abs(actual["top"])
 
 
+@pytest.mark.slow
 def test_same_config_twice_gives_identical_scores(tmp_path):
     args = ["--model.exam.evaluate", "false", "--model.editing.save_unet", "false"]
     code_a, run_a = attribute(tmp_path / "a", *args)
@@ -361,6 +362,7 @@ def test_erase_objective_uses_each_items_base_prompt():
     assert not torch.allclose(results["without"][1], results["empty"][1])
 
 
+@pytest.mark.slow
 def test_goal_evaluates_smallest_first_and_stops_at_the_first_edit_that_meets_the_goal(tmp_path):
     ratios = [0.01, 0.02, 0.1, 0.3, 0.5]
     code, run = attribute(tmp_path, "--data.concept", "circle",
@@ -404,6 +406,7 @@ def test_goal_evaluates_smallest_first_and_stops_at_the_first_edit_that_meets_th
            "evaluated nor written" in markdown
 
 
+@pytest.mark.slow
 def test_floor_search_evaluates_the_smallest_edit_that_reaches_the_floor(tmp_path):
     ratios = [0.01, 0.02, 0.05, 0.1, 0.3]
     code, run = attribute(tmp_path, "--data.concept", "circle",

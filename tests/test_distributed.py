@@ -28,7 +28,7 @@ from distributed_runs import (
 
 from cad_lightning.data.attribution_datamodule import PADDING, ItemList, ItemShardSampler
 
-pytestmark = pytest.mark.slow
+# multi-process runs are slow; the sharding itself is not
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,7 @@ def test_shards_cover_every_item_once(n, world_size):
     assert all(dataset[PADDING] is None for s in shards for i in s if i == PADDING)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_scores(tmp_path, reference):
     cad_fit(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp")
     assert max_relative_difference(latest_scores(tmp_path), reference) <= TOLERANCE
@@ -70,6 +71,7 @@ def test_two_processes_give_the_one_process_scores(tmp_path, reference):
     assert meta["world_size"] == 2 and meta["items"] == 5
 
 
+@pytest.mark.slow
 def test_two_nodes_reduce_once_and_give_the_one_process_scores(tmp_path, reference):
     """Two nodes of one process each, launched with the environment variables of a cluster; every collective
     call is recorded: none inside a training step, no DistributedDataParallel wrapper or buffer broadcast, no
@@ -108,6 +110,7 @@ def test_two_nodes_reduce_once_and_give_the_one_process_scores(tmp_path, referen
         assert len(reduced) <= len(buffer_sizes) + record["batches"] + 4 + 2
 
 
+@pytest.mark.slow
 def test_preempted_two_process_run_resumes_on_one_process(tmp_path, reference):
     """SIGUSR1 reaches only rank 1, during its second batch: the ranks agree to stop, each saves its finished
     items; the same command on one process (another world size) resumes, attributes only the rest, and ends
@@ -131,6 +134,7 @@ def test_preempted_two_process_run_resumes_on_one_process(tmp_path, reference):
     assert not (tmp_path / "preemption").exists()  # spent once the artifacts are written, its folders removed
 
 
+@pytest.mark.slow
 def test_sigterm_twice_then_resume_gives_the_uninterrupted_scores_bit_for_bit(tmp_path, reference):
     """Stopped by SIGTERM after 3 items, resumed and stopped again after 5: the second save takes the place of
     the first (every item counted once), and the run that ends is bit for bit the uninterrupted run (one
@@ -157,6 +161,7 @@ EVALUATE_SMALL = ["--model.exam.evaluate", "true", "--model.exam.evaluate_at", "
     (["--trainer.callbacks.init_args.after_last_epoch", "true"], "writing"),
     (["--trainer.callbacks.init_args.when_written", "lightning_logs/*/edits/*.safetensors"], "evaluation"),
 ])
+@pytest.mark.slow
 def test_a_signal_after_the_last_batch_saves_the_scores_and_the_rerun_attributes_nothing(tmp_path, reference, moment, phase):
     """SIGTERM once every item is attributed (before anything is written, or while the edits are evaluated):
     the run stops with its results saved; the rerun runs no training batch (a signal at its first batch would
@@ -178,6 +183,7 @@ def test_a_signal_after_the_last_batch_saves_the_scores_and_the_rerun_attributes
     assert not (tmp_path / "preemption").exists()
 
 
+@pytest.mark.slow
 def test_a_signal_in_the_rescoring_epoch_resumes_at_that_epoch(tmp_path, reference, reference_run):
     """The default config scores twice: the unedited model, then the model carrying the 20% edit. SIGTERM in the
     second epoch saves the first epoch's results (scores, sensitivity, the edit so far); the rerun runs only the
@@ -197,6 +203,7 @@ def test_a_signal_in_the_rescoring_epoch_resumes_at_that_epoch(tmp_path, referen
     assert not (tmp_path / "preemption").exists()
 
 
+@pytest.mark.slow
 def test_regression_rows_and_coefficients_do_not_depend_on_the_world_size(tmp_path):
     """The regression estimator on 1 and on 2 processes (mask ids sharded, rows gathered on rank 0): the same
     mask scores and the same fitted coefficients; its edit staged at 20% (fitted on rank 0, put on the model of
@@ -241,6 +248,7 @@ EXAM_SMALL = ["--model.exam.evaluate", "true", "--model.exam.evaluate_at", "goal
               "8", "--model.exam.floor_images", "8", "--model.exam.random_draws", "2"]
 
 
+@pytest.mark.slow
 def test_the_default_job_with_its_exam_on_two_processes_gives_the_one_process_report(tmp_path, reference):
     """The default config (goal mode: search seeds decide, report seeds report) with a small exam, on 1 and on 2
     CPU DDP processes: both finish, with the same scores, the same edits searched and chosen, and the same report
@@ -272,6 +280,7 @@ def test_the_default_job_with_its_exam_on_two_processes_gives_the_one_process_re
     assert one["floor"] == pytest.approx(two["floor"], abs=1 / 8 + 1e-9)
 
 
+@pytest.mark.slow
 def test_cad_test_on_two_processes_reads_every_item_once(tmp_path, reference_run):
     """``cad test`` of an edit on 1 and on 2 processes (9 items: Lightning's sampler pads the second shard):
     the same evaluation.json, every item counted once."""

@@ -49,6 +49,7 @@ def outside(tmp_path_factory):
     return tmp_path_factory.mktemp("outside_the_checkout")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page, index, code", PYTHON, ids=[f"{p}-{i}" for p, i, _ in PYTHON])
 def test_a_python_block_runs_as_written(page, index, code, outside):
     script = outside / f"{page.replace('/', '_')}-{index}.py"

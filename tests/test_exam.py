@@ -59,6 +59,7 @@ def _sharded(rank: int, world: int, port: int, prompts, seeds, out: str) -> None
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sharded_sampling_on_two_processes_gives_every_rank_the_one_process_images(tmp_path, tiny_backbone):
     """Five items on two ranks (shards of 3 and 2): each rank ends with all five images, in item order, equal to
     one process's images of the same items (up to one level of 255: other batch compositions)."""

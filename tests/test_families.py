@@ -230,6 +230,7 @@ def test_an_edit_of_a_transformer_is_evaluated_on_a_prompt_set(folders, tmp_path
     assert np.array_equal(pixels["none"], (expected * 255).round().byte().permute(0, 2, 3, 1).numpy())
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_scores_on_a_transformer(folders, tmp_path):
     """SD3 (joint attention, flow matching) attributed on 1 and on 2 DDP processes: the same scores."""
     import subprocess

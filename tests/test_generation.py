@@ -128,6 +128,7 @@ def test_ddim_step_pairs_clipped_x0_with_matching_noise(tiny_backbone, clipped):
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_shipped_model_draws_what_prompts_name(tiny_backbone, detector):
     """At the shipped default sampler, images of prompts naming a concept show it (16 per concept; the full
     measurement with 64+ per concept is benchmarks/model_quality.py)."""

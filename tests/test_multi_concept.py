@@ -103,6 +103,7 @@ def test_joint_scores_of_one_concept_rank_as_its_own():
     assert torch.equal(masks["w"], select_components(scores, 0.1)["w"])
 
 
+@pytest.mark.slow
 def test_two_concepts_in_one_run(tmp_path):
     """``cad fit`` with two targets: each scored, one edit per ratio, evaluated and reported per target."""
     code = run_cli(["fit", "--config", str(CONFIGS / "attribute.yaml"), "--data.concepts", "[circle, red]",

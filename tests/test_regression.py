@@ -258,6 +258,7 @@ def test_concept_difference_aligns_the_tokens_of_a_dropped_word():
     assert float(misaligned.norm(dim=1).max()) > 2 * float(dropped[3:].norm(dim=1).max())
 
 
+@pytest.mark.slow
 def test_ablation_damage_is_each_row_ablated_alone_and_weighs_the_rows():
     from cad_lightning.attribution.mask_scores import ablation_damage
     from cad_lightning.attribution.masks import zeroed_weights
@@ -286,6 +287,7 @@ def test_ablation_damage_is_each_row_ablated_alone_and_weighs_the_rows():
         measured_sensitivity({block.name: weight}, moment, {block.name: rows[:-1]})
 
 
+@pytest.mark.slow
 def test_selective_regression_edits_of_key_value_neurons(tmp_path):
     module = RegressionCADModule(objective="erase", num_inference_steps=3, components=["cross_attn_kv"],
                                  granularity="neuron")
@@ -361,13 +363,14 @@ def _staged_run(root):
     return module, data, writer
 
 
+@pytest.mark.slow
 def test_staged_regression_edits_score_the_edited_model_again_and_resume(tmp_path):
     from cad_lightning.attribution.store import MaskScoreStore
     from cad_lightning.editing import restore_weights
 
     module, data, writer = _staged_run(tmp_path)
     params = dict(module.backbone.denoiser.named_parameters())  # the staged edit is taken off the model at the end
-    assert all(torch.equal(params[n], w) for n, w in writer._original.items())
+    assert all(torch.equal(params[n], w) for n, w in module.original_weights.items())
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rescored_at"] == [0.2] and [s["stage"] for s in report["stages"]] == [0, 1]
     assert [s["at"] for s in report["stages"]] == [0.0, 0.2] and module.computed == 2 * 28
@@ -381,11 +384,11 @@ def test_staged_regression_edits_score_the_edited_model_again_and_resume(tmp_pat
     # the second stage's scores are those of the model with the staged edit on it, on the unedited model's states
     before, after = MaskScoreStore(first, {}).load(), MaskScoreStore(second, {}).load()
     assert set(before) == set(after) and any(abs(before[i] - after[i]) > 1e-6 for i in before)
-    restore_weights(module.backbone.denoiser, writer._original)
+    restore_weights(module.backbone.denoiser, module.original_weights)
     module._inputs = None
     runs = data.items()
     module.prepare_inputs([r["prompt"] for r in runs], [int(r["seed"]) for r in runs], [r["base_prompt"] for r in runs])
-    restore_weights(module.backbone.denoiser, writer._original, small)
+    restore_weights(module.backbone.denoiser, module.original_weights, small)
     again = module.score_masks(module.masks([0, 5]), [r["prompt"] for r in runs], [int(r["seed"]) for r in runs],
                                [r["base_prompt"] for r in runs])
     assert again.tolist() == pytest.approx([after[0], after[5]], rel=1e-5, abs=1e-7)

@@ -17,6 +17,7 @@ from distributed_runs import ROOT, TINY, TOLERANCE, cad_fit, environment, latest
 
 pytestmark = [
     pytest.mark.slurm,
+    pytest.mark.slow,  # starts the daemons and runs a preempted two-task job
     pytest.mark.skipif(shutil.which("sbatch") is None or shutil.which("slurmctld") is None,
                        reason="Slurm is not installed (apt-get install slurm-wlm munge)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="starting the Slurm daemons needs root"),
