@@ -1,9 +1,9 @@
 """What every estimator does with its edits once they are selected: random controls of equal count, the floor
 search, the evaluation with the model's concept classifier, the edit files and the report.
 
-:class:`EditOutputs` is owned by a writer callback (``AttributionWriter`` for first-order scores,
-``RegressionWriter`` for the fitted coefficients); the writer selects the edits, ``{selection: {ratio: masks}}``,
-and hands them over with a function that puts an edit on the model. The outputs, in the run directory:
+:class:`EditOutputs` is the exam of a job's edits: ``CADModule.outputs`` for first-order scores (its
+``AttributionWriter`` runs it), ``RegressionWriter``'s for the fitted coefficients. The edits,
+``{selection: {ratio: masks}}``, come with the module's function that puts an edit on the model. The outputs, in the run directory:
 ``edits/<selection>-<mode>-<ratio>.safetensors`` (ablation masks; with ``save_unet`` also the edited UNet),
 ``report.json``, ``report.md``, ``tradeoff.png``, ``localisation.png``, ``samples/<selection>-<mode>.png`` and
 TensorBoard scalars and images.
@@ -58,7 +58,7 @@ class EditOutputs:
         ratios: the edits' fractions of the scored weights (sorted, see :func:`checked_ratios`).
         random_at / random_draws / evaluate_at / search_margin / search_images / save_unet / evaluate /
             eval_target_images / eval_retain_images / floor_images / eval_batch_size / localise_top: as in
-            ``AttributionWriter``.
+            ``ExamSettings`` (cad_lightning/editing/settings.py).
 
     ``mode`` (erase | amplify) and ``scope`` are set by the owner once the model is known (``prepare``).
     """

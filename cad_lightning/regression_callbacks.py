@@ -6,7 +6,7 @@
   fidelity on the held-out masks; with ``ratios``, also the edits of the fitted α (the text-space rounds of
   the selective edits, rows weighed by their measured ablations, or the top components), random controls,
   their evaluation and the report, as the first-order writer does.
-- :class:`FirstOrderFidelity`: after an ``AttributionWriter``, measures how well the first-order
+- :class:`FirstOrderFidelity`: in a first-order job, measures how well the first-order
   scores predict the effect of random per-weight ablations.
 
 Artifacts (run directory ``trainer.log_dir``, every file written atomically):
@@ -81,14 +81,14 @@ class RegressionWriter(Callback):
             preserve and of the empty prompt: how far it moves their predictions, per unit of its change in text
             space; one UNet pass per state and row, no gradient) or ``uniform`` (every row the same).
         damage_prompts: prompts to preserve that ``row_weights ablation`` samples (besides the empty prompt).
-        collateral_offset: as in ``AttributionWriter``, for the ``selective`` selection.
+        collateral_offset: as in ``EditSettings``, for the ``selective`` selection.
         min_spearman: the held-out Spearman correlation below which the fit is reported as too poor to trust
             (a warning with the held-out numbers and ``"trusted": false`` in ``fidelity.json``).
         random_draws: random controls evaluated per ratio for ``selective`` edits (draw 0 written as the edit
-            ``random``; the edits are read against the mean SSIM of the draws), as in ``AttributionWriter``;
+            ``random``; the edits are read against the mean SSIM of the draws), as in ``ExamSettings``;
             ``top`` edits have one control of random whole components.
         evaluate_at: ``all`` (every ratio's edit) or ``goal`` (smallest first, each beside its control, until one
-            meets the selective-edit goal; the larger are neither evaluated nor written), as in ``AttributionWriter``.
+            meets the selective-edit goal; the larger are neither evaluated nor written), as in ``ExamSettings``.
         rescore_every: the ``selective`` edit in stages, as ``AttributionWriter``'s: after each ``rescore_every``
             of the K/V weights the edit so far is put on the model, every mask is scored again on the edited model
             (one more epoch, on the unedited model's states and concept direction: how much of the concept as
