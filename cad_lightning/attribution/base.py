@@ -18,6 +18,7 @@ import torch
 from cad_lightning.attribution.components import ComponentSpace
 from cad_lightning.attribution.objectives import OBJECTIVES, ConceptObjective
 from cad_lightning.backbones.backbone import DiffusionBackbone, load_backbone
+from cad_lightning.editing.artifacts import restore_weights
 from cad_lightning.errors import UserInputError
 from cad_lightning.generation import resolve_model_path
 from cad_lightning.utils import file_sha256
@@ -115,6 +116,15 @@ class AttributionModule(pl.LightningModule):
         if self._quiet is not None:
             self._quiet.__exit__(None, None, None)
             self._quiet = None
+
+    def keep_original_weights(self) -> None:
+        """Keep the unedited weights of the components, which every edit is put on (:meth:`apply_edit`)."""
+        params = dict(self.backbone.denoiser.named_parameters())
+        self.original_weights = {n: params[n].detach().clone() for n in self.component_names}
+
+    def apply_edit(self, masks: dict[str, torch.Tensor] | None) -> None:
+        """Put an edit (masks per parameter, True = keep) on the unedited weights; None: the unedited model."""
+        restore_weights(self.backbone.denoiser, self.original_weights, masks)
 
     @property
     def targets(self) -> list[str]:

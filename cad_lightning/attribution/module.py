@@ -197,7 +197,8 @@ class CADModule(AttributionModule):
     # --- the epochs' boundaries: reduce, select, edit ------------------------------------------
     def on_train_start(self) -> None:
         if self.selector is not None:
-            self.selector.remember(self.backbone.denoiser, self.component_names)
+            self.keep_original_weights()
+            self.selector.attach(self.original_weights, self.apply_edit)
         if self.preemption is not None:  # a signal in a later epoch saves what the earlier epochs made
             self.preemption.provide_results(self.edit_results)
 
@@ -228,7 +229,7 @@ class CADModule(AttributionModule):
             if self.trainer.is_global_zero and self.trainer.logger is not None:
                 self.trainer.logger.log_metrics({"attribution/mean_J": value}, step=epoch)
         if self.selector is not None:
-            self.selector.epoch_end(epoch, scores, self.sensitivity, self.row_moments, self.backbone.denoiser,
+            self.selector.epoch_end(epoch, scores, self.sensitivity, self.row_moments,
                                     moment_of(self.backbone, self.trainer.datamodule))
         self.reset_scores()
 
@@ -251,17 +252,13 @@ class CADModule(AttributionModule):
         if self.selector is not None:
             self.selector.take_results(results["selection"])
             self.outputs.floor_cache = results["floor"]
-            self.selector.apply(self.backbone.denoiser, self.selector.on_model())
+            self.apply_edit(self.selector.on_model())
 
     def edit_scores(self) -> dict[str, torch.Tensor]:
         """The scores the edits are selected on: the target's of the unedited model, or several targets' joint."""
         if self.selector is not None:
             return self.selector.edit_scores()
         return self.concept_scores[self.targets[0]]
-
-    def apply_edit(self, masks: dict[str, torch.Tensor] | None) -> None:
-        """Put an edit (masks, 1 = keep) on the scored components' unedited weights; None: the unedited model."""
-        self.selector.apply(self.backbone.denoiser, masks)
 
     def stop_point(self, phase: str) -> None:
         """Where a run stopped by a signal after its last batch saves its results and stops (see Preemption);

@@ -28,7 +28,6 @@ from cad_lightning.attribution.mask_scores import (SCORES, classifier_scores, co
 from cad_lightning.attribution.masks import GRANULARITIES, MaskLayout, sample_masks
 from cad_lightning.attribution.base import AttributionModule
 from cad_lightning.attribution.store import MaskScoreStore
-from cad_lightning.editing import restore_weights
 from cad_lightning.errors import UserInputError
 from cad_lightning.generation import DEFAULT_MODEL
 from cad_lightning.run_status import RunStatus
@@ -118,15 +117,6 @@ class RegressionCADModule(AttributionModule):
         self.trainer.strategy.barrier()
         self.done = self.store.load()
         self.computed = 0
-
-    def keep_original_weights(self) -> None:
-        """Keep the unedited weights of the components, which every edit is put on (:meth:`apply_edit`)."""
-        params = dict(self.backbone.denoiser.named_parameters())
-        self.original_weights = {n: params[n].detach().clone() for n in self.component_names}
-
-    def apply_edit(self, masks: dict[str, torch.Tensor] | None) -> None:
-        """Put an edit (masks per parameter, True = keep) on the unedited weights; None: the unedited model."""
-        restore_weights(self.backbone.denoiser, self.original_weights, masks)
 
     def begin_stage(self, stage: int, edit: dict[str, torch.Tensor]) -> None:
         """Put ``edit`` (masks of the weights a staged edit removes, True = keep) on the model and score the masks

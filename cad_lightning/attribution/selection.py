@@ -32,7 +32,6 @@ from cad_lightning.editing import (
     combine_masks,
     count_ablated,
     joint_scores,
-    restore_weights,
     retain_adjusted_scores,
     select_components,
     union_selection,
@@ -67,16 +66,13 @@ class EditSelector:
         self.iterative_masks: dict[float, Masks] = {}
         self.cumulative: Masks | None = None  # the iterative edit on the model
         self.original: dict[str, torch.Tensor] = {}
+        self.apply: Callable[[Masks | None], None] = lambda masks: None  # see attach
+        self._moment: torch.Tensor | None = None
 
     # --- the model's weights ------------------------------------------------------------------
-    def remember(self, denoiser: torch.nn.Module, names: list[str]) -> None:
-        """Keep the unedited weights of the scored components (what every edit is put on)."""
-        params = dict(denoiser.named_parameters())
-        self.original = {n: params[n].detach().clone() for n in names}
-
-    def apply(self, denoiser: torch.nn.Module, masks: Masks | None) -> None:
-        """Set the component weights to the originals with ``masks`` applied (None: the unedited model)."""
-        restore_weights(denoiser, self.original, masks)
+    def attach(self, original: dict[str, torch.Tensor], apply: Callable[[Masks | None], None]) -> None:
+        """The unedited weights of the scored components and the module's way of putting an edit on the model."""
+        self.original, self.apply = original, apply
 
     def on_model(self) -> Masks | None:
         """The edit the next epoch scores on (None: the unedited model)."""
@@ -125,9 +121,9 @@ class EditSelector:
         return joint_scores([scores[c] for c in self.targets], self.mode)
 
     def epoch_end(self, epoch: int, scores: dict[str, dict[str, torch.Tensor]], sensitivity, row_moments,
-                  denoiser: torch.nn.Module, moment: Callable[[], torch.Tensor]) -> None:
-        """Take an epoch's reduced scores; for the rounds that edit the model, grow the edit and put it on
-        ``denoiser`` for the next epoch. ``moment()``: the preserved prompts' text moment (text space)."""
+                  moment: Callable[[], torch.Tensor]) -> None:
+        """Take an epoch's reduced scores; for the rounds that edit the model, grow the edit and put it on the
+        model for the next epoch. ``moment()``: the preserved prompts' text moment (text space)."""
         if epoch == 0:
             self.scores, self.sensitivity, self.row_moments = scores, sensitivity, row_moments
         if "iterative" in self.settings.selections:
@@ -136,9 +132,9 @@ class EditSelector:
             self.cumulative = step_masks if self.cumulative is None else combine_masks(self.cumulative, step_masks)
             if any(math.isclose(target, r) for r in self.settings.ratios):
                 self.iterative_masks[target] = {k: v.clone() for k, v in self.cumulative.items()}
-            self.apply(denoiser, self.cumulative)
+            self.apply(self.cumulative)
         if self.settings.rescore_every is not None:
-            self._stage(epoch, self.edit_scores(scores), denoiser, moment)
+            self._stage(epoch, self.edit_scores(scores), moment)
 
     def _select_increment(self, scores: Masks, target: float) -> Masks:
         """Masks ablating (target − already ablated) of all weights among those not yet ablated."""
@@ -150,18 +146,18 @@ class EditSelector:
         return select_components(scores, missing / self.total_weights(), mode=self.mode, scope=self.settings.scope,
                                  exclude=ablated)
 
-    def _stage(self, epoch: int, scores: Masks, denoiser, moment) -> None:
+    def _stage(self, epoch: int, scores: Masks, moment) -> None:
         """Grow the staged ``selective`` edit from the last stop to the next on this epoch's scores, keep the masks
         of the ratios on the way, and put the edit on the model for the next epoch's scoring."""
         stops, ratios = self.settings.rescore_stops, self.settings.ratios
         low = stops[epoch - 1] if epoch > 0 else 0.0
         high = stops[epoch] if epoch < len(stops) else max(ratios)
         wanted = sorted({r for r in ratios if low < r <= high} | {high})
-        grown = self.text_space(scores, wanted, moment(), initial=self.keep)
+        grown = self.text_space(scores, wanted, moment, initial=self.keep)
         self.staged.update({r: m for r, m in grown.items() if r in ratios})
         self.keep = grown[high]
         if epoch < len(stops):
-            self.apply(denoiser, self.keep)
+            self.apply(self.keep)
 
     # --- the edits ----------------------------------------------------------------------------
     def edits(self, backbone, preserve: list[dict], moment: Callable[[], torch.Tensor], hparams,
@@ -197,7 +193,7 @@ class EditSelector:
         if s.rescore_every is not None:
             return self.staged  # grown stage by stage as the epochs ended
         if self.space(scores) == "text":
-            return self.text_space(scores, s.ratios, moment())
+            return self.text_space(scores, s.ratios, moment)
         params = dict(backbone.denoiser.named_parameters())  # live: the rounds differentiate through them
         preserve = preserve[: s.collateral_runs]
         collateral = GuidedChange(backbone, [i["prompt"] for i in preserve], [int(i["seed"]) for i in preserve],
@@ -207,10 +203,13 @@ class EditSelector:
             step=s.selective_step or STATES_STEP, offset=s.collateral_offset, mode=self.mode, scope=s.scope,
             progress=lambda rounds: tqdm(rounds, desc="selective edit rounds", leave=False, disable=not progress))
 
-    def text_space(self, scores: Masks, ratios, moment: torch.Tensor, initial: Masks | None = None) -> dict[float, Masks]:
+    def text_space(self, scores: Masks, ratios, moment: Callable[[], torch.Tensor],
+                   initial: Masks | None = None) -> dict[float, Masks]:
         s = self.settings
+        if self._moment is None:  # the prompts' embeddings: the same in every stage (no edit changes them)
+            self._moment = moment()
         return text_space_selection(
-            scores, self.sensitivity, {n: self.original[n] for n in scores}, moment, ratios,
+            scores, self.sensitivity, {n: self.original[n] for n in scores}, self._moment, ratios,
             step=s.selective_step or TEXT_SPACE_STEP, offset=s.collateral_offset, mode=self.mode,
             scope=s.scope, row_moments=self.row_moments, initial=initial)
 
