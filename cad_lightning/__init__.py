@@ -19,6 +19,7 @@ from cad_lightning.attribution.scoring import first_order_scores
 from cad_lightning.backbones.backbone import DiffusionBackbone, Trajectory, load_backbone
 from cad_lightning.editing.artifacts import apply_edit
 from cad_lightning.editing.settings import EditSettings, ExamSettings
+from cad_lightning.erase import erase
 from cad_lightning.errors import UserInputError
 from cad_lightning.evaluation.classifier import ConceptDetector, load_concept_classifier
 
@@ -29,6 +30,7 @@ __all__ = [
     "load_concept_classifier",
     "ConceptDetector",
     "UserInputError",
+    "erase",
     "apply_edit",
     "EditSettings",
     "ExamSettings",

@@ -29,7 +29,7 @@ import torch
 
 from cad_lightning.attribution.localisation import localisation, top_components, unet_levels
 from cad_lightning.choices import EvaluateAt, RandomAt, check_choice
-from cad_lightning.editing import combine_masks, count_ablated, load_masks, random_like, save_edited_unet, save_masks
+from cad_lightning.editing import combine_masks, count_ablated, load_masks, random_like, save_edit, save_edited_unet
 from cad_lightning.editing.select import select_components
 from cad_lightning.editing.settings import checked_ratios  # noqa: F401 (also the regression writer's)
 from cad_lightning.errors import UserInputError
@@ -63,13 +63,13 @@ class EditOutputs:
     ``mode`` (erase | amplify) and ``scope`` are set by the owner once the model is known (``prepare``).
     """
 
-    def __init__(self, owner: str, ratios: list[float], random_at: RandomAt = "all", random_draws: int = 1,
+    def __init__(self, owner: str, ratios: list[float] | None, random_at: RandomAt = "all", random_draws: int = 1,
                  evaluate_at: EvaluateAt = "all", search_margin: float = 0.0, search_images: int = 32,
                  save_unet: bool = True, evaluate: bool = True, eval_target_images: int = 32,
                  eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96,
                  localise_top: float = 0.01, scope: str = "global") -> None:
         self.owner = owner
-        self.ratios = checked_ratios(ratios, owner)
+        self.ratios = checked_ratios(ratios, owner) if ratios is not None else []  # None: the owner's edits only
         check_choice(owner, "random_at", random_at, RandomAt)
         if not _whole(random_draws):
             raise UserInputError(f"{owner} random_draws must be a whole number >= 1, got {random_draws!r}.")
@@ -226,11 +226,11 @@ class EditOutputs:
                 path = run_dir / "edits" / f"{stem}.safetensors"
                 entry = {"selection": selection, "ratio": ratio, "ablated": count_ablated(masks),
                          "masks": str(path.relative_to(run_dir))}
-                if pl_module.hparams.edit:
+                if pl_module.hparams.get("edit"):
                     # the file holds the whole edit from the original model: the edit attributed on, then this one
                     masks = combine_masks(load_masks(pl_module.hparams.edit), masks)
                     entry["ablated_with_previous_edit"] = count_ablated(masks)
-                save_masks(path, masks, metadata={"selection": selection, "mode": self.mode, "ratio": str(ratio),
+                save_edit(path, masks, metadata={"selection": selection, "mode": self.mode, "ratio": str(ratio),
                                                   "scope": self.scope, "concept": " + ".join(pl_module.targets)})
                 if self.save_unet:
                     folder = run_dir / "edits" / stem / pl_module.backbone.part

@@ -59,7 +59,8 @@ def markdown_report(report: dict) -> str:
     targets = report.get("concepts", [report["concept"]])
     several = (f", one edit for {len(targets)} concepts (selection: {report['multi_concept']})"
                if len(targets) > 1 else "")
-    lines = [f"# CAD {report['mode']} of {' and '.join(repr(c) for c in targets)}{estimator}{several}", "",
+    method = {"uce": "UCE", "esd_x": "ESD-x", "conceptprune": "ConceptPrune"}.get(report.get("method"), "CAD")
+    lines = [f"# {method} {report['mode']} of {' and '.join(repr(c) for c in targets)}{estimator}{several}", "",
              f"objective: {report['objective']}, scope: {report['scope']}, "
              + (f"selective collateral measured in {report['collateral_space']} space"
                 + (" (rows coupled by their output gradients' correlation)" if report.get("row_coupling") else "")

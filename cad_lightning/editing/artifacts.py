@@ -9,6 +9,8 @@ format:
   Stable Diffusion 1.4's FF weights takes about 6 MB instead of 149 MB.
 - ``ablation-masks/1`` (read): one dense uint8 0/1 tensor per parameter name (1 = keep, 0 = ablate).
 
+- ``weight-delta/1``: a continuous edit, the change of each parameter's weights (cad_lightning/editing/delta.py).
+
 Every file and folder is written atomically (temp path beside it, then rename).
 """
 
@@ -24,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cad_lightning.editing.delta import DELTA_FORMAT, WeightDelta, add_delta, read_delta, save_delta
 from cad_lightning.errors import UserInputError
 from cad_lightning.utils import atomic_folder, atomic_path
 
@@ -84,11 +87,30 @@ def read_mask_metadata(path: str | os.PathLike) -> dict[str, str]:
 def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Bool masks (True = keep) from a safetensors mask file of either format; UserInputError if missing or not
     a mask file."""
+    edit = load_edit(path)
+    if isinstance(edit, WeightDelta):
+        raise UserInputError(f"{str(path)!r} holds a weight change (a continuous edit, e.g. UCE's or ESD's), not "
+                             "ablation masks; read it with load_edit.")
+    return edit
+
+
+def save_edit(path: str | os.PathLike, edit: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write an edit of either kind: ablation masks (:func:`save_masks`) or a :class:`WeightDelta`."""
+    if isinstance(edit, WeightDelta):
+        return save_delta(path, edit, metadata)
+    return save_masks(path, edit, metadata)
+
+
+def load_edit(path: str | os.PathLike) -> dict[str, torch.Tensor] | WeightDelta:
+    """The edit saved at ``path``: bool masks (True = keep) of a mask file, or the :class:`WeightDelta` of a
+    weight-change file; UserInputError if missing or neither."""
     masks = {}
     with _open(path) as f:
         metadata = dict(f.metadata() or {})
         if metadata.get(FORMAT_KEY) == FORMAT_VALUE:
             return _sparse_masks(path, f, metadata)
+        if metadata.get(FORMAT_KEY) == DELTA_FORMAT:
+            return read_delta(f, path)
         for name in f.keys():
             t = f.get_tensor(name)
             if t.dtype != torch.uint8 or bool((t > 1).any()):
@@ -145,23 +167,37 @@ def apply_masks(unet: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> int
 
 def restore_weights(unet: torch.nn.Module, original: Mapping[str, torch.Tensor],
                     masks: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Put the ``original`` values (by parameter name) back into ``unet``, then apply ``masks`` if given: the
-    way to move one model between its unedited state and any number of edits."""
+    """Put the ``original`` values (by parameter name) back into ``unet``, then put the edit ``masks`` on it if
+    given (ablation masks, or a :class:`WeightDelta`): the way to move one model between its unedited state and
+    any number of edits."""
     params = dict(unet.named_parameters())
     with torch.no_grad():
         for name, value in original.items():
             params[name].copy_(value)
     if masks is not None:
-        apply_masks(unet, masks)
+        put_edit(unet, masks)
+
+
+def put_edit(unet: torch.nn.Module, edit: Mapping[str, torch.Tensor]) -> int:
+    """Put an edit of either kind on ``unet`` in place: zero the ablated weights of masks, or add a weight change.
+    Returns the number of weights it zeroed or changed."""
+    if isinstance(edit, WeightDelta):
+        add_delta(unet, edit)
+        return edit.changed()
+    return apply_masks(unet, edit)
 
 
 def apply_edit(unet: torch.nn.Module, path: str | os.PathLike) -> int:
-    """Apply the edit saved at ``path`` (a mask file) to ``unet`` in place; returns the number of zeroed weights."""
-    return apply_masks(unet, load_masks(path))
+    """Apply the edit saved at ``path`` (a mask file or a weight-change file) to ``unet`` in place; returns the
+    number of weights zeroed or changed."""
+    return put_edit(unet, load_edit(path))
 
 
 def combine_masks(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Logical AND of two mask dicts over the union of keys: a weight ablated in either is ablated."""
+    if isinstance(a, WeightDelta) or isinstance(b, WeightDelta):
+        raise UserInputError("a weight change (a continuous edit) does not combine with ablation masks into one mask "
+                             "file; put the edits on the model one after the other instead.")
     _check_masks(a, "a")
     _check_masks(b, "b")
     out = {}
@@ -177,7 +213,8 @@ def combine_masks(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) 
 
 
 def save_edited_unet(unet: torch.nn.Module, masks: Mapping[str, torch.Tensor], folder: str | os.PathLike) -> Path:
-    """Write a deep copy of ``unet`` with ``masks`` applied to ``folder`` via ``save_pretrained``.
+    """Write a deep copy of ``unet`` with the edit ``masks`` (masks or a :class:`WeightDelta`) put on it to
+    ``folder`` via ``save_pretrained``.
 
     The result opens with plain ``UNet2DConditionModel.from_pretrained(folder)``; ``unet`` itself is not
     changed. The folder is written as a temp sibling and renamed into place (an existing folder is replaced).
@@ -187,7 +224,7 @@ def save_edited_unet(unet: torch.nn.Module, masks: Mapping[str, torch.Tensor], f
             f"unet must be a diffusers model with save_pretrained (e.g. UNet2DConditionModel), got {type(unet).__name__}.")
     folder = Path(folder)
     edited = copy.deepcopy(unet)
-    apply_masks(edited, masks)
+    put_edit(edited, masks)
     with atomic_folder(folder) as tmp:
         edited.save_pretrained(tmp)
     return folder

@@ -29,6 +29,7 @@ from typing import Mapping
 
 import torch
 
+from cad_lightning.editing.delta import WeightDelta, random_delta_like
 from cad_lightning.errors import UserInputError
 
 MODES = ("erase", "amplify")
@@ -135,7 +136,10 @@ def target_count(scores: Mapping[str, torch.Tensor], ratio: float) -> int:
 
 
 def count_ablated(masks: Mapping[str, torch.Tensor]) -> int:
-    """Number of ablated (False) entries over all masks: the real count, which may fall short of the target."""
+    """Number of ablated (False) entries over all masks: the real count, which may fall short of the target.
+    A :class:`~cad_lightning.editing.delta.WeightDelta`: the number of weights it changes."""
+    if isinstance(masks, WeightDelta):
+        return masks.changed()
     return sum(int((~m.bool()).sum()) for m in masks.values())
 
 
@@ -367,7 +371,11 @@ def collateral_penalised_scores(
 def random_like(masks: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A random-ablation control: same number of ablated weights in every row of every parameter, positions
     uniform at random within the row (so per-parameter and total counts match too), drawn from ``generator``.
+    A :class:`~cad_lightning.editing.delta.WeightDelta`: a random change of the same Frobenius norm in each of
+    its parameters (:func:`~cad_lightning.editing.delta.random_delta_like`).
     """
+    if isinstance(masks, WeightDelta):
+        return random_delta_like(masks, generator)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator (for a reproducible control), got {type(generator).__name__}.")
     if not isinstance(masks, Mapping) or len(masks) == 0:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from cad_lightning.backbones.backbone import load_backbone
 from cad_lightning.data.world import CONCEPT_KINDS, concept_kind
 from cad_lightning.edit_outputs import run_seed
-from cad_lightning.editing import apply_masks, count_ablated, load_masks, restore_weights
+from cad_lightning.editing import count_ablated, load_edit, put_edit, restore_weights
 from cad_lightning.errors import UserInputError
 from cad_lightning.evaluation.classifier import load_concept_classifier
 from cad_lightning.evaluation.collateral import ClassifierFeatures
@@ -62,7 +62,8 @@ class EvaluationModule(pl.LightningModule):
 
     Args:
         model_path: a model folder with a ``classifier/`` (the shipped ``tiny-shapes`` by default).
-        edit: a mask file written by an attribution run (``edits/<...>.safetensors``); None: the unedited model.
+        edit: an edit file written by an attribution or peer run (``edits/<...>.safetensors``: ablation masks or a
+            weight change); None: the unedited model.
         num_inference_steps / guidance_scale: sampler settings (the model's defaults when not given).
     """
 
@@ -75,11 +76,11 @@ class EvaluationModule(pl.LightningModule):
         self.masks = None
         if edit:
             if not Path(edit).is_file():
-                raise UserInputError(f"model.edit '{edit}' is not a file; give an edits/<...>.safetensors mask file.")
-            self.masks = load_masks(edit)
+                raise UserInputError(f"model.edit '{edit}' is not a file; give an edits/<...>.safetensors edit file.")
+            self.masks = load_edit(edit)
             params = dict(self.backbone.denoiser.named_parameters())
             self._original = {n: params[n].detach().clone() for n in self.masks if n in params}
-            apply_masks(self.backbone.denoiser, self.masks)
+            put_edit(self.backbone.denoiser, self.masks)
         self.detector = load_concept_classifier(folder)
         self._predicted: dict[int, dict[str, str]] = {}
         self._images: dict[int, torch.Tensor] = {}
