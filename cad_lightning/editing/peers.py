@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -89,6 +89,7 @@ class ConceptPruneSettings:
     """ConceptPrune's skilled-neuron rule (see cad_lightning/editing/conceptprune.py); None: its defaults."""
 
     top_k: float | None = None
+    first_steps: int | None = None
     timestep_fraction: float | None = None
 
 
@@ -212,7 +213,7 @@ class PeerEditModule(AttributionModule):
 
         s: ConceptPruneSettings = self.settings
         options = {k: v for k, v in asdict(s).items() if v is not None}
-        return conceptprune_masks(self.backbone, erase, bases, seed=self.hparams.seed, progress=progress, **options)
+        return conceptprune_masks(self.backbone, erase, bases, seeds=self.hparams.seed, progress=progress, **options)
 
     def edits(self) -> dict[str, dict[float, dict[str, torch.Tensor]]]:
         """``{method: {fraction of the edited parameters' weights changed: edit}}``."""
