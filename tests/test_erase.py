@@ -134,3 +134,15 @@ def test_the_configs_run_what_erase_runs(config):
         assert {k: init["editing"][k] for k in expected["editing"]} == expected["editing"]
     else:
         assert init["method"] == config.split("/")[1].removesuffix(".yaml")
+
+
+@pytest.mark.parametrize("method, settings, kind", [("esd_x", {"esd": {"steps": 3}}, WeightDelta),
+                                                     ("conceptprune", {}, dict)])
+def test_every_peer_runs_as_a_job_and_is_examined(method, settings, kind, tmp_path):
+    summary = erase(str(SHIPPED_MODEL), "circle", method=method, out=str(tmp_path), progress=False,
+                    exam={**SMALL_EXAM, "random_draws": 1}, settings=settings)
+    report = json.loads((Path(summary["run_dir"]) / "report.json").read_text())
+    edit = load_edit(Path(summary["run_dir"]) / report["edits"][0]["masks"])
+    assert type(edit) is kind and summary["edit"]["selection"] == method and summary["random"] is not None
+    assert report["method"] == method and report["edit_time_s"] > 0
+    assert summary["edit"]["ablated"] == count_ablated(edit) > 0
