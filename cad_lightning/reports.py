@@ -71,15 +71,19 @@ def markdown_report(report: dict) -> str:
                  f"base prompt: '{report['base_prompt']}'" if report.get("base_word") is None else
                  f"base prompts: each prompt without {' or '.join(repr(c) for c in targets)}"
                  + ("" if report["base_word"] in ("auto", "") else f" ('{report['base_word']}' in its place)")), ""]
+    changed = "edit_norm" in report  # a weight change: its weights are changed, not ablated
     if "results" in report:
+        control = report.get("control", "random ablation of equal count")
         lines += ["; ".join(f"unedited accuracy on '{c}': {report['before'][c]:.3f}, floor (base prompts drawn as "
                             f"'{c}'): {report['floor'].get(c, float('nan')):.3f}" for c in targets), "",
                   "Every edit is evaluated on the same prompts, seeds and sampler noise as the unedited model. *other "
                   "words*: the target prompts' other named words still drawn, relative to unedited; *SSIM*, *KID*: "
                   "retained images against the unedited ones (KID ×1000 on the concept classifier's features); "
                   "*selective*: target ≤ floor + 0.05 (each target its own), retained and other words ≥ 0.90 of unedited, SSIM ≥ the "
-                  "random control's of equal count (*random SSIM*: the mean over the control's draws).", "",
-                  ] + result_table(report["results"], targets)
+                  f"random control's (*random SSIM*: the mean over the control's draws; the control: {control})."
+                  + (f" The edit changes weights instead of ablating them: *ratio* is the fraction of the edited "
+                     f"parameters' weights it changes, by {report['edit_norm']:.4g} in Frobenius norm." if changed else ""),
+                  "", ] + result_table(report["results"], targets, changed)
         exam = report.get("exam", {})
         if exam.get("report_seeds"):
             lines += ["", f"Read on the *report* seeds ({exam['report_seeds'][0]:,}–{exam['report_seeds'][1] - 1:,}), "
@@ -94,7 +98,7 @@ def markdown_report(report: dict) -> str:
                                                 f"none does; the largest, {exam['chosen']:g}, is reported above")
                       + (f"; {', '.join(f'{r:g}' for r in skipped)} neither evaluated nor written." if skipped else ".")
                       + " What the search read:", ""]
-            lines += result_table(exam["search_results"], targets)
+            lines += result_table(exam["search_results"], targets, changed)
         for selection, search in report.get("search", {}).items():
             found = search["found"]
             lines += ["", f"**{selection}: the smallest edit that reaches the floor** (goal: target ≤ floor + margin = "
@@ -114,13 +118,15 @@ def markdown_report(report: dict) -> str:
     else:
         lines += [str(report.get("evaluation", "not evaluated")), ""]
     lines += localisation_lines(report)
-    lines += ["## Edits", ""] + [f"- `{e['masks']}` ({e['ablated']} weights)" for e in report["edits"]]
+    lines += ["## Edits", ""] + [f"- `{e['masks']}` ({e['ablated']} weights{' changed' if changed else ''})"
+                                 for e in report["edits"]]
     return "\n".join(lines) + "\n"
 
 
-def result_table(results: list[dict], targets: list[str]) -> list[str]:
-    """The markdown table of evaluated edits (the rows of ``evaluate_edits`` read against their controls)."""
-    lines = ["| selection | ratio | ablated weights | target accuracy | drawn instead | retained mean | "
+def result_table(results: list[dict], targets: list[str], changed: bool = False) -> list[str]:
+    """The markdown table of evaluated edits (the rows of ``evaluate_edits`` read against their controls);
+    ``changed``: the edits change weights (a weight delta) instead of ablating them."""
+    lines = [f"| selection | ratio | {'changed' if changed else 'ablated'} weights | target accuracy | drawn instead | retained mean | "
              "worst retained / unedited | other words | SSIM | KID | random SSIM | selective |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:

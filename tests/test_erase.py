@@ -146,3 +146,7 @@ def test_every_peer_runs_as_a_job_and_is_examined(method, settings, kind, tmp_pa
     assert type(edit) is kind and summary["edit"]["selection"] == method and summary["random"] is not None
     assert report["method"] == method and report["edit_time_s"] > 0
     assert summary["edit"]["ablated"] == count_ablated(edit) > 0
+    # the report names what the edit does to its weights: a weight change changes them, a pruning ablates them
+    text = (Path(summary["run_dir"]) / "report.md").read_text()
+    word = "changed" if kind is WeightDelta else "ablated"
+    assert f"| {word} weights |" in text and f"| {'ablated' if word == 'changed' else 'changed'} weights |" not in text

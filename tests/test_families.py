@@ -251,3 +251,62 @@ def test_two_processes_give_the_one_process_scores_on_a_transformer(folders, tmp
         assert run.returncode == 0, run.stderr[-3000:]
         scores[devices] = latest_scores(root)
     assert max_relative_difference(scores[2], scores[1]) <= TOLERANCE
+
+
+PEER_REFUSALS = {"sdxl": (), "pixart": (), "sd3": ("uce", "esd_x"), "flux": ("uce", "esd_x")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_peers_edit_the_families_whose_layers_they_need_and_refuse_the_others(folders, family):
+    """UCE, ESD-x and ConceptPrune on each family: an edit of the layers the method names, or one sentence saying
+    which layers it needs (SD3 and FLUX have no cross-attention: their prompt tokens share joint attention)."""
+    from cad_lightning.editing.conceptprune import conceptprune_masks, ff_output_names
+    from cad_lightning.editing.esd import esd_edit
+    from cad_lightning.editing.text_space import reads_text_only
+    from cad_lightning.editing.uce import uce_weights
+
+    backbone = load_backbone(folders[family])
+    runs = {"uce": lambda: uce_weights(backbone, [PROMPT], "", ["a red dog"]),
+            "esd_x": lambda: esd_edit(backbone, [PROMPT], steps=1, lr=1e-3, progress=False),
+            "conceptprune": lambda: conceptprune_masks(backbone, [PROMPT], ["a photo of a"], progress=False)}
+    named = {"uce": reads_text_only, "esd_x": lambda n: ".attn2." in n,
+             "conceptprune": lambda n: n in ff_output_names(backbone.denoiser)}
+    for method, run in runs.items():
+        if method in PEER_REFUSALS[family]:
+            with pytest.raises(UserInputError) as refused:
+                run()
+            message = str(refused.value)
+            assert message.count(". ") == 0 and ("attention" in message or "attn2" in message)
+            continue
+        edit = run()
+        assert edit and all(named[method](n) for n in edit), (family, method)
+        assert all(torch.isfinite(t.float()).all() for t in edit.values())
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart"])
+def test_uce_moves_the_keys_the_cross_attention_really_reads(folders, family):
+    """UCE's closed form is written for the inputs of the K/V projections; read them from the running model (a
+    hook on the first key projection, PixArt's after its caption projection) and check the erased prompt's key at
+    its last word moved to the guide's, while a preserved prompt's stayed."""
+    from cad_lightning.editing.uce import uce_weights
+
+    backbone = load_backbone(folders[family])
+    name = next(n for n, _ in backbone.denoiser.named_parameters() if n.endswith("attn2.to_k.weight"))
+    module = backbone.denoiser.get_submodule(name.removesuffix(".weight"))
+    seen = []
+    handle = module.register_forward_hook(lambda m, inputs, output: seen.append(inputs[0].detach().double()))
+    x = torch.zeros(1, *backbone.latent_shape)
+    inputs = {}
+    for prompt in (PROMPT, "", "a red dog"):
+        seen.clear()
+        backbone.predict_noise(x, 1, backbone.encode([prompt]))
+        inputs[prompt] = seen[0][0]
+    handle.remove()
+    length = getattr(backbone, "text_length", None) or backbone.tokenizer.model_max_length
+    last = {p: int(backbone.tokenizer([p], padding="max_length", max_length=length, truncation=True,
+                                      return_tensors="pt").attention_mask.sum()) - 2 for p in inputs}
+    old = module.weight.detach().double()
+    new = uce_weights(backbone, [PROMPT], "", ["a red dog"], lamb=1e-3)[name].double()
+    erase, guide, keep = (inputs[p][max(last[p], 0)] for p in inputs)
+    assert (new @ erase - old @ guide).norm() < 0.05 * (old @ erase - old @ guide).norm()
+    assert (new @ keep - old @ keep).norm() < 0.05 * (old @ keep).norm()

@@ -196,7 +196,8 @@ def esd_edit(backbone, prompts: Sequence[str], steps: int, lr: float, train_meth
 
     The official runs on Stable Diffusion take 1000 iterations at lr 1e-5 (``train_esd``) or 200 at 5e-5
     (``esd_sd.py``). Such a step barely moves the shipped tiny model, whose weights are few, large and trained
-    briefly: there 200 steps erase 'circle' only at lr 1e-3, so scale the learning rate with the model.
+    briefly: there 200 steps move 'circle' towards its floor from lr 1e-4 (the peer job's default, ESDSettings),
+    so scale the learning rate with the model.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UserInputError(f"ESD steps must be a whole number of iterations, 1 or more, got {steps!r}.")

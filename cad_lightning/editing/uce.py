@@ -10,7 +10,9 @@ token); every cross-attention key/value weight W is replaced by
 so the erased prompts' keys and values become those of their guide prompts (the empty prompt by default, as
 the official code's for objects), the preserved prompts' stay, and λ keeps the rest near W. Differences: the
 model is any :class:`~cad_lightning.backbones.backbone.DiffusionBackbone` whose cross-attention K/V weights read
-the text encoder's output (``reads_text_only``), the solve runs in float64 on the CPU, and the result is returned
+the text encoder's output (``reads_text_only``: SD 1.x/2.x, SDXL; PixArt's read it through the transformer's
+caption projection, which is applied to ``c`` first; SD3 and FLUX have no such layers, their prompt tokens are
+mixed with the image's in joint attention, and are refused), the solve runs in float64 on the CPU, and the result is returned
 as new weights instead of being written to a file.
 """
 
@@ -26,13 +28,18 @@ from cad_lightning.errors import UserInputError
 
 @torch.no_grad()
 def last_word_embeddings(backbone, prompts: Sequence[str]) -> torch.Tensor:
-    """(N, D) float64: the text encoder's output at each prompt's last word, UCE's ``c`` of a prompt."""
+    """(N, D) float64: what the cross-attention keys and values read at each prompt's last word (the text
+    encoder's output, through the caption projection of a denoiser that has one), UCE's ``c`` of a prompt."""
     tokenizer = backbone.tokenizer
-    mask = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+    length = getattr(backbone, "text_length", None) or tokenizer.model_max_length
+    mask = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
                      return_tensors="pt").attention_mask
     last = (mask.sum(dim=1) - 2).clamp(min=0)
-    embeddings = backbone.encode(prompts).double().cpu()
-    return embeddings[torch.arange(len(prompts)), last]
+    embeddings = backbone.encode(prompts)[:, :length]  # a family's packed extras follow the tokens
+    projection = getattr(backbone.denoiser, "caption_projection", None)  # PixArt
+    if projection is not None:
+        embeddings = projection(embeddings)
+    return embeddings.double().cpu()[torch.arange(len(prompts)), last.to(torch.long)]
 
 
 @torch.no_grad()
@@ -56,8 +63,9 @@ def uce_weights(backbone, erase: Sequence[str], guide: Sequence[str] | str = "",
     c_keep = last_word_embeddings(backbone, preserve) if preserve else c_erase[:0]
     params = {n: p for n, p in backbone.denoiser.named_parameters() if reads_text_only(n)}
     if not params:
-        raise UserInputError("UCE edits the cross-attention keys and values, and this model has none that read "
-                             "the prompt's embeddings.")
+        raise UserInputError(f"UCE edits the cross-attention keys and values that read the prompt's embeddings, and "
+                             f"this {type(backbone.denoiser).__name__} has none (SD3 and FLUX mix the prompt's tokens "
+                             "with the image's in joint attention).")
     out = {}
     for name, weight in params.items():
         w = weight.detach().double().cpu()  # (out, D)
