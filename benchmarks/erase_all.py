@@ -299,6 +299,10 @@ def main() -> None:
     summaries += [f"failed: {f}" for f in failed]
     print("\n".join(summaries))
     out.mkdir(parents=True, exist_ok=True)
+    if len(methods) > 1:
+        matrix = method_matrix(rows, methods)
+        print("\n".join(matrix))
+        (out / "erase_all_methods.md").write_text("\n".join(matrix) + "\n")
     (out / "erase_all.md").write_text("\n".join(lines + [""] + summaries) + "\n")
     (out / "erase_all.json").write_text(json.dumps(rows, indent=2) + "\n")
     stack_pictures(pictures, out / "erase_all.png")
@@ -310,6 +314,48 @@ def main() -> None:
                 grids.append((concept, path))
         stack_pictures(grids, out / "erase_all_methods.png", caption="methods on '{}'")
     print(f"written: {out / 'erase_all.md'}, {out / 'erase_all.png'}")
+
+
+NAMES = {"cad": "CAD (default)", "uce": "UCE", "esd_x": "ESD-x", "conceptprune": "ConceptPrune",
+         "cad_paper": "CAD (paper)"}
+
+
+def method_matrix(rows: list[dict], methods: list[str]) -> list[str]:
+    """The short table: one row per concept, one column per method; each cell the target after the edit, its
+    retained SSIM less its control's, the worst retained concept when below 0.90 of unedited, and ✓ when the edit
+    meets the whole goal on the report seeds; then each method's count and mean wall time."""
+    header = "| concept | floor | " + " | ".join(NAMES.get(m, m) for m in methods) + " |"
+    lines = [header, "|" + "---|" * (len(methods) + 2)]
+    concepts = list(dict.fromkeys(r["concept"] for r in rows))
+    for concept in concepts:
+        cells = []
+        floor = None
+        for method in methods:
+            row = next((r for r in rows if r["concept"] == concept and r["method"] == method), None)
+            if row is None:
+                cells.append("")
+                continue
+            floor, edit = row["floor"], row["edit"]
+            target = per_target(edit["targets"], ".2f") if isinstance(floor, dict) else f"{edit['target']:.2f}"
+            margin = edit.get("random_retained_ssim") and edit["retained_ssim"] - edit["random_retained_ssim"]
+            cell = f"{target}, SSIM {fmt(margin, '+.3f')}"
+            worst = edit.get("retained_min_relative")
+            if worst is not None and worst < 0.9:
+                cell += f", retained {worst:.2f}"
+            other = edit.get("other_words_relative")
+            if other is not None and other < 0.9:
+                cell += f", other words {other:.2f}"
+            cells.append(("✓ " if edit.get("selective") else "") + cell)
+        floor_text = per_target(floor, ".2f") if isinstance(floor, dict) else fmt(floor, ".2f")
+        lines.append(f"| {concept} | {floor_text} | " + " | ".join(cells) + " |")
+    totals = []
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        met = sum(bool(r["edit"].get("selective")) for r in mine)
+        wall = sum(r["wall_s"] for r in mine) / max(len(mine), 1)
+        totals.append(f"{met} of {len(mine)} selective, {wall:.0f} s")
+    lines.append("| **selective, mean wall** | | " + " | ".join(totals) + " |")
+    return lines
 
 
 def picture_rows(path: Path, report: dict, selection: str, n_rows: int, scale: int = 4, label_width: int = 180):

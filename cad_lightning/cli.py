@@ -1,7 +1,9 @@
 """The ``cad`` console script: LightningCLI over every module and data module of the project.
 
 ``cad fit --config configs/attribute.yaml`` runs attribution, ``cad fit --config configs/pretrain_tiny.yaml``
-trains the embedded model, ``cad predict --config configs/generate.yaml`` generates images.
+trains the embedded model, ``cad predict --config configs/generate.yaml`` generates images. ``cad erase --concepts
+circle --method uce --out runs/erase`` is :func:`cad_lightning.erase.erase` on the command line (its arguments are
+the function's, parsed by jsonargparse from its signature); it prints the exam's summary as JSON.
 
 For modules that train nothing (``synchronizes_gradients = False``, e.g. CADModule) ``--trainer.strategy ddp``
 (or ``auto`` with several devices or nodes) runs as ``ddp_attribution``: Lightning's DDP without the per-step
@@ -234,8 +236,27 @@ def null_settings(args: list[str]) -> list[str]:
     return out
 
 
+def erase_command(args: list[str]) -> dict:
+    """``cad erase ...``: :func:`cad_lightning.erase.erase` with its arguments from the command line; prints and
+    returns the summary."""
+    import json
+
+    from jsonargparse import auto_cli
+
+    from cad_lightning.erase import erase
+
+    summary = auto_cli(erase, args=args, as_positional=False, parser_class=CADArgumentParser, prog="cad erase",
+                       description=erase.__doc__.splitlines()[0])
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
 def main(args: list[str] | None = None) -> None:
     try:
+        given = sys.argv[1:] if args is None else list(args)
+        if given[:1] == ["erase"]:
+            erase_command(given[1:])
+            return
         if args is None:  # the command line: the parser reads sys.argv
             sys.argv[1:] = null_settings(sys.argv[1:])
         else:

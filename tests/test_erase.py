@@ -150,3 +150,24 @@ def test_every_peer_runs_as_a_job_and_is_examined(method, settings, kind, tmp_pa
     text = (Path(summary["run_dir"]) / "report.md").read_text()
     word = "changed" if kind is WeightDelta else "ablated"
     assert f"| {word} weights |" in text and f"| {'ablated' if word == 'changed' else 'changed'} weights |" not in text
+
+
+def test_cad_erase_on_the_command_line_is_the_call(tmp_path, capsys):
+    """``cad erase`` parses erase()'s own arguments (jsonargparse, from its signature), runs it and prints the
+    summary as JSON; a bad argument is refused in one line."""
+    from conftest import run_cli
+    from diffusers import UNet2DConditionModel
+
+    exam = "{" + ", ".join(f"{k}: {v}" for k, v in {**SMALL_EXAM, "random_draws": 1}.items()) + "}"
+    code = run_cli(["erase", "--model", str(SHIPPED_MODEL), "--concepts", "[circle, square]", "--method", "uce",
+                    "--out", str(tmp_path), "--progress", "false", "--exam", exam])
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{\n"):])
+    assert summary["method"] == "uce" and summary["concepts"] == ["circle", "square"]
+    report = json.loads((Path(summary["run_dir"]) / "report.json").read_text())
+    assert report["concepts"] == ["circle", "square"] and summary["edit"]["selection"] == "uce"
+    UNet2DConditionModel.from_pretrained(Path(summary["model_folder"]) / "unet")
+    assert run_cli(["erase", "--method", "uce", "--concepts", "purple", "--out", str(tmp_path / "bad")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("cad: error:") and "purple" in error[0]
