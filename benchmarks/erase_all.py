@@ -350,11 +350,11 @@ def method_matrix(rows: list[dict], methods: list[str]) -> list[str]:
         lines.append(f"| {concept} | {floor_text} | " + " | ".join(cells) + " |")
     totals = []
     for method in methods:
-        mine = [r for r in rows if r["method"] == method]
+        mine = [r for r in rows if r["method"] == method and "+" not in r["concept"]]
         met = sum(bool(r["edit"].get("selective")) for r in mine)
         wall = sum(r["wall_s"] for r in mine) / max(len(mine), 1)
-        totals.append(f"{met} of {len(mine)} selective, {wall:.0f} s")
-    lines.append("| **selective, mean wall** | | " + " | ".join(totals) + " |")
+        totals.append(f"{met} of {len(mine)}, {wall:.0f} s")
+    lines.append("| **single concepts selective, mean wall** | | " + " | ".join(totals) + " |")
     return lines
 
 
