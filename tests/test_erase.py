@@ -72,8 +72,9 @@ def test_erase_with_uce_writes_a_model_diffusers_opens_and_reads_it_against_a_co
     assert summary["method"] == "uce" and summary["concepts"] == ["circle"]
     edit, control = summary["edit"], summary["random"]
     assert edit["selection"] == "uce" and control["selection"] == "random" and control["ratio"] == edit["ratio"]
-    # UCE changes every cross-attention key/value weight; on the report seeds circle is no longer drawn as often
-    assert edit["ablated"] == 32768 and edit["target"] < report["before"]["circle"]
+    # UCE changes the cross-attention key/value weights (all 32,768 but the few whose change rounds to nothing in
+    # float32, which depends on the machine's solve); on the report seeds circle is no longer drawn as often
+    assert 0.999 * 32768 <= edit["ablated"] <= 32768 and edit["target"] < report["before"]["circle"]
     assert edit["target"] <= control["target"]
     assert (run / "samples" / "uce-erase.png").is_file() and "UCE erase" in (run / "report.md").read_text()
     # the control is a change of the same Frobenius norm in the same matrices
