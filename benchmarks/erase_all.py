@@ -358,7 +358,7 @@ def method_matrix(rows: list[dict], methods: list[str]) -> list[str]:
     return lines
 
 
-def picture_rows(path: Path, report: dict, selection: str, n_rows: int, scale: int = 4, label_width: int = 180):
+def picture_rows(path: Path, n_rows: int, scale: int = 4, label_width: int = 180):
     """The rows of a sample picture (``labelled_grid``'s layout: rows of ``(H + 1) * scale`` pixels after one
     ``scale`` of padding, labels in the first ``label_width`` pixels), without their labels."""
     from PIL import Image
@@ -379,7 +379,7 @@ def method_grid(entries: list[tuple[str, Path, dict]], path: Path) -> bool:
             continue
         row, _ = choose(report)
         shown = sorted(r["ratio"] for r in report["results"] if r["selection"] == row["selection"])
-        strips = picture_rows(picture, report, row["selection"], 1 + len(shown))
+        strips = picture_rows(picture, 1 + len(shown))
         if not rows:
             rows.append(("unedited", strips[0]))
         label = f"{method}: {row['target']:.2f}" + (" sel." if row.get("selective") else "")
