@@ -18,7 +18,8 @@ writes the table (``erase_all.md``), all rows (``erase_all.json``) and one pictu
 concept's before/after grid, stacked).
 
     python benchmarks/erase_all.py [--concepts circle,red,square+triangle] [--methods cad,uce,esd_x,conceptprune,cad_paper]
-                                   [--out runs/erase_all] [--reuse | --resume] [-- extra cad arguments]
+                                   [--out runs/erase_all] [--reuse | --resume] [--no-sequence]
+                                   [-- extra cad arguments]
 
 ``--reuse`` rebuilds the table from the latest run of each (method, concept) under ``--out`` without running
 anything; ``--resume`` reuses the runs that finished and runs the others (a stopped sweep goes on where it was).
@@ -208,6 +209,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="rebuild the table from the runs already under --out")
     parser.add_argument("--resume", action="store_true",
                         help="reuse each (method, concept) run under --out that finished (its report.json), run the rest")
+    parser.add_argument("--no-sequence", action="store_true",
+                        help="no sequence baseline for the entries a+b (it runs each concept's single edit first)")
     parser.add_argument("extra", nargs="*", help="more cad arguments, after --")
     args = parser.parse_args()
     out = Path(args.out)
@@ -228,7 +231,8 @@ def main() -> None:
     print(lines[1])
     entries = args.concepts.split(",")
     # concept by concept, every method on each; a set's single concepts come first: its baseline combines their edits
-    order = list(dict.fromkeys([c for e in entries if "+" in e for c in e.split("+") if c not in entries] + entries))
+    singles = [] if args.no_sequence else [c for e in entries if "+" in e for c in e.split("+") if c not in entries]
+    order = list(dict.fromkeys(singles + entries))
     runs: dict[str, dict[str, Path]] = {m: {} for m in methods}
     for concept in order:
         for method in methods:
@@ -269,7 +273,8 @@ def main() -> None:
             if method == methods[0]:
                 pictures.append((concept, picture))
             by_concept.setdefault(concept, []).append((method, picture, report))
-            if len(targets) > 1 and method in MASKED and all(c in runs[method] for c in targets):
+            if (len(targets) > 1 and method in MASKED and not args.no_sequence
+                    and all(c in runs[method] for c in targets)):
                 baseline = sequence_baseline(targets, runs[method], run_dir)
                 seq = next(r for r in baseline if r["selection"] == "sequence")
                 ctrl = next(r for r in baseline if r["selection"] == "random")

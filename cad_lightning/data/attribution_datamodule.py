@@ -226,7 +226,8 @@ class AttributionDataModule(pl.LightningDataModule):
         bases = [self.base_for(p, c) if self.base_word is not None else self.base_prompt for p, c in targets]
         generator = torch.Generator().manual_seed(self.seed + PRESERVE_SEED_OFFSET)
         if self.prompt_templates is None:
-            choices = {k: [w for w in words if w not in self.targets] for k, words in CONCEPT_KINDS.items()}
+            # a kind every word of which is a target (all five shapes erased) is left to its neutral word
+            choices = {k: [w for w in words if w not in self.targets] or [None] for k, words in CONCEPT_KINDS.items()}
             others = [make_prompt(**{k: ws[int(torch.randint(len(ws), (1,), generator=generator))]
                                      for k, ws in choices.items()}) for _ in range(n)]
         else:

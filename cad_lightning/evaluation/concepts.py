@@ -55,7 +55,8 @@ def evaluation_items(concept: str | list[str], retain_concepts: list[str], n_tar
         for p in prompts_naming(target, n_target, generator):
             named = {k: w for k, w in _named(p).items() if w == target or w not in targets}
             items.append(EvalItem(p, seed + len(items), named, "target", target))
-    choices = {k: [w for w in words if w not in targets] for k, words in CONCEPT_KINDS.items()}
+    # a kind every word of which is a target (all five shapes erased) is left to its neutral word: 'a red shape'
+    choices = {k: [w for w in words if w not in targets] or [None] for k, words in CONCEPT_KINDS.items()}
     for i in range(n_retain):
         # walk the full factorial of the kinds, so every retained concept gets its share of images
         parts, rest = {}, i
