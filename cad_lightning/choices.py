@@ -21,6 +21,7 @@ Spread = Literal["auto", "even", "text"]
 RegressionSelection = Literal["auto", "top", "selective"]
 RowWeights = Literal["ablation", "uniform"]
 RegressionEvaluateAt = Literal["all", "goal"]
+Attack = Literal["inversion", "prompt_search"]
 
 
 def choices(kind) -> tuple[str, ...]:

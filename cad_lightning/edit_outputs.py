@@ -39,6 +39,7 @@ from cad_lightning.reports import markdown_report, plot_tradeoff
 from cad_lightning.utils import image_grid, labelled_grid, log_image, save_image, write_json, write_text
 
 Edits = dict[str, dict[float, dict[str, torch.Tensor]]]  # {selection: {ratio: masks (1 = keep)}}
+ATTACK_MARGIN = 0.15  # an erasure holds when its target after the strongest attack is at most floor + this
 
 
 def run_seed() -> int:
@@ -67,7 +68,10 @@ class EditOutputs:
                  evaluate_at: EvaluateAt = "all", search_margin: float = 0.0, search_images: int = 32,
                  save_unet: bool = True, evaluate: bool = True, eval_target_images: int = 32,
                  eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96,
-                 localise_top: float = 0.01, scope: str = "global") -> None:
+                 localise_top: float = 0.01, scope: str = "global", attacks=(), attack_images: int = 32,
+                 inversion=None, prompt_search=None) -> None:
+        from cad_lightning.attacks.exam import AttackExam
+
         self.owner = owner
         self.ratios = checked_ratios(ratios, owner) if ratios is not None else []  # None: the owner's edits only
         check_choice(owner, "random_at", random_at, RandomAt)
@@ -86,6 +90,7 @@ class EditOutputs:
         self.eval_target_images, self.eval_retain_images = eval_target_images, eval_retain_images
         self.floor_images, self.eval_batch_size = floor_images, eval_batch_size
         self.localise_top = float(localise_top)
+        self.attacks = AttackExam(owner, attacks, attack_images, inversion, prompt_search)
         self.mode, self.scope = "erase", scope
         # {seed set name: {concept: floor}}, kept in a stopped run's results (see Preemption)
         self.floor_cache: dict[str, dict[str, float]] | None = None
@@ -108,6 +113,14 @@ class EditOutputs:
         if self.evaluate_at != "all" and not selects:
             raise UserInputError(f"{self.owner} evaluate_at '{self.evaluate_at}' looks among the edits of a "
                                  "selection other than 'random': add one to selections.")
+        if self.attacks:
+            if mode != "erase":
+                raise UserInputError(f"{self.owner} attacks try to bring an erased concept back; with model.objective "
+                                     "amplify leave attacks empty.")
+            if not self.evaluable(datamodule):
+                raise UserInputError(f"{self.owner} attacks are read by the shapes world's concept classifier; set "
+                                     "evaluate true and use shapes-world concepts, or leave attacks empty.")
+            self.attacks.check(pl_module.backbone, list(pl_module.targets))
         if self.evaluate and datamodule.prompt_templates is None:
             with torch.random.fork_rng(devices=[]):  # its construction draws initial weights: leave the RNG as it was
                 self.detector(pl_module)  # a classifier that does not load is refused before any work
@@ -320,6 +333,26 @@ class EditOutputs:
                 "eval": {"target_images": self.eval_target_images, "retain_images": self.eval_retain_images,
                          "sampler": pl_module.backbone.sampler_settings(), "seeds": "report"}}
 
+    def attack(self, run_dir: Path, trainer, pl_module, edits: Edits, apply: Callable, sampler, strategy,
+               floor: float | None) -> dict:
+        """The recovery attacks (``attacks``) against the unedited model and the reported edit of each selection
+        (its largest evaluated ratio: in goal mode the one the search stopped at), the random control among
+        them; each model's ``holds``: its target after the strongest attack ≤ floor + ``ATTACK_MARGIN``."""
+        models = {"unedited": None}
+        for selection, per_ratio in edits.items():
+            if per_ratio:
+                ratio = max(per_ratio)
+                models[f"{selection} {ratio:g}"] = per_ratio[ratio]
+        writes = trainer.is_global_zero
+        result = self.attacks.run(sampler, self.detector(pl_module), pl_module.targets[0], models, apply,
+                                  self.seed_sets(), strategy=strategy, progress=self._progress(trainer),
+                                  run_dir=run_dir if writes else None, logger=trainer.logger if writes else None)
+        if floor is not None:
+            result["floor"], result["margin"] = floor, ATTACK_MARGIN
+            for record in result["models"].values():
+                record["holds"] = record["after_attack"] <= floor + ATTACK_MARGIN
+        return result
+
     def _show(self, run_dir: Path, trainer, targets: list[str], items, images: dict[str, torch.Tensor],
               edits: Edits) -> None:
         """The sample grids: six target images (the first of each target in turn) and the last six (retained)
@@ -369,6 +402,9 @@ class EditOutputs:
                 report["edits"] = self.write(run_dir, pl_module, edits)
             if self.evaluate:
                 report.update(self.evaluate_edits(run_dir, trainer, pl_module, edits, apply, search, sampler=sampler))
+        if self.attacks and evaluable and "results" in report:
+            report["attacks"] = self.attack(run_dir, trainer, pl_module, edits, apply, sampler, strategy,
+                                            report["floor"].get(pl_module.targets[0]))
         if start is not None:
             report["wall_time_s"] = time.perf_counter() - start
         report["world_size"] = sampler.world_size

@@ -117,6 +117,10 @@ def markdown_report(report: dict) -> str:
         lines += [""]
     else:
         lines += [str(report.get("evaluation", "not evaluated")), ""]
+    if "attacks" in report:
+        from cad_lightning.attacks.exam import attack_lines
+
+        lines += attack_lines(report["attacks"])
     lines += localisation_lines(report)
     lines += ["## Edits", ""] + [f"- `{e['masks']}` ({e['ablated']} weights{' changed' if changed else ''})"
                                  for e in report["edits"]]

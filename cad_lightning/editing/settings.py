@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cad_lightning.attacks.inversion import InversionSettings
+from cad_lightning.attacks.prompt_search import PromptSearchSettings
 from cad_lightning.choices import (
+    Attack,
     CollateralSpace,
     EvaluateAt,
     MultiConcept,
@@ -159,6 +162,12 @@ class ExamSettings:
         eval_target_images / eval_retain_images: images of prompts naming the target / retained concepts.
         floor_images: images of the base prompt used to measure the floor.
         eval_batch_size: images per sampling batch during evaluation.
+        attacks: recovery attacks run against the reported edit of each selection, its random control and the
+            unedited model (cad_lightning/attacks/exam.py): any of ``inversion`` (textual inversion, Pham et al.)
+            and ``prompt_search`` (a discrete prompt search without the concept's word). Empty: none.
+        attack_images: report-seed images per reading of an attack.
+        inversion: textual inversion's settings (steps, batch_size, lr, weight_decay, images).
+        prompt_search: the prompt search's budget (budget, keep, images, max_words, timesteps).
     """
 
     evaluate: bool = True
@@ -171,6 +180,16 @@ class ExamSettings:
     eval_retain_images: int = 64
     floor_images: int = 64
     eval_batch_size: int = 96
+    attacks: list[Attack] = field(default_factory=list)
+    attack_images: int = 32
+    inversion: InversionSettings = field(default_factory=InversionSettings)
+    prompt_search: PromptSearchSettings = field(default_factory=PromptSearchSettings)
+
+    def __post_init__(self) -> None:  # a checkpoint's hparams or a call from Python give the nested settings as dicts
+        if isinstance(self.inversion, dict):
+            self.inversion = InversionSettings(**self.inversion)
+        if isinstance(self.prompt_search, dict):
+            self.prompt_search = PromptSearchSettings(**self.prompt_search)
 
     # its fields are checked where the module builds its exam (EditOutputs), before any weights load
 

@@ -64,6 +64,11 @@ class ShardedSampler:
         return getattr(self._backbone, name)
 
     @property
+    def backbone(self):
+        """The backbone it samples with (what changes its tokenizer or weights changes this sampler's images)."""
+        return self._backbone
+
+    @property
     def world_size(self) -> int:
         return self._world
 
