@@ -39,7 +39,6 @@ from cad_lightning.reports import markdown_report, plot_tradeoff
 from cad_lightning.utils import image_grid, labelled_grid, log_image, save_image, write_json, write_text
 
 Edits = dict[str, dict[float, dict[str, torch.Tensor]]]  # {selection: {ratio: masks (1 = keep)}}
-ATTACK_MARGIN = 0.15  # an erasure holds when its target after the strongest attack is at most floor + this
 
 
 def run_seed() -> int:
@@ -337,21 +336,17 @@ class EditOutputs:
                floor: float | None) -> dict:
         """The recovery attacks (``attacks``) against the unedited model and the reported edit of each selection
         (its largest evaluated ratio: in goal mode the one the search stopped at), the random control among
-        them; each model's ``holds``: its target after the strongest attack ≤ floor + ``ATTACK_MARGIN``."""
+        them; each model's ``holds``: its target after the strongest attack ≤ floor (the report seeds') + 0.15."""
         models = {"unedited": None}
         for selection, per_ratio in edits.items():
             if per_ratio:
                 ratio = max(per_ratio)
                 models[f"{selection} {ratio:g}"] = per_ratio[ratio]
         writes = trainer.is_global_zero
-        result = self.attacks.run(sampler, self.detector(pl_module), pl_module.targets[0], models, apply,
-                                  self.seed_sets(), strategy=strategy, progress=self._progress(trainer),
-                                  run_dir=run_dir if writes else None, logger=trainer.logger if writes else None)
-        if floor is not None:
-            result["floor"], result["margin"] = floor, ATTACK_MARGIN
-            for record in result["models"].values():
-                record["holds"] = record["after_attack"] <= floor + ATTACK_MARGIN
-        return result
+        return self.attacks.run(sampler, self.detector(pl_module), pl_module.targets[0], models, apply,
+                                self.seed_sets(), strategy=strategy, progress=self._progress(trainer),
+                                run_dir=run_dir if writes else None, logger=trainer.logger if writes else None,
+                                floor=floor)
 
     def _show(self, run_dir: Path, trainer, targets: list[str], items, images: dict[str, torch.Tensor],
               edits: Edits) -> None:

@@ -15,18 +15,22 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from cad_lightning.attacks.exam import AttackExam, attack_lines
+from cad_lightning.attacks.inversion import InversionSettings
+from cad_lightning.attacks.prompt_search import PromptSearchSettings
 from cad_lightning.backbones.backbone import load_backbone
+from cad_lightning.choices import Attack
 from cad_lightning.data.world import CONCEPT_KINDS, concept_kind
 from cad_lightning.edit_outputs import run_seed
-from cad_lightning.editing import count_ablated, load_edit, put_edit, restore_weights
+from cad_lightning.editing import count_ablated, load_edit, put_edit, random_like, restore_weights
 from cad_lightning.errors import UserInputError
 from cad_lightning.evaluation.classifier import load_concept_classifier
 from cad_lightning.evaluation.collateral import ClassifierFeatures
 from cad_lightning.evaluation.concepts import EvalItem, accuracy_from_predictions, evaluation_items
 from cad_lightning.evaluation.edits import edit_row
-from cad_lightning.evaluation.exam import exam_seeds, gather_items
+from cad_lightning.evaluation.exam import ShardedSampler, exam_seeds, gather_items
 from cad_lightning.generation import DEFAULT_MODEL, resolve_model_path
-from cad_lightning.utils import write_json
+from cad_lightning.utils import write_json, write_text
 
 
 class EvaluationDataModule(pl.LightningDataModule):
@@ -65,12 +69,23 @@ class EvaluationModule(pl.LightningModule):
         edit: an edit file written by an attribution or peer run (``edits/<...>.safetensors``: ablation masks or a
             weight change); None: the unedited model.
         num_inference_steps / guidance_scale: sampler settings (the model's defaults when not given).
+        attacks: recovery attacks (cad_lightning/attacks/exam.py) run against the edit, its random control of
+            equal count and the unedited model (without an edit: the unedited model): any of ``inversion``,
+            ``prompt_search``; their readings go into ``evaluation.json`` and ``report.md``.
+        attack_images / inversion / prompt_search: as in ``ExamSettings`` (cad_lightning/editing/settings.py).
     """
 
     def __init__(self, model_path: str = DEFAULT_MODEL, edit: str | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None) -> None:
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 attacks: list[Attack] = (), attack_images: int = 32,
+                 inversion: InversionSettings = InversionSettings(),
+                 prompt_search: PromptSearchSettings = PromptSearchSettings()) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.attacks = AttackExam("model", list(attacks), attack_images, inversion, prompt_search)
+        if self.attacks and (num_inference_steps is not None or guidance_scale is not None):
+            raise UserInputError("model.attacks sample with the model's own sampler settings; leave "
+                                 "num_inference_steps and guidance_scale unset.")
         folder = resolve_model_path(model_path)
         self.backbone = load_backbone(folder)
         self.masks = None
@@ -82,6 +97,7 @@ class EvaluationModule(pl.LightningModule):
             self._original = {n: params[n].detach().clone() for n in self.masks if n in params}
             put_edit(self.backbone.denoiser, self.masks)
         self.detector = load_concept_classifier(folder)
+        self.attacks.check(self.backbone)  # the concept is checked by the data module
         self._predicted: dict[int, dict[str, str]] = {}
         self._images: dict[int, torch.Tensor] = {}
         self._reference: dict[int, tuple[torch.Tensor, dict[str, str]]] = {}
@@ -147,6 +163,42 @@ class EvaluationModule(pl.LightningModule):
             for key in ("retained_ssim", "retained_kid", "other_words_relative", "retained_min_relative"):
                 if row.get(key) is not None:
                     self.log(f"test/{key}", float(row[key]))
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "evaluation.json"  # a broadcast: every rank
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a broadcast: every rank
+        if self.attacks:
+            record["attacks"] = self._attack(run_dir, datamodule.concept)
         if self.trainer.is_global_zero:
-            write_json(out, record)
+            write_json(run_dir / "evaluation.json", record)
+            if self.attacks:
+                write_text(run_dir / "report.md", self._markdown(record))
+
+    def _put_edit(self, edit) -> None:
+        """Puts ``edit`` on the denoiser (None: the unedited weights)."""
+        if self.masks is None:
+            return
+        restore_weights(self.backbone.denoiser, self._original)
+        if edit is not None:
+            put_edit(self.backbone.denoiser, edit)
+
+    def _attack(self, run_dir: Path, concept: str) -> dict:
+        """The recovery attacks against the unedited model, the edit and its random control of equal count (drawn
+        from the run's seed); the edit is put back afterwards."""
+        models = {"unedited": None}
+        if self.masks is not None:
+            models["edit"] = self.masks
+            models["random"] = random_like(self.masks, torch.Generator().manual_seed(run_seed() * 1_000_000_007))
+        strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
+        writes = self.trainer.is_global_zero
+        try:
+            return self.attacks.run(ShardedSampler(self.backbone, strategy), self.detector, concept, models,
+                                    self._put_edit, exam_seeds(run_seed()), strategy=strategy,
+                                    progress=bool(self.trainer.progress_bar_callback) and writes,
+                                    run_dir=run_dir if writes else None, logger=self.logger if writes else None)
+        finally:
+            self._put_edit(self.masks)
+
+    @staticmethod
+    def _markdown(record: dict) -> str:
+        accuracy = ", ".join(f"{c} {v:.3f}" for c, v in record["accuracy"].items())
+        lines = [f"# Evaluation of {record['edit'] or 'the unedited model'} on '{record['concept']}'", "",
+                 f"accuracy on the report seeds: {accuracy}", ""]
+        return "\n".join(lines + attack_lines(record["attacks"])) + "\n"
