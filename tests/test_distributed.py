@@ -280,22 +280,29 @@ def test_the_default_job_with_its_exam_on_two_processes_gives_the_one_process_re
     assert one["floor"] == pytest.approx(two["floor"], abs=1 / 8 + 1e-9)
 
 
-@pytest.mark.slow
-def test_cad_test_on_two_processes_reads_every_item_once(tmp_path, reference_run):
-    """``cad test`` of an edit on 1 and on 2 processes (9 items: Lightning's sampler pads the second shard):
-    the same evaluation.json, every item counted once."""
+def cad_test_on_one_and_two_processes(tmp_path: Path, reference_run: Path, *extra: str) -> dict[int, dict]:
+    """``cad test`` of the reference run's selective edit on 1 and on 2 processes: ``{devices: evaluation.json}``."""
     edit = sorted((reference_run / "lightning_logs").glob("version_*/edits/selective-erase-0.2.safetensors"))[-1]
     outs = {}
     for devices in (1, 2):
         root = tmp_path / f"devices_{devices}"
         args = [sys.executable, "-m", "cad_lightning.cli", "test", "--config", str(TESTS.parent / "configs" / "evaluate.yaml"),
                 "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.enable_progress_bar", "false",
-                "--trainer.default_root_dir", str(root), "--data.target_images", "5", "--data.retain_images", "4",
-                "--data.batch_size", "3", "--model.num_inference_steps", "3", "--model.edit", str(edit),
+                "--trainer.default_root_dir", str(root), "--model.edit", str(edit), *extra,
                 *(["--trainer.strategy", "ddp"] if devices == 2 else [])]
-        run = subprocess.run(args, env=environment(), capture_output=True, text=True, timeout=600)
+        run = subprocess.run(args, env=environment(), capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, run.stderr[-3000:]
         outs[devices] = json.loads(next(root.rglob("evaluation.json")).read_text())
+    return outs
+
+
+@pytest.mark.slow
+def test_cad_test_on_two_processes_reads_every_item_once(tmp_path, reference_run):
+    """``cad test`` of an edit on 1 and on 2 processes (9 items: Lightning's sampler pads the second shard):
+    the same evaluation.json, every item counted once."""
+    outs = cad_test_on_one_and_two_processes(tmp_path, reference_run, "--data.target_images", "5",
+                                             "--data.retain_images", "4", "--data.batch_size", "3",
+                                             "--model.num_inference_steps", "3")
     one, two = outs[1], outs[2]
     assert one["images"] == two["images"] == 9 and (one["world_size"], two["world_size"]) == (1, 2)
     assert one["accuracy"] == two["accuracy"] and one["unedited_accuracy"] == two["unedited_accuracy"]
@@ -306,22 +313,12 @@ def test_cad_test_on_two_processes_reads_every_item_once(tmp_path, reference_run
 def test_attacks_on_two_processes_read_what_one_process_reads(tmp_path, reference_run):
     """``cad test`` with both attacks on 1 and on 2 processes: each rank learns the same token and searches the same
     prompts, the images are sampled in shards, and every reading is the one process's."""
-    edit = sorted((reference_run / "lightning_logs").glob("version_*/edits/selective-erase-0.2.safetensors"))[-1]
-    outs = {}
-    for devices in (1, 2):
-        root = tmp_path / f"devices_{devices}"
-        args = [sys.executable, "-m", "cad_lightning.cli", "test", "--config", str(TESTS.parent / "configs" / "evaluate.yaml"),
-                "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.enable_progress_bar", "false",
-                "--trainer.default_root_dir", str(root), "--data.target_images", "3", "--data.retain_images", "2",
-                "--model.edit", str(edit), "--model.attacks", "[inversion, prompt_search]", "--model.attack_images", "5",
-                "--model.inversion.steps", "3", "--model.inversion.batch_size", "2", "--model.inversion.images", "3",
-                "--model.prompt_search.budget", "3", "--model.prompt_search.keep", "2",
-                "--model.prompt_search.images", "3", "--model.prompt_search.timesteps", "2",
-                *(["--trainer.strategy", "ddp"] if devices == 2 else [])]
-        run = subprocess.run(args, env=environment(), capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0, run.stderr[-3000:]
-        outs[devices] = json.loads(next(root.rglob("evaluation.json")).read_text())["attacks"]
-    one, two = outs[1]["models"], outs[2]["models"]
+    outs = cad_test_on_one_and_two_processes(
+        tmp_path, reference_run, "--data.target_images", "3", "--data.retain_images", "2",
+        "--model.attacks", "[inversion, prompt_search]", "--model.attack_images", "5", "--model.inversion.steps", "3",
+        "--model.inversion.batch_size", "2", "--model.inversion.images", "3", "--model.prompt_search.budget", "3",
+        "--model.prompt_search.keep", "2", "--model.prompt_search.images", "3", "--model.prompt_search.timesteps", "2")
+    one, two = outs[1]["attacks"]["models"], outs[2]["attacks"]["models"]
     assert list(one) == list(two) == ["unedited", "edit", "random"]
     for name in one:
         for attack in ("inversion", "prompt_search"):
