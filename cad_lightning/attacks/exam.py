@@ -28,7 +28,7 @@ broadcast, so they agree to the bit on any device), and the images are sampled i
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -49,15 +49,6 @@ ATTACK_MARGIN = 0.15  # an erasure holds when its target after the strongest att
 
 def _settings(value, kind):
     return kind(**value) if isinstance(value, dict) else value
-
-
-@dataclass
-class AttackResult:
-    """One attack's readings on one model (fractions of images read as the concept)."""
-
-    target: float
-    baseline: float  # what the attack's prompts draw without it (the token taken out / the unedited model)
-    extra: dict = field(default_factory=dict)
 
 
 class AttackExam:
