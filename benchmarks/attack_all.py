@@ -16,7 +16,9 @@ strongest reading, and the wall time of the attacks and of the whole job. ``atta
     python benchmarks/attack_all.py [--concepts circle,red] [--variants default,robust] [--out runs/attack_all]
                                     [--resume | --reuse] [-- extra cad arguments]
 
-Variants: ``default`` (the shipped config as it is); others are named in ``VARIANTS`` with the arguments they add.
+Variants: ``default`` (the shipped config as it is), ``robust`` (its robust mode, cad_lightning/editing/robust.py:
+the column *edit* then counts the weights the rounds added beyond the K/V weights, and *attacks / job* the rounds'
+time too); others are named in ``VARIANTS`` with the arguments they add.
 ``--resume`` reuses the runs that finished (their report.json), ``--reuse`` only rebuilds the table.
 """
 
@@ -38,6 +40,7 @@ CONFIG = ROOT / "configs" / "attribute.yaml"
 ATTACKS = ["--model.exam.attacks", "[inversion, prompt_search]"]
 VARIANTS: dict[str, list[str]] = {
     "default": [],
+    "robust": ["--model.editing.robust.enabled", "true"],  # cad_lightning/editing/robust.py
 }
 
 
@@ -61,6 +64,7 @@ def row(concept: str, variant: str, report: dict) -> dict:
     random_name = next((n for n in models if n.startswith("random")), None)
     edit = models[edit_name]
     result = next(r for r in report["results"] if r["selection"] != "random")
+    robust = report.get("exam", {}).get("robust", {}).get(result["selection"], {})
     return {
         "concept": concept, "variant": variant, "floor": attacks.get("floor"), "edit": edit_name,
         "ablated": result["ablated"], "plain": edit["plain"], "selective": result.get("selective"),
@@ -73,6 +77,7 @@ def row(concept: str, variant: str, report: dict) -> dict:
         "random_after_attack": models[random_name]["after_attack"] if random_name else None,
         "unedited_after_attack": models["unedited"]["after_attack"],
         "attack_s": sum(m["wall_s"] for m in models.values()), "wall_s": report.get("wall_time_s"),
+        "robust_beyond": robust.get("ablated_beyond"), "robust_s": robust.get("wall_s"),
     }
 
 
@@ -89,7 +94,9 @@ def table(rows: list[dict]) -> str:
             f"'{r['search_prompt']}' {f(r['search_target'])} / {f(r['search_baseline'])} | {f(r['after_attack'])} | "
             f"{'yes' if r['holds'] else 'no (+' + format(r['after_attack'] - r['floor'] - 0.15, '.2f') + ')'} | "
             f"{f(r['random_after_attack'])} | {f(r['unedited_after_attack'])} | "
-            f"{r['attack_s']:.0f} s / {r['wall_s']:.0f} s |")
+            f"{r['attack_s']:.0f} s / {r['wall_s']:.0f} s"
+            + (f" (rounds {r['robust_s']:.0f} s, +{r['robust_beyond']} w. beyond K/V)" if r.get("robust_s") else "")
+            + " |")
     held = sum(bool(r["holds"]) for r in rows)
     lines += ["", f"{held} of {len(rows)} hold after the strongest attack."]
     return "\n".join(lines) + "\n"

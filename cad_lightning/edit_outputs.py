@@ -68,8 +68,9 @@ class EditOutputs:
                  save_unet: bool = True, evaluate: bool = True, eval_target_images: int = 32,
                  eval_retain_images: int = 64, floor_images: int = 64, eval_batch_size: int = 96,
                  localise_top: float = 0.01, scope: str = "global", attacks=(), attack_images: int = 32,
-                 inversion=None, prompt_search=None) -> None:
+                 inversion=None, prompt_search=None, robust=None) -> None:
         from cad_lightning.attacks.exam import AttackExam
+        from cad_lightning.editing.robust import RobustSettings
 
         self.owner = owner
         self.ratios = checked_ratios(ratios, owner) if ratios is not None else []  # None: the owner's edits only
@@ -90,6 +91,7 @@ class EditOutputs:
         self.floor_images, self.eval_batch_size = floor_images, eval_batch_size
         self.localise_top = float(localise_top)
         self.attacks = AttackExam(owner, attacks, attack_images, inversion, prompt_search)
+        self.robust = RobustSettings(**robust) if isinstance(robust, dict) else (robust or RobustSettings())
         self.mode, self.scope = "erase", scope
         # {seed set name: {concept: floor}}, kept in a stopped run's results (see Preemption)
         self.floor_cache: dict[str, dict[str, float]] | None = None
@@ -120,9 +122,44 @@ class EditOutputs:
                 raise UserInputError(f"{self.owner} attacks are read by the shapes world's concept classifier; set "
                                      "evaluate true and use shapes-world concepts, or leave attacks empty.")
             self.attacks.check(pl_module.backbone, list(pl_module.targets))
+        if self.robust.enabled:
+            self._check_robust(pl_module, datamodule, mode, selects)
         if self.evaluate and datamodule.prompt_templates is None:
             with torch.random.fork_rng(devices=[]):  # its construction draws initial weights: leave the RNG as it was
                 self.detector(pl_module)  # a classifier that does not load is refused before any work
+
+    def _check_robust(self, pl_module, datamodule, mode: str, selects: bool) -> None:
+        """Refusals of the robust mode, each in one sentence, before any work."""
+        from cad_lightning.attacks.inversion import check_invertible
+        from cad_lightning.data.world import concept_kind
+
+        where = "model.editing.robust.enabled"
+        if mode != "erase":
+            raise UserInputError(f"{where} hardens an erasure; with model.objective amplify set it to false.")
+        if self.evaluate_at != "goal" or not selects:
+            raise UserInputError(f"{where} hardens the edit the search stops at: set {self.owner}.evaluate_at goal "
+                                 "and keep a selection other than 'random'.")
+        if not self.evaluable(datamodule):
+            raise UserInputError(f"{where} reads its rounds with the shapes world's concept classifier; set "
+                                 f"{self.owner}.evaluate true and use shapes-world concepts.")
+        if len(pl_module.targets) != 1:
+            raise UserInputError(f"{where} hardens one erased concept; this job has {len(pl_module.targets)} "
+                                 f"({', '.join(pl_module.targets)}).")
+        concept_kind(pl_module.targets[0])
+        check_invertible(pl_module.backbone)
+
+    def harden(self, trainer, pl_module, edit: dict[str, torch.Tensor], apply: Callable, sampler,
+               strategy) -> tuple[dict[str, torch.Tensor], dict]:
+        """The robust mode's rounds on ``edit`` (cad_lightning/editing/robust.py), decided on the search seeds."""
+        from cad_lightning.editing.robust import Hardener
+
+        search, _ = self.seed_sets()
+        concept = pl_module.targets[0]
+        floor = self.floor(pl_module, trainer.datamodule, search, sampler).get(concept, 0.0)
+        broadcast = (lambda x: strategy.broadcast(x, src=0)) if strategy is not None else None
+        hardener = Hardener(self.robust, sampler, self.detector(pl_module), concept, apply, pl_module.original_weights,
+                            search.base, floor, broadcast, progress=self._progress(trainer))
+        return hardener.run(edit)
 
     def evaluable(self, datamodule) -> bool:
         """Whether the edits are evaluated: asked for, and concepts the shapes world's classifier reads."""
@@ -251,8 +288,28 @@ class EditOutputs:
                 written.append(entry)
         return written
 
+    def _hardened(self, trainer, pl_module, edits: Edits, chosen: float, apply: Callable, sampler,
+                  strategy) -> tuple[Edits, Edits, dict]:
+        """Each selection's chosen edit hardened by the robust mode (in ``edits`` too, so that its file is the
+        hardened edit), the random control drawn again from the hardened edit's counts; the edits and controls
+        to report, and the rounds' record per selection."""
+        records, to_report = {}, {}
+        for selection, per_ratio in edits.items():
+            if selection == "random" or chosen not in per_ratio:
+                continue
+            per_ratio[chosen], records[selection] = self.harden(trainer, pl_module, per_ratio[chosen], apply, sampler,
+                                                                strategy)
+            to_report[selection] = {chosen: per_ratio[chosen]}
+            self._control_reference[chosen] = per_ratio[chosen]  # the control: the hardened edit's count per row
+        draws = {}
+        if "random" in edits and chosen in self._control_reference:
+            edits["random"][chosen] = self.random_draw(0)[chosen]
+            to_report["random"] = {chosen: edits["random"][chosen]}
+            draws = {f"random draw {d}": {chosen: self.random_draw(d)[chosen]} for d in range(1, self.random_draws)}
+        return to_report, draws, records
+
     def evaluate_edits(self, run_dir: Path, trainer, pl_module, edits: Edits, apply: Callable,
-                       search: dict | None = None, sampler=None) -> dict:
+                       search: dict | None = None, sampler=None, strategy=None) -> dict:
         """Accuracy and collateral of the edits on the report seeds, the sample grids, TensorBoard scalars and the
         trade-off chart; the report's entries.
 
@@ -302,6 +359,9 @@ class EditOutputs:
             draws_to_report = {s: {chosen: per_ratio[chosen]} for s, per_ratio in draws_only.items()
                                if chosen in per_ratio}
             exam.update(chosen=chosen, goal_met_on_search=goal_met(rows), search_results=rows)
+            if self.robust.enabled:
+                to_report, draws_to_report, exam["robust"] = self._hardened(
+                    trainer, pl_module, edits, chosen, apply, sampler, strategy)
         if self.floor_cache and "search" in self.floor_cache:  # what the decisions read the target against
             exam["search_floor"] = self.floor_cache["search"]
         items = evaluation_items(concept, retained, self.eval_target_images, self.eval_retain_images,
@@ -389,7 +449,8 @@ class EditOutputs:
             self.add_random(edits, random_fallback)
         if self.evaluate_at == "goal" and evaluable:
             # the edits are searched smallest first until one meets the goal; only those searched are written
-            report.update(self.evaluate_edits(run_dir, trainer, pl_module, edits, apply, sampler=sampler))
+            report.update(self.evaluate_edits(run_dir, trainer, pl_module, edits, apply, sampler=sampler,
+                                              strategy=strategy))
             if writes:
                 report["edits"] = self.write(run_dir, pl_module, edits)
         else:

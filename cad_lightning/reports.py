@@ -99,6 +99,8 @@ def markdown_report(report: dict) -> str:
                       + (f"; {', '.join(f'{r:g}' for r in skipped)} neither evaluated nor written." if skipped else ".")
                       + " What the search read:", ""]
             lines += result_table(exam["search_results"], targets, changed)
+        for selection, record in exam.get("robust", {}).items():
+            lines += robust_lines(selection, exam["chosen"], record)
         for selection, search in report.get("search", {}).items():
             found = search["found"]
             lines += ["", f"**{selection}: the smallest edit that reaches the floor** (goal: target ≤ floor + margin = "
@@ -171,4 +173,28 @@ def localisation_lines(report: dict) -> list[str]:
         lines += [f"| {i + 1} | `{r['parameter']}` | {tuple(r['index'])} | {r['block']} | {r['kind']} | {r['score']:.3g} |"
                   for i, r in enumerate(top)]
         lines += [""]
+    return lines
+
+
+def robust_lines(selection: str, ratio: float, record: dict) -> list[str]:
+    """The report's paragraph on the robust mode's rounds (cad_lightning/editing/robust.py) for one selection."""
+    lines = ["", f"**Robust mode, {selection} {ratio:g}**: the edit the search stopped at grew, in adversarial rounds on "
+             f"the search seeds, by {record['ablated_beyond']:,} weights outside its components "
+             f"({100 * record['fraction_beyond']:.2f}% of {record['weights']:,}); its files and the readings above are "
+             f"the grown edit's, beside random ablation of the same count in every row. A round learns a token on the "
+             f"current edit and adds the weights that draw the concept under it until a token learned afresh on the "
+             f"grown edit reads at most {record['goal']:.3f} (search floor {record['floor']:.3f} + margin) with every "
+             f"retained concept kept ({record['wall_s']:.0f} s):", "",
+             "| round | token before | fraction | weights | fresh token | worst retained / unedited |",
+             "|---|---|---|---|---|---|"]
+    for r in record["rounds"]:
+        probes = r["probes"] or [None]
+        for i, p in enumerate(probes):
+            head = f"| {r['round']} | {r['token_before']:.3f} |" if i == 0 else "| | |"
+            if p is None:
+                lines.append(f"{head} {r.get('stopped', '')} | | | |")
+            else:
+                mark = " (kept)" if p["fraction"] == r.get("fraction") else ""
+                lines.append(f"{head} {p['fraction']:g}{mark} | {p['weights']:,} | {p['token']:.3f} | "
+                             f"{p['retained_worst']} {p['retained_relative']:.2f} |")
     return lines

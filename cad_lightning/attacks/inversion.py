@@ -144,12 +144,14 @@ def learn_token(
     token: str = TOKEN,
     progress: bool = True,
     desc: str = "Textual inversion",
+    init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """The embedding (D,) of ``token`` learned on the backbone's current weights from ``images`` (N, 3, H, W) in
     [0, 1], captioned by ``captions`` (each holding ``token``), and the loss of every step.
 
     Step s draws its batch (images with replacement), timesteps and noise from ``seed``, so a run is
-    reproducible; the backbone's weights are not changed."""
+    reproducible; the backbone's weights are not changed. ``init``: start from this embedding (D,) instead of
+    ``init_word``'s (an attacker adapting a token it already has)."""
     settings = settings or InversionSettings()
     settings.check()
     if len(captions) != len(images):
@@ -161,7 +163,8 @@ def learn_token(
     x0_all = backbone.encode_images(images)
     timesteps = backbone.scheduler.config.num_train_timesteps
     losses = []
-    with added_token(backbone, initializer_vector(backbone, init_word), token) as spliced:
+    start = initializer_vector(backbone, init_word) if init is None else init.detach().clone()
+    with added_token(backbone, start, token) as spliced:
         optimizer = torch.optim.AdamW([spliced.extra], lr=settings.lr * settings.batch_size, betas=(0.9, 0.999),
                                       weight_decay=settings.weight_decay, eps=1e-8)
         bar = tqdm(range(settings.steps), desc=desc, unit="step", disable=not progress)
@@ -177,7 +180,7 @@ def learn_token(
                 # the token's row alone: the denoiser's own parameters (some may require grad) collect nothing
                 (spliced.extra.grad,) = torch.autograd.grad(loss, [spliced.extra])
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix_str(f"loss {losses[-1]:.4f}")
         vector = spliced.extra.detach()[0].clone()
     return vector, losses

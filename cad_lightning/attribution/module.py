@@ -89,7 +89,7 @@ class CADModule(AttributionModule):
         # the exam's checks, before any weights load
         outputs = None if not editing.makes_edits else EditOutputs(
             "model.exam", editing.ratios, save_unet=editing.save_unet, localise_top=editing.localise_top,
-            scope=editing.scope, **asdict(exam))
+            scope=editing.scope, robust=editing.robust, **asdict(exam))
         super().__init__(model_path=model_path, objective=objective, components=components,
                          guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, dtype=dtype,
                          chunk_size=chunk_size, edit=edit, image_source=image_source,

@@ -23,6 +23,7 @@ from cad_lightning.choices import (
     check_choice,
 )
 from cad_lightning.editing.coherent import rescore_stops, round_schedule
+from cad_lightning.editing.robust import RobustSettings
 from cad_lightning.errors import UserInputError
 
 OWNER = "model.editing"
@@ -65,6 +66,9 @@ class EditSettings:
             own mass, summed) or ``union`` (``cad`` takes each concept's top set with an even share).
         save_unet: also write each edited UNet as a diffusers folder.
         localise_top: the fraction of scored weights whose attribution mass the localisation chart breaks down.
+        robust: the robust mode (cad_lightning/editing/robust.py): the edit the search stopped at grows, in
+            adversarial rounds, by the weights that draw the concept under a learned token
+            (``robust.enabled``; ``exam.evaluate_at`` goal, erase, one shapes-world concept).
     """
 
     ratios: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.03])
@@ -80,8 +84,12 @@ class EditSettings:
     multi_concept: MultiConcept = "joint"
     save_unet: bool = True
     localise_top: float = 0.01
+    robust: RobustSettings = field(default_factory=RobustSettings)
 
     def __post_init__(self) -> None:
+        if isinstance(self.robust, dict):  # a checkpoint's hparams or a call from Python
+            self.robust = RobustSettings(**self.robust)
+        self.robust.check(f"{OWNER}.robust")
         self.ratios = checked_ratios(self.ratios, OWNER)
         check_choice(OWNER, "scope", self.scope, Scope)
         if isinstance(self.selections, str):
