@@ -83,15 +83,18 @@ def row(concept: str, variant: str, report: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     f = lambda v: "n/a" if v is None else f"{v:.2f}"
-    lines = ["| concept | variant | floor | edit | plain | selective | inversion: prompts / 'a <token>' | "
+    f3 = lambda v: "n/a" if v is None else f"{v:.3f}"
+    lines = ["| concept | variant | floor | edit | plain | selective (SSIM: edit / random) | inversion: prompts / 'a <token>' | "
              "prompt search: prompt, edit / unedited | after attack | holds (≤ floor + 0.15) | random control after "
              "attack | unedited after attack | attacks / job |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['concept']} | {r['variant']} | {f(r['floor'])} | {r['edit']} ({r['ablated']} w.) | {f(r['plain'])} | "
-            f"{'yes' if r['selective'] else 'no'} | {f(r['inversion'])} / {f(r['inversion_alone'])} | "
-            f"'{r['search_prompt']}' {f(r['search_target'])} / {f(r['search_baseline'])} | {f(r['after_attack'])} | "
+            f"{'yes' if r['selective'] else 'no'} ({f3(r['retained_ssim'])} / {f3(r['random_retained_ssim'])}) | "
+            f"{f(r['inversion'])} / {f(r['inversion_alone'])} | "
+            + (f"'{r['search_prompt']}' {f(r['search_target'])} / {f(r['search_baseline'])}" if r["search_prompt"]
+               is not None else "not run") + f" | {f(r['after_attack'])} | "
             f"{'yes' if r['holds'] else 'no (+' + format(r['after_attack'] - r['floor'] - 0.15, '.2f') + ')'} | "
             f"{f(r['random_after_attack'])} | {f(r['unedited_after_attack'])} | "
             f"{r['attack_s']:.0f} s / {r['wall_s']:.0f} s"

@@ -325,3 +325,28 @@ def test_attacks_on_two_processes_read_what_one_process_reads(tmp_path, referenc
             assert one[name][attack]["target"] == pytest.approx(two[name][attack]["target"], abs=1 / 5 + 1e-9), name
         assert one[name]["prompt_search"]["prompt"] == two[name]["prompt_search"]["prompt"]
         assert one[name]["plain"] == pytest.approx(two[name]["plain"], abs=1 / 5 + 1e-9)
+
+
+@pytest.mark.slow
+def test_the_robust_mode_on_two_processes_hardens_the_edit_on_every_rank(tmp_path):
+    """The robust rounds on 2 CPU DDP processes (each rank learns rank 0's tokens, scores are rank 0's, the
+    readings' images are sampled in shards): the job finishes, and the written edit is the chosen K/V edit plus the
+    rounds' weights, as the report records them."""
+    from cad_lightning.editing import load_masks
+
+    cad_fit(tmp_path, *EXAM_SMALL, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--model.editing.ratios", "[0.01]", "--model.editing.rescore_every", "null",
+            "--model.editing.robust.enabled", "true", "--model.editing.robust.fractions", "[0.01, 0.02]",
+            "--model.editing.robust.rounds", "1", "--model.editing.robust.images", "8",
+            "--model.editing.robust.retain_images", "4", "--model.editing.robust.read_images", "4",
+            "--model.editing.robust.timesteps", "1", "--model.editing.robust.inversion.steps", "20",
+            "--model.editing.robust.inversion.batch_size", "4", "--model.editing.robust.retain", "0")
+    run = next((tmp_path / "lightning_logs").glob("version_*"))
+    report = json.loads((run / "report.json").read_text())
+    assert report["world_size"] == 2
+    record = report["exam"]["robust"]["selective"]
+    edit = load_masks(run / "edits" / "selective-erase-0.01.safetensors")
+    beyond = sum(int((~m).sum()) for n, m in edit.items() if not ("attn2.to_k" in n or "attn2.to_v" in n))
+    assert beyond == record["ablated_beyond"]
+    assert next(r for r in report["results"] if r["selection"] == "selective")["ablated"] == sum(
+        int((~m).sum()) for m in edit.values())
