@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cad_lightning.attacks.inversion import TOKEN, InversionSettings, added_token, learn_token
-from cad_lightning.data.world import concept_kind, without_concept
+from cad_lightning.data.world import CONCEPT_KINDS, concept_kind, without_concept
 from cad_lightning.errors import UserInputError
 
 HARDEN_OFFSET = 700_000  # the defender's seeds within the search seeds: past the floor's, before the attacks'
@@ -167,15 +167,10 @@ class Hardener:
 
     # --- readings on the search seeds -------------------------------------------------------
     def _words_kept(self, items, images) -> dict[str, float]:
-        """Per word named in the items' prompts, the fraction of its images the classifier reads it in."""
-        from cad_lightning.evaluation.concepts import _named
+        """Per retained concept, the accuracy of its images (the exam's per-class accuracy)."""
+        from cad_lightning.evaluation.concepts import accuracy_from_predictions
 
-        read = self.detector(images)
-        hits: dict[str, list[bool]] = {}
-        for i, item in enumerate(items):
-            for kind, word in _named(item.prompt).items():
-                hits.setdefault(word, []).append(read[kind][i] == word)
-        return {w: sum(h) / len(h) for w, h in hits.items()}
+        return accuracy_from_predictions(items, self.detector(images))
 
     def _read(self, vector: torch.Tensor) -> dict:
         """On the current model: the concept's prompts with the token in the word's place, and the retained prompts."""
@@ -276,11 +271,13 @@ class Hardener:
         return self.broadcast(vector), losses
 
     def _retained(self) -> list:
-        """The retained prompts each probe reads (twice ``read_images``, after the token's prompts' seeds)."""
+        """The retained prompts each probe reads (twice ``read_images``, after the token's prompts' seeds), every
+        other concept of the world named."""
         from cad_lightning.evaluation.concepts import evaluation_items
 
         n = self.settings.read_images
-        return evaluation_items(self.concept, [], 0, 2 * n, seed=self.read_base + n)
+        others = [w for words in CONCEPT_KINDS.values() for w in words if w != self.concept]
+        return evaluation_items(self.concept, others, 0, 2 * n, seed=self.read_base + n)
 
     def _scores(self, names, current, vector, images, captions, other_images, others, r) -> torch.Tensor:
         """The selective score of every weight outside the edit's components on the current model (-inf where
