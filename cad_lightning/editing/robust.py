@@ -16,6 +16,7 @@ that remain. The robust mode adds, in adversarial rounds, the weights that *draw
 3. **grow**: the top-scored weights are added, smallest fraction first (the fraction is of the weights outside
    the edit's components), each grown edit attacked afresh as the exam will attack it (a new token from the
    initializer word, the same steps), until that token reads at most floor + ATTACK_MARGIN on the search seeds
+   (the higher of its readings in the concept's prompts and in 'a <token>', as the exam reads the strongest attack)
    while every retained concept keeps ``retain`` of its unedited accuracy;
 4. when no fraction holds, the largest that keeps the retained concepts is the next round's edit, attacked and
    scored again; the rounds stop when a fresh token no longer brings the concept back, or after ``rounds``.
@@ -37,11 +38,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cad_lightning.attacks.inversion import TOKEN, InversionSettings, added_token, learn_token
-from cad_lightning.data.world import CONCEPT_KINDS, concept_kind, without_concept
+from cad_lightning.data.world import CONCEPT_KINDS, concept_kind, make_prompt, without_concept
 from cad_lightning.errors import UserInputError
 
 HARDEN_OFFSET = 700_000  # the defender's seeds within the search seeds: past the floor's, before the attacks'
 RETAIN_OFFSET = 20_000  # the other concepts' images, after the concept's; the probes' readings after them
+ALONE = 10_000  # the bare prompt 'a <token>' of a probe's reading, after its concept prompts and retained prompts
 
 
 @dataclass
@@ -173,18 +175,22 @@ class Hardener:
         return accuracy_from_predictions(items, self.detector(images))
 
     def _read(self, vector: torch.Tensor) -> dict:
-        """On the current model: the concept's prompts with the token in the word's place, and the retained prompts."""
+        """On the current model: the token's reading (the higher of the concept's prompts with the token in the
+        word's place and the bare prompt 'a <token>', as the exam's strongest attack reads it) and the worst
+        retained concept relative to the unedited model."""
         from cad_lightning.evaluation.concepts import evaluation_items
 
         n = self.settings.read_images
         targets = evaluation_items(self.concept, [], n, 0, seed=self.read_base)
         retained = self._retained()
         kind = concept_kind(self.concept)
-        with added_token(self.backbone, vector):
-            images = self.sampler.generate([without_concept(i.prompt, self.concept, TOKEN) for i in targets],
-                                           seed=[i.seed for i in targets])
+        alone = without_concept(make_prompt(**{kind: self.concept}), self.concept, TOKEN)
+        with added_token(self.backbone, vector):  # the exam's two readings: in the concept's prompts, and alone
+            images = self.sampler.generate([without_concept(i.prompt, self.concept, TOKEN) for i in targets]
+                                           + [alone] * n, seed=[i.seed for i in targets] + [self.read_base + ALONE + i
+                                                                                              for i in range(n)])
         read = self.detector(images)[kind]
-        token = sum(w == self.concept for w in read) / len(read)
+        token = max(sum(w == self.concept for w in read[:n]) / n, sum(w == self.concept for w in read[n:]) / n)
         kept = self._words_kept(retained, self.sampler.generate([i.prompt for i in retained],
                                                                 seed=[i.seed for i in retained]))
         worst = min(kept, key=lambda w: kept[w] / max(self.unedited_kept.get(w, 1.0), 1e-9))
