@@ -9,8 +9,9 @@ Everything reported is read on the report seeds; the attacker's images and the s
 seeds. The table (``attack_all.md``, rows in ``attack_all.json``) gives per (concept, variant): the floor, the
 edit's plain reading and whether it met the selective goal, its readings after each attack (inversion in the
 concept's prompts and in 'a <token>'; the prompt search's prompt on the edit and on the unedited model), the
-strongest attack's reading and whether it holds (≤ floor + 0.15), the random control's and the unedited model's
-strongest reading, and the wall time of the attacks and of the whole job. ``attack_all.png`` stacks each run's
+strongest attack's reading (the attack that draws the concept most beyond what its prompts draw without the word on
+the unedited model: the floor, or for the search's prompt the higher of the floor and its baseline) and whether it
+holds (at most 0.15 beyond), the random control's and the unedited model's strongest reading, and the wall time of the attacks and of the whole job. ``attack_all.png`` stacks each run's
 ``samples/attacks.png``.
 
     python benchmarks/attack_all.py [--concepts circle,red] [--variants default,robust] [--out runs/attack_all]
@@ -34,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cad_lightning.attacks.exam import ATTACK_MARGIN, strongest  # noqa: E402
 from cad_lightning.data.world import CONCEPT_KINDS  # noqa: E402
 
 CONFIG = ROOT / "configs" / "attribute.yaml"
@@ -62,20 +64,24 @@ def row(concept: str, variant: str, report: dict) -> dict:
     models = attacks["models"]
     edit_name = next(n for n in models if n not in ("unedited",) and not n.startswith("random"))
     random_name = next((n for n in models if n.startswith("random")), None)
-    edit = models[edit_name]
+    floor = attacks.get("floor")
+    # the exam's reading of the strongest attack, recomputed from the raw readings (cad_lightning/attacks/exam.py)
+    edit, control, unedited = ({**models[n], **strongest(models[n], floor)} if n else None
+                               for n in (edit_name, random_name, "unedited"))
     result = next(r for r in report["results"] if r["selection"] != "random")
     robust = report.get("exam", {}).get("robust", {}).get(result["selection"], {})
     return {
-        "concept": concept, "variant": variant, "floor": attacks.get("floor"), "edit": edit_name,
+        "concept": concept, "variant": variant, "floor": floor, "edit": edit_name,
         "ablated": result["ablated"], "plain": edit["plain"], "selective": result.get("selective"),
         "retained_ssim": result.get("retained_ssim"), "random_retained_ssim": result.get("random_retained_ssim"),
         "inversion": edit.get("inversion", {}).get("target"), "inversion_alone": edit.get("inversion", {}).get("alone"),
         "search_prompt": edit.get("prompt_search", {}).get("prompt"),
         "search_target": edit.get("prompt_search", {}).get("target"),
         "search_baseline": edit.get("prompt_search", {}).get("baseline"),
-        "after_attack": edit["after_attack"], "holds": edit.get("holds"),
-        "random_after_attack": models[random_name]["after_attack"] if random_name else None,
-        "unedited_after_attack": models["unedited"]["after_attack"],
+        "after_attack": edit["after_attack"], "beyond_floor": edit["beyond_floor"], "strongest": edit["strongest"],
+        "holds": None if floor is None else edit["beyond_floor"] <= ATTACK_MARGIN + 1e-9,
+        "random_after_attack": control["after_attack"] if control else None,
+        "unedited_after_attack": unedited["after_attack"],
         "attack_s": sum(m["wall_s"] for m in models.values()), "wall_s": report.get("wall_time_s"),
         "robust_beyond": robust.get("ablated_beyond"), "robust_s": robust.get("wall_s"),
     }
@@ -95,7 +101,7 @@ def table(rows: list[dict]) -> str:
             f"{f(r['inversion'])} / {f(r['inversion_alone'])} | "
             + (f"'{r['search_prompt']}' {f(r['search_target'])} / {f(r['search_baseline'])}" if r["search_prompt"]
                is not None else "not run") + f" | {f(r['after_attack'])} | "
-            f"{'yes' if r['holds'] else 'no (+' + format(r['after_attack'] - r['floor'] - 0.15, '.2f') + ')'} | "
+            f"{'yes' if r['holds'] else 'no (+' + format(r['beyond_floor'] - ATTACK_MARGIN, '.2f') + ')'} | "
             f"{f(r['random_after_attack'])} | {f(r['unedited_after_attack'])} | "
             f"{r['attack_s']:.0f} s / {r['wall_s']:.0f} s"
             + (f" (rounds {r['robust_s']:.0f} s, +{r['robust_beyond']} w. beyond K/V)" if r.get("robust_s") else "")

@@ -76,7 +76,22 @@ def test_the_strongest_attack_and_its_recovery():
     record = {"inversion": {"target": 0.5, "alone": 0.7, "without_word": 0.1},
               "prompt_search": {"target": 0.6, "baseline": 0.6}}
     out = strongest(record)
-    assert out == {"after_attack": 0.7, "recovered": pytest.approx(0.6), "strongest": "inversion alone"}
+    assert out == {"after_attack": 0.7, "beyond_floor": pytest.approx(0.6), "recovered": pytest.approx(0.6),
+                   "strongest": "inversion alone"}
+
+
+def test_a_searched_prompt_that_draws_the_concept_on_the_unedited_model_too_recovers_nothing():
+    """'triangle red blue green' draws stripes on the unedited model (1.00) and on the edit of 'striped' (0.97): the
+    strongest attack is the inversion, read against the floor; a search that draws beyond its baseline wins."""
+    record = {"inversion": {"target": 0.53, "alone": 0.72, "without_word": 0.5},
+              "prompt_search": {"target": 0.97, "baseline": 1.0}}
+    out = strongest(record, floor=0.56)
+    assert out["strongest"] == "inversion alone" and out["after_attack"] == 0.72
+    assert out["beyond_floor"] == pytest.approx(0.16)
+    record["prompt_search"] = {"target": 0.97, "baseline": 0.3}
+    out = strongest(record, floor=0.56)
+    assert out["strongest"] == "prompt_search" and out["beyond_floor"] == pytest.approx(0.41)
+    assert out["recovered"] == pytest.approx(0.67)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -125,7 +140,12 @@ def test_cad_test_attacks_the_edit_its_random_control_and_the_unedited_model(tmp
     for name, record in out["models"].items():
         assert 0 <= record["inversion"]["target"] <= 1 and 0 <= record["prompt_search"]["target"] <= 1
         assert "square" not in record["prompt_search"]["prompt"].split()
-        assert record["after_attack"] >= max(record["inversion"]["target"], record["prompt_search"]["target"])
+        readings = [record["inversion"]["target"], record["inversion"]["alone"], record["prompt_search"]["target"]]
+        assert record["after_attack"] in readings and record["holds"] == (record["beyond_floor"] <= 0.15 + 1e-9)
+        floor = out["floor"]
+        assert record["beyond_floor"] == pytest.approx(max(
+            record["inversion"]["target"] - floor, record["inversion"]["alone"] - floor,
+            record["prompt_search"]["target"] - max(floor, record["prompt_search"]["baseline"])))
         embedding = load_file(run / record["inversion"]["embedding"])
         assert list(embedding) == [TOKEN] and embedding[TOKEN].shape[0] == 1
     # every value weight ablated: the edit draws no square from its prompts, the unedited model does
@@ -155,6 +175,7 @@ def test_the_default_job_attacks_its_reported_edit(tmp_path):
     assert list(attacks["models"]) == ["unedited", "selective 0.2", "random 0.2"]
     assert attacks["floor"] == report["floor"]["circle"]
     for record in attacks["models"].values():
-        assert record["holds"] == (record["after_attack"] <= attacks["floor"] + 0.15)
+        assert record["holds"] == (record["after_attack"] <= attacks["floor"] + 0.15 + 1e-9)
+        assert record["beyond_floor"] == pytest.approx(record["after_attack"] - attacks["floor"])
         assert "prompt_search" not in record and (run / record["inversion"]["embedding"]).is_file()
     assert "Does it come back?" in (run / "report.md").read_text()

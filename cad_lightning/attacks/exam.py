@@ -14,9 +14,14 @@ on the denoiser), each attack adapting to that model on its own:
   model (``target``) and on the unedited model (``baseline``: a prompt recovers the concept only by what it draws
   beyond what that prompt draws anyway).
 
-A model's erasure *holds* when its ``after_attack`` is at most floor + ``ATTACK_MARGIN``.
-``plain`` is the model's reading of the same prompts with the concept's word (no attack). ``after_attack`` of a model is its highest reading after any attack (the strongest attack), ``recovered`` the
-same read against the attack's own baseline. The attacker's training images and the search's decisions use the
+``plain`` is the model's reading of the same prompts with the concept's word (no attack). Each attack's reading is
+held against what its prompts draw without the concept's word on the unedited model: the floor for the concept's
+prompts (inversion), the higher of the floor and the ``baseline`` for the prompt search's prompt (a prompt that
+draws the concept on the unedited model too, as 'red blue green' draws stripes, recovers nothing). The *strongest
+attack* is the one that draws the concept most beyond that; ``after_attack`` is its reading, ``beyond_floor`` how
+far beyond, and a model's erasure *holds* when ``beyond_floor`` is at most ``ATTACK_MARGIN`` (with inversion
+alone: ``after_attack`` at most floor + ``ATTACK_MARGIN``). ``recovered`` is the highest reading above the
+attack's own baseline on the attacked model. The attacker's training images and the search's decisions use the
 search seeds (at ``ATTACK_OFFSET`` within them), every reported number the report seeds.
 
 Every rank of a multi-process run takes part: each learns the same token from the same seeds (rank 0's is
@@ -209,7 +214,6 @@ class AttackExam:
                 record["prompt_search"]["wall_s"] = time.perf_counter() - t0
                 rows.append(torch.cat([shown, torch.ones_like(shown)]) if "inversion" in self.attacks else shown)
                 labels.append(f"{name}: '{record['prompt_search']['prompt']}'")
-            record.update(strongest(record))
             record["wall_s"] = time.perf_counter() - start
             out[name] = record
         apply(None)
@@ -217,10 +221,12 @@ class AttackExam:
                   "read_on": "report seeds", "trained_on": "search seeds (the unedited model's images)"}
         if floor is None and "inversion" in out.get("unedited", {}):
             floor = out["unedited"]["inversion"]["without_word"]  # the unedited model's prompts without the word
+        for record in out.values():
+            record.update(strongest(record, floor))
         if floor is not None:
             result["floor"], result["margin"] = floor, ATTACK_MARGIN
             for record in out.values():
-                record["holds"] = record["after_attack"] <= floor + ATTACK_MARGIN
+                record["holds"] = record["beyond_floor"] <= ATTACK_MARGIN + 1e-9
         if run_dir is not None:
             self._write(Path(run_dir), embeddings, rows, labels, result, logger)
         return result
@@ -252,21 +258,27 @@ class AttackExam:
                 experiment.add_scalar(f"attack/{tag}/after_attack", record["after_attack"], 0)
 
 
-def strongest(record: dict) -> dict:
-    """The strongest attack of a model's readings: ``after_attack`` (the highest target reading after any attack),
-    ``recovered`` (the highest reading above the attack's own baseline) and ``strongest`` (which)."""
-    readings = []
+def strongest(record: dict, floor: float | None = None) -> dict:
+    """The strongest attack of a model's readings: the one that draws the concept most beyond what its prompts draw
+    without the word on the unedited model (``floor`` for the inversion's prompts; the higher of ``floor`` and the
+    search's ``baseline`` for the prompt search's prompt). Returns ``after_attack`` (its reading),
+    ``beyond_floor`` (how far beyond), ``strongest`` (which) and ``recovered`` (the highest reading above the
+    attack's own baseline on the attacked model). Without a floor the inversion's is its ``without_word``."""
+    readings = []  # (name, reading, what its prompts draw without the word, its own baseline)
     if "inversion" in record:
         r = record["inversion"]
-        readings += [("inversion", r["target"], r["target"] - r["without_word"]),
-                     ("inversion alone", r["alone"], r["alone"] - r["without_word"])]
+        own = r["without_word"] if floor is None else floor
+        readings += [("inversion", r["target"], own, r["without_word"]),
+                     ("inversion alone", r["alone"], own, r["without_word"])]
     if "prompt_search" in record:
         r = record["prompt_search"]
-        readings.append(("prompt_search", r["target"], r["target"] - r["baseline"]))
+        own = r["baseline"] if floor is None else max(floor, r["baseline"])
+        readings.append(("prompt_search", r["target"], own, r["baseline"]))
     if not readings:
         return {}
-    name, after, _ = max(readings, key=lambda x: x[1])
-    return {"after_attack": after, "recovered": max(x[2] for x in readings), "strongest": name}
+    name, after, own, _ = max(readings, key=lambda x: (x[1] - x[2], x[1]))
+    return {"after_attack": after, "beyond_floor": after - own, "recovered": max(x[1] - x[3] for x in readings),
+            "strongest": name}
 
 
 def attack_lines(attacks: dict) -> list[str]:
@@ -287,9 +299,10 @@ def attack_lines(attacks: dict) -> list[str]:
         lines.append(f"*Prompt search*: {ps['budget']} prompts of the world's words without the concept's, the "
                      f"{ps['keep']} that best denoise its images sampled on the search seeds; the best read on the "
                      "report seeds, on the model and on the unedited model (*baseline*).")
-    lines.append("*After attack*: the highest reading after any attack" +
-                 (f"; *holds*: at most floor + {margin:g} = {floor + margin:.3f} (floor {floor:.3f})."
-                  if floor is not None else "."))
+    lines.append("*After attack*: the reading of the strongest attack, the one that draws the concept most beyond "
+                 "what its prompts draw without the word on the unedited model (the floor for the concept's prompts; "
+                 "for the search's prompt, the higher of the floor and its baseline)" +
+                 (f"; *holds*: at most {margin:g} beyond it (floor {floor:.3f})." if floor is not None else "."))
     head = "| model | plain prompts |"
     sep = "|---|---|"
     if "inversion" in ran:
