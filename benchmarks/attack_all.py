@@ -91,7 +91,7 @@ def table(rows: list[dict]) -> str:
     f = lambda v: "n/a" if v is None else f"{v:.2f}"
     f3 = lambda v: "n/a" if v is None else f"{v:.3f}"
     lines = ["| concept | variant | floor | edit | plain | selective (SSIM: edit / random) | inversion: prompts / 'a <token>' | "
-             "prompt search: prompt, edit / unedited | after attack | holds (≤ floor + 0.15) | random control after "
+             "prompt search: prompt, edit / unedited | after attack | holds (≤ 0.15 beyond the floor) | random control after "
              "attack | unedited after attack | attacks / job |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -396,7 +396,8 @@ class EditOutputs:
                floor: float | None) -> dict:
         """The recovery attacks (``attacks``) against the unedited model and the reported edit of each selection
         (its largest evaluated ratio: in goal mode the one the search stopped at), the random control among
-        them; each model's ``holds``: its target after the strongest attack ≤ floor (the report seeds') + 0.15."""
+        them; each model's ``holds``: the strongest attack draws the concept at most 0.15 beyond the floor (the report
+        seeds'; cad_lightning/attacks/exam.py)."""
         models = {"unedited": None}
         for selection, per_ratio in edits.items():
             if per_ratio:
