@@ -11,8 +11,8 @@ edit's plain reading and whether it met the selective goal, its readings after e
 concept's prompts and in 'a <token>'; the prompt search's prompt on the edit and on the unedited model), the
 strongest attack's reading (the attack that draws the concept most beyond what its prompts draw without the word on
 the unedited model: the floor, or for the search's prompt the higher of the floor and its baseline) and whether it
-holds (at most 0.15 beyond), the random control's and the unedited model's strongest reading, and the wall time of the attacks and of the whole job. ``attack_all.png`` stacks each run's
-``samples/attacks.png``.
+holds (at most 0.15 beyond), the random control's and the unedited model's strongest reading, and the wall time of
+the attacks and of the whole job. ``attack_all.png`` stacks each run's ``samples/attacks.png``.
 
     python benchmarks/attack_all.py [--concepts circle,red] [--variants default,robust] [--out runs/attack_all]
                                     [--resume | --reuse] [-- extra cad arguments]
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cad_lightning.attacks.exam import ATTACK_MARGIN, strongest  # noqa: E402
+from cad_lightning.attacks.exam import ATTACK_MARGIN, holds, strongest  # noqa: E402
 from cad_lightning.data.world import CONCEPT_KINDS  # noqa: E402
 
 CONFIG = ROOT / "configs" / "attribute.yaml"
@@ -79,7 +79,7 @@ def row(concept: str, variant: str, report: dict) -> dict:
         "search_target": edit.get("prompt_search", {}).get("target"),
         "search_baseline": edit.get("prompt_search", {}).get("baseline"),
         "after_attack": edit["after_attack"], "beyond_floor": edit["beyond_floor"], "strongest": edit["strongest"],
-        "holds": None if floor is None else edit["beyond_floor"] <= ATTACK_MARGIN + 1e-9,
+        "holds": None if floor is None else holds(edit["beyond_floor"]),
         "random_after_attack": control["after_attack"] if control else None,
         "unedited_after_attack": unedited["after_attack"],
         "attack_s": sum(m["wall_s"] for m in models.values()), "wall_s": report.get("wall_time_s"),

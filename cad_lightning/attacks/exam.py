@@ -19,8 +19,8 @@ held against what its prompts draw without the concept's word on the unedited mo
 prompts (inversion), the higher of the floor and the ``baseline`` for the prompt search's prompt (a prompt that
 draws the concept on the unedited model too, as 'red blue green' draws stripes, recovers nothing). The *strongest
 attack* is the one that draws the concept most beyond that; ``after_attack`` is its reading, ``beyond_floor`` how
-far beyond, and a model's erasure *holds* when ``beyond_floor`` is at most ``ATTACK_MARGIN`` (with inversion
-alone: ``after_attack`` at most floor + ``ATTACK_MARGIN``). ``recovered`` is the highest reading above the
+far beyond, and a model's erasure *holds* when ``beyond_floor`` is at most ``ATTACK_MARGIN`` (:func:`holds`; when
+only inversion runs: ``after_attack`` at most floor + ``ATTACK_MARGIN``). ``recovered`` is the highest reading above the
 attack's own baseline on the attacked model. The attacker's training images and the search's decisions use the
 search seeds (at ``ATTACK_OFFSET`` within them), every reported number the report seeds.
 
@@ -226,7 +226,7 @@ class AttackExam:
         if floor is not None:
             result["floor"], result["margin"] = floor, ATTACK_MARGIN
             for record in out.values():
-                record["holds"] = record["beyond_floor"] <= ATTACK_MARGIN + 1e-9
+                record["holds"] = holds(record["beyond_floor"])
         if run_dir is not None:
             self._write(Path(run_dir), embeddings, rows, labels, result, logger)
         return result
@@ -256,6 +256,11 @@ class AttackExam:
                 for attack in self.attacks:
                     experiment.add_scalar(f"attack/{tag}/{attack}_target", record[attack]["target"], 0)
                 experiment.add_scalar(f"attack/{tag}/after_attack", record["after_attack"], 0)
+
+
+def holds(beyond_floor: float) -> bool:
+    """Whether an erasure holds: its strongest attack draws the concept at most ``ATTACK_MARGIN`` beyond the floor."""
+    return beyond_floor <= ATTACK_MARGIN + 1e-9
 
 
 def strongest(record: dict, floor: float | None = None) -> dict:
